@@ -1,0 +1,1 @@
+"""The ``wmltrain`` command line."""

@@ -1,0 +1,1 @@
+"""Hooks: connections to object stores (S3, OpenStack Swift) and Docker hosts."""

@@ -1,0 +1,1 @@
+"""Operator extra links: the results of a training run in its bucket."""

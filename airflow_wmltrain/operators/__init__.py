@@ -1,0 +1,1 @@
+"""Operators: one training run is one task (``TrainingRunOperator``)."""

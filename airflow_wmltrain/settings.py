@@ -1,0 +1,94 @@
+"""The provider's settings: the ``[wmltrain]`` section of Airflow's configuration.
+
+Defaults are declared once, in :mod:`airflow_wmltrain.get_provider_info` (Airflow shows them in
+``airflow config list``); this module reads them into a typed, immutable :class:`Settings`.  Pure-logic
+code takes a ``Settings`` argument so tests can build one directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from airflow_wmltrain.errors import ConfigurationError
+from airflow_wmltrain.get_provider_info import get_provider_info
+
+SECTION = "wmltrain"
+
+
+def _defaults() -> dict[str, Any]:
+    options = get_provider_info()["config"][SECTION]["options"]
+    return {name: spec["default"] for name, spec in options.items()}
+
+
+def parse_resource_classes(text: str) -> Mapping[str, int]:
+    """Parse ``small=1,medium=2,large=4`` into an ordered mapping of resource class to GPU count."""
+    classes: dict[str, int] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        name, sep, count = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not count.strip().isdigit():
+            raise ConfigurationError(
+                f"'{item.strip()}' is not a name=gpus pair; write e.g. small=1,medium=2,large=4",
+                field=f"[{SECTION}] resource_classes",
+            )
+        classes[name] = int(count)
+    if not classes:
+        raise ConfigurationError("no resource class is defined", field=f"[{SECTION}] resource_classes")
+    return MappingProxyType(classes)
+
+
+_DEFAULTS = _defaults()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Typed view of the ``[wmltrain]`` configuration section.
+
+    :param resource_classes: resource class name -> number of GPUs.
+    :param frameworks_file: optional YAML registry merged over the shipped one.
+    :param frameworks: optional inline YAML/JSON registry, merged last.
+    :param model_definition_max_bytes: cap on a model zip's total uncompressed size.
+    :param model_definition_max_entries: cap on a model zip's number of entries.
+    """
+
+    resource_classes: Mapping[str, int] = field(
+        default_factory=lambda: parse_resource_classes(_DEFAULTS["resource_classes"])
+    )
+    frameworks_file: str | None = _DEFAULTS["frameworks_file"]
+    frameworks: str | None = _DEFAULTS["frameworks"]
+    model_definition_max_bytes: int = int(_DEFAULTS["model_definition_max_bytes"])
+    model_definition_max_entries: int = int(_DEFAULTS["model_definition_max_entries"])
+
+    @classmethod
+    def from_airflow_config(cls) -> Settings:
+        """Read the ``[wmltrain]`` section (``airflow.cfg`` or ``AIRFLOW__WMLTRAIN__*`` variables)."""
+        from airflow.sdk import conf
+
+        def get(option: str) -> str | None:
+            value = conf.get(SECTION, option, fallback=_DEFAULTS[option])
+            return value if value not in ("", None) else _DEFAULTS[option]
+
+        def get_int(option: str) -> int:
+            raw = get(option)
+            try:
+                value = int(str(raw))
+            except ValueError:
+                raise ConfigurationError(
+                    f"'{raw}' is not a whole number", field=f"[{SECTION}] {option}"
+                ) from None
+            if value <= 0:
+                raise ConfigurationError(f"must be positive, got {value}", field=f"[{SECTION}] {option}")
+            return value
+
+        return cls(
+            resource_classes=parse_resource_classes(get("resource_classes") or ""),
+            frameworks_file=get("frameworks_file"),
+            frameworks=get("frameworks"),
+            model_definition_max_bytes=get_int("model_definition_max_bytes"),
+            model_definition_max_entries=get_int("model_definition_max_entries"),
+        )

@@ -1,0 +1,1 @@
+"""Triggers: the deferred wait for a running training container."""
