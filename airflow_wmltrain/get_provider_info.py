@@ -11,9 +11,9 @@ def get_provider_info() -> dict[str, Any]:
     return {
         "package-name": "airflow-wmltrain",
         "name": "WML Train",
-        "description": "GPU deep-learning training runs (model zip + YAML training manifest) as Airflow tasks: "
-        "data staged from S3 or OpenStack Swift, the framework's container run on a Docker host with "
-        "the right GPUs, model and logs written back to the results bucket.\n",
+        "description": "GPU deep-learning training runs (model zip + YAML training manifest) as "
+        "Airflow tasks: data staged from S3 or OpenStack Swift, the framework's container run "
+        "on a Docker host with the right GPUs, model and logs written back to the results bucket.\n",
         "versions": [__version__],
         "integrations": [
             {
@@ -24,11 +24,12 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "config": {
             "wmltrain": {
-                "description": "Settings of the airflow-wmltrain provider (training runs on GPU Docker hosts).",
+                "description": "Settings of the airflow-wmltrain provider (training runs on GPU hosts).",
                 "options": {
                     "resource_classes": {
-                        "description": "Resource classes a manifest's ``model_definition.execution.resource`` "
-                        "may name, with the number of GPUs each gets, as ``name=gpus`` pairs.\n",
+                        "description": "Resource classes a manifest's "
+                        "``model_definition.execution.resource`` may name, with the number of GPUs each "
+                        "gets, as ``name=gpus`` pairs.\n",
                         "type": "string",
                         "version_added": "0.1.0",
                         "example": "small=1,medium=2,large=4,xlarge=8",

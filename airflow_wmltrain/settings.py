@@ -71,7 +71,7 @@ class Settings:
 
         def get(option: str) -> str | None:
             value = conf.get(SECTION, option, fallback=_DEFAULTS[option])
-            return value if value not in ("", None) else _DEFAULTS[option]
+            return str(value) if value not in ("", None) else _DEFAULTS[option]
 
         def get_int(option: str) -> int:
             raw = get(option)

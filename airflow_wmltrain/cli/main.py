@@ -1,0 +1,45 @@
+"""``wmltrain``: the command line of airflow-wmltrain (also ``python -m airflow_wmltrain``).
+
+Exit codes: 0 ok, 1 the run failed, 2 bad input or usage, 3 server or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from airflow_wmltrain import __version__
+from airflow_wmltrain.cli import validate
+from airflow_wmltrain.errors import ClientError, WmlTrainError
+
+EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_SERVER_ERROR = 0, 1, 2, 3
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wmltrain",
+        description="Deep-learning training runs on GPU Docker hosts, orchestrated by Apache Airflow.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    validate.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command: Command = args.handler
+    try:
+        return command(args)
+    except WmlTrainError as err:
+        print(f"error {err.code}: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT if isinstance(err, ClientError) else EXIT_SERVER_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""``wmltrain validate MODEL.zip MANIFEST.yaml``: the offline check a user runs before submitting."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import yaml
+
+from airflow_wmltrain.errors import ClientError, ManifestError, WmlTrainError
+from airflow_wmltrain.settings import Settings
+from airflow_wmltrain.submission import check_submission
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "validate",
+        help="check a model-definition zip and a training manifest without submitting anything",
+        description="Check a model-definition zip and a training manifest offline: exit 0 with a "
+        "summary, or exit 2 with the first problem (its code and the field at fault).",
+    )
+    parser.add_argument("model_definition", metavar="MODEL.zip", help="the zipped training code")
+    parser.add_argument("manifest", metavar="MANIFEST.yaml", help="the training manifest (YAML)")
+    parser.add_argument(
+        "-p",
+        "--hyperparameter",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="override an option of the command (repeatable), e.g. -p learningRate=0.01",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON document instead of text")
+    parser.set_defaults(handler=run)
+
+
+def parse_hyperparameters(pairs: list[str]) -> dict[str, Any]:
+    """``["lr=0.01", "debug=true"]`` → ``{"lr": 0.01, "debug": True}`` (values read as YAML scalars)."""
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ManifestError(
+                f"'{pair}' is not NAME=VALUE, e.g. learningRate=0.01", field="--hyperparameter"
+            )
+        try:
+            parsed[name.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed[name.strip()] = value
+    return parsed
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings.from_airflow_config()
+        submission = check_submission(
+            args.model_definition,
+            args.manifest,
+            hyperparameters=parse_hyperparameters(args.hyperparameter),
+            settings=settings,
+        )
+    except WmlTrainError as err:
+        if not args.json:
+            raise
+        print(json.dumps({"valid": False, "error": err.to_dict()}, indent=2))
+        return 2 if isinstance(err, ClientError) else 3
+    summary = submission.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    gpus = summary["gpus"]
+    model = summary["model_definition"]
+    rows = [
+        ("name", summary["name"]),
+        (
+            "framework",
+            f"{summary['framework']['name']} {summary['framework']['version']} -> "
+            f"{summary['framework']['image']}",
+        ),
+        ("resource", f"{summary['resource']} -> {gpus} GPU{'s' if gpus != 1 else ''}"),
+        ("command", summary["command"]),
+        ("data", summary["data"]["location"]),
+        ("results", summary["results"]["location"]),
+        (
+            "model",
+            f"{model['name']}: {model['files']} files, {model['uncompressed_bytes']:,} bytes uncompressed",
+        ),
+    ]
+    print(f"valid: {args.model_definition} + {args.manifest}")
+    for label, value in rows:
+        print(f"  {label:<10} {value}")
+    if any(summary[ref]["credentials"] == "inline" for ref in ("data", "results")):
+        print(
+            "note: the manifest holds credentials inline; an Airflow connection "
+            "(connection: {conn_id: ...}) keeps them out of the manifest",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,747 @@
+"""The training manifest: load, validate, normalise and redact (SPEC §1).
+
+A manifest is a YAML file, YAML text or an already-parsed mapping.  Both spellings of the seed are
+accepted (``training_data_reference``/``training_results_reference`` and ``training_data``/
+``training_results``); unknown keys are refused with their path so that a typo is never ignored.
+Every refusal is a :class:`~airflow_wmltrain.errors.ManifestError` (C101), or its subclasses
+:class:`~airflow_wmltrain.errors.CredentialsError` (C103, the ``connection`` blocks) and
+:class:`~airflow_wmltrain.errors.ResourceError` (C104, ``execution.resource``), whose one-line message
+starts with the field path and never contains a secret value.
+
+``${DATA_DIR}``/``${RESULT_DIR}`` in the command are left as written; see :mod:`airflow_wmltrain.command`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from airflow_wmltrain.errors import CredentialsError, ManifestError, ResourceError
+from airflow_wmltrain.frameworks import Framework, FrameworkRegistry
+from airflow_wmltrain.settings import Settings
+
+StoreType = Literal["s3", "swift"]
+
+#: ``source.type``/``target.type`` values → store type.
+STORE_TYPES: Mapping[str, StoreType] = {"s3": "s3", "bluemix_objectstore": "swift", "swift": "swift"}
+#: Console credential names (IBM Cloud / Bluemix) → manifest names, for Swift connections.
+SWIFT_CONSOLE_KEYS: Mapping[str, str] = {
+    "username": "user_name",
+    "projectId": "project_id",
+    "domainName": "domain_name",
+}
+#: Keys whose values are secrets wherever they appear in a manifest.
+SECRET_KEYS = frozenset(
+    {"password", "aws_secret_access_key", "aws_access_key_id", "apikey", "api_key", "token"}
+)
+REDACTED = "***"
+
+DATA_KEYS = ("training_data_reference", "training_data")
+RESULTS_KEYS = ("training_results_reference", "training_results")
+
+NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+
+
+def _strip(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strip_strings(cls, value: Any) -> Any:
+        return _strip(value)
+
+
+class _ConnectionModel(_Model):
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integer_ids(cls, value: Any, info: ValidationInfo) -> Any:
+        # Console credentials hold numeric ids (a domain name such as 1026873) that YAML reads as
+        # integers; they are names, so take them as written.  Secrets must be quoted instead: YAML
+        # may already have changed a number (0123 is read as 83), so guessing could send a wrong key.
+        if isinstance(value, int) and not isinstance(value, bool) and info.field_name not in SECRET_KEYS:
+            return str(value)
+        return value
+
+
+# --- connections ------------------------------------------------------------------------------------
+
+
+def _http_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        parts = urlsplit(value)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        valid = False
+    if not valid:
+        shown = f"'{value}'" if "@" not in value else "the value"  # user-info may hold a password
+        raise PydanticCustomError(
+            "wmltrain", "{shown} is not an http(s) URL; write e.g. https://host:443", {"shown": shown}
+        )
+    return value
+
+
+def _not_empty_secret(value: SecretStr) -> SecretStr:
+    if not value.get_secret_value():
+        raise PydanticCustomError("wmltrain", "must not be empty")
+    return value
+
+
+class ConnectionId(_ConnectionModel):
+    """An Airflow connection holds the credentials (recommended: nothing secret in the manifest).
+
+    :param conn_id: the Airflow connection id.
+    """
+
+    conn_id: NonEmptyStr
+
+
+class S3Connection(_ConnectionModel):
+    """Inline S3 credentials (seed style).
+
+    :param endpoint_url: the S3 endpoint (IBM COS, MinIO, Ceph, Swift s3api...); AWS when omitted.
+    :param aws_access_key_id: access key id.
+    :param aws_secret_access_key: secret access key.
+    """
+
+    endpoint_url: NonEmptyStr | None = None
+    aws_access_key_id: SecretStr
+    aws_secret_access_key: SecretStr
+
+    _check_url = field_validator("endpoint_url")(_http_url)
+    _check_secrets = field_validator("aws_access_key_id", "aws_secret_access_key")(_not_empty_secret)
+
+
+class SwiftConnection(_ConnectionModel):
+    """Inline OpenStack Swift credentials (seed style; console names are mapped before validation).
+
+    :param auth_url: Keystone (``.../v3``) or v1 (``.../auth/v1.0``) authentication URL.
+    :param user_name: user name.
+    :param password: password or API key.
+    :param region: region name.
+    :param domain_name: Keystone v3 user/project domain name.
+    :param project_id: Keystone v3 project id.
+    """
+
+    auth_url: NonEmptyStr
+    user_name: NonEmptyStr
+    password: SecretStr
+    region: NonEmptyStr | None = None
+    domain_name: NonEmptyStr | None = None
+    project_id: NonEmptyStr | None = None
+
+    _check_url = field_validator("auth_url")(_http_url)
+    _check_secrets = field_validator("password")(_not_empty_secret)
+
+
+Connection = ConnectionId | S3Connection | SwiftConnection
+
+_CONNECTION_MODELS: Mapping[StoreType, type[S3Connection] | type[SwiftConnection]] = {
+    "s3": S3Connection,
+    "swift": SwiftConnection,
+}
+
+
+# --- the manifest as written --------------------------------------------------------------------------
+
+
+class _Author(_Model):
+    name: StrictStr | None = None
+    email: StrictStr | None = None
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        if value and not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
+            raise PydanticCustomError("wmltrain", "'{value}' is not an e-mail address", {"value": value})
+        return value
+
+
+class _FrameworkSpec(_Model):
+    name: NonEmptyStr
+    version: NonEmptyStr
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int):
+            return str(value)
+        if isinstance(value, float):
+            raise PydanticCustomError(
+                "wmltrain",
+                "{value} was read as a number; quote it, e.g. version: '{value}'",
+                {"value": value},
+            )
+        return _strip(value)
+
+
+class _Execution(_Model):
+    command: NonEmptyStr
+    resource: NonEmptyStr
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _one_line(cls, value: Any) -> Any:
+        return " ".join(value.split()) if isinstance(value, str) else value
+
+
+class _ModelDefinition(_Model):
+    name: NonEmptyStr
+    description: StrictStr = ""
+    author: _Author | None = None
+    framework: _FrameworkSpec
+    execution: _Execution
+
+
+def _bucket(value: str) -> str:
+    if len(value) > 255 or "/" in value or any(ord(c) < 32 for c in value):
+        raise PydanticCustomError(
+            "wmltrain",
+            "'{value}' is not a bucket name: at most 255 characters, no '/' (put folders in source.prefix)",
+            {"value": value[:80]},
+        )
+    return value
+
+
+def _prefix(value: str) -> str:
+    parts = [p for p in value.strip("/").split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise PydanticCustomError(
+            "wmltrain", "'{value}' must not contain '.' or '..' segments", {"value": value}
+        )
+    return "/".join(parts) + "/" if parts else ""
+
+
+class _Source(_Model):
+    bucket: NonEmptyStr
+    type: NonEmptyStr
+    prefix: StrictStr = ""
+
+    _check_bucket = field_validator("bucket")(_bucket)
+    _check_prefix = field_validator("prefix")(_prefix)
+
+
+class _Target(_Model):
+    bucket: NonEmptyStr
+    type: NonEmptyStr
+
+    _check_bucket = field_validator("bucket")(_bucket)
+
+
+class _DataReference(_Model):
+    connection: dict[str, Any]
+    source: _Source
+
+
+class _ResultsReference(_Model):
+    connection: dict[str, Any]
+    target: _Target
+
+
+class _Manifest(_Model):
+    model_definition: _ModelDefinition
+    training_data_reference: list[_DataReference] = Field(min_length=1)
+    training_results_reference: _ResultsReference
+
+
+# --- the normalised manifest --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreReference:
+    """Where a run's data comes from or its results go.
+
+    :param type: ``s3`` or ``swift`` (``bluemix_objectstore`` in the seed).
+    :param bucket: bucket (S3) or container (Swift) name.
+    :param connection: inline credentials or an Airflow connection id.
+    :param prefix: only objects under this prefix (data source only), ending with ``/`` or empty.
+    :param type_as_written: the ``type`` value as the manifest spells it.
+    """
+
+    type: StoreType
+    bucket: str
+    connection: Connection
+    prefix: str = ""
+    type_as_written: str = ""
+
+    def describe(self) -> str:
+        """``s3 bucket 'mnist-data' at https://... (inline credentials)`` — never a secret."""
+        where = f"{self.type} bucket '{self.bucket}'"
+        if self.prefix:
+            where += f" prefix '{self.prefix}'"
+        conn = self.connection
+        if isinstance(conn, ConnectionId):
+            return f"{where} (Airflow connection '{conn.conn_id}')"
+        url = conn.endpoint_url if isinstance(conn, S3Connection) else conn.auth_url
+        at = f" at {redact_url(url)}" if url else ""
+        return f"{where}{at} (inline credentials)"
+
+
+@dataclass(frozen=True)
+class TrainingManifest:
+    """A valid, normalised training manifest.
+
+    :param name: ``model_definition.name`` (not unique).
+    :param description: ``model_definition.description``.
+    :param author_name: ``model_definition.author.name``.
+    :param author_email: ``model_definition.author.email``.
+    :param framework: the resolved framework, with its image.
+    :param command: ``execution.command``, whitespace-normalised, variables not substituted.
+    :param resource: the resource class (``small``...).
+    :param gpus: GPUs of that class, from ``[wmltrain] resource_classes``.
+    :param data: the one training-data reference.
+    :param results: the results reference.
+    """
+
+    name: str
+    description: str
+    author_name: str | None
+    author_email: str | None
+    framework: Framework
+    command: str
+    resource: str
+    gpus: int
+    data: StoreReference
+    results: StoreReference
+
+    def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
+        """The manifest in canonical form (``*_reference`` spelling).
+
+        :param redact: replace secrets by ``***`` (the default); ``False`` only to hand credentials on.
+        """
+
+        def connection(ref: StoreReference) -> dict[str, Any]:
+            conn = ref.connection.model_dump(exclude_none=True)
+            return {k: (v.get_secret_value() if isinstance(v, SecretStr) else v) for k, v in conn.items()}
+
+        author = {k: v for k, v in (("name", self.author_name), ("email", self.author_email)) if v}
+        model_definition: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "framework": {"name": self.framework.name, "version": self.framework.version},
+            "execution": {"command": self.command, "resource": self.resource},
+        }
+        if author:
+            model_definition["author"] = author
+        source: dict[str, Any] = {
+            "bucket": self.data.bucket,
+            "type": self.data.type_as_written or self.data.type,
+        }
+        if self.data.prefix:
+            source["prefix"] = self.data.prefix
+        document = {
+            "model_definition": model_definition,
+            "training_data_reference": [{"connection": connection(self.data), "source": source}],
+            "training_results_reference": {
+                "connection": connection(self.results),
+                "target": {
+                    "bucket": self.results.bucket,
+                    "type": self.results.type_as_written or self.results.type,
+                },
+            },
+        }
+        return redact_manifest(document) if redact else document
+
+    def to_yaml(self) -> str:
+        """The redacted canonical manifest as YAML (what ``_manifest.yml`` in the results holds)."""
+        return yaml.safe_dump(self.to_dict(redact=True), sort_keys=False, allow_unicode=True)
+
+    def secret_values(self) -> list[str]:
+        """Every secret value of the manifest, for log maskers."""
+        values: list[str] = []
+        for ref in (self.data, self.results):
+            for value in ref.connection.model_dump().values():
+                if isinstance(value, SecretStr) and value.get_secret_value():
+                    values.append(value.get_secret_value())
+        return values
+
+
+# --- redaction ----------------------------------------------------------------------------------------
+
+
+def redact_url(url: str) -> str:
+    """A URL without the password of its user-info part."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:{REDACTED}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def redact_manifest(manifest: Any) -> Any:
+    """The manifest (any form: valid or not, normalised or raw) with every secret value replaced.
+
+    This is the one function used wherever a manifest is shown, logged or stored: values of
+    :data:`SECRET_KEYS` (at any depth) become ``***`` and passwords inside URLs are removed.
+    """
+    if isinstance(manifest, TrainingManifest):
+        return manifest.to_dict(redact=True)
+    if isinstance(manifest, Mapping):
+        redacted: dict[Any, Any] = {}
+        for key, value in manifest.items():
+            if isinstance(key, str) and key in SECRET_KEYS and value not in (None, ""):
+                redacted[key] = REDACTED
+            else:
+                redacted[key] = redact_manifest(value)
+        return redacted
+    if isinstance(manifest, list | tuple):
+        return [redact_manifest(item) for item in manifest]
+    if isinstance(manifest, SecretStr):
+        return REDACTED
+    if isinstance(manifest, str) and "://" in manifest and "@" in manifest:
+        try:
+            return redact_url(manifest)
+        except ValueError:
+            return manifest
+    return manifest
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+
+def read_manifest_source(source: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[Any, str]:
+    """Parse a manifest source into plain data; returns ``(data, name)`` where name labels the source.
+
+    A ``Path``, or a one-line string ending in ``.yml``/``.yaml`` or naming an existing file, is read as
+    a file; any other string is YAML text.
+    """
+    if isinstance(source, Mapping):
+        return dict(source), "manifest"
+    if isinstance(source, os.PathLike) or (
+        isinstance(source, str)
+        and "\n" not in source
+        and (source.strip().endswith((".yml", ".yaml")) or os.path.isfile(source))
+    ):
+        path = Path(source)
+        try:
+            text = path.read_text("utf-8")
+        except FileNotFoundError:
+            raise ManifestError(
+                "file not found; give the path of the training manifest (YAML)", field=str(path)
+            ) from None
+        except UnicodeDecodeError:
+            raise ManifestError(
+                "not a text file; the training manifest is YAML (UTF-8)", field=str(path)
+            ) from None
+        except OSError as err:
+            raise ManifestError(f"cannot be read: {err.strerror}", field=str(path)) from None
+        return _parse_yaml(text, str(path)), str(path)
+    if isinstance(source, str):
+        return _parse_yaml(source, "manifest"), "manifest"
+    raise ManifestError(
+        f"a manifest is a YAML file path, YAML text or a mapping, not a {type(source).__name__}"
+    )
+
+
+def _parse_yaml(text: str, name: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        # Never echo the offending line: it may hold a credential.
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or "syntax error"
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ManifestError(f"not valid YAML{at}: {problem}", field=name) from None
+
+
+def load_manifest(
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    settings: Settings | None = None,
+    registry: FrameworkRegistry | None = None,
+) -> TrainingManifest:
+    """Load, validate and normalise a training manifest.
+
+    :param source: a YAML file path, YAML text or a mapping.
+    :param settings: the ``[wmltrain]`` settings (resource classes); defaults when omitted.
+    :param registry: the framework registry; built from ``settings`` when omitted.
+    :raises ManifestError: (C101/C103/C104) naming the first invalid field.
+    """
+    settings = settings or Settings()
+    data, name = read_manifest_source(source)
+    if not isinstance(data, Mapping):
+        raise ManifestError(
+            f"must be a YAML mapping with model_definition, training_data_reference and "
+            f"training_results_reference, got {_kind(data)}",
+            field=name,
+        )
+    document = _canonical_spelling(data)
+    try:
+        raw = _Manifest.model_validate(document)
+    except ValidationError as err:
+        raise _manifest_error(err, document) from None
+    if len(raw.training_data_reference) != 1:
+        raise ManifestError(
+            f"exactly one data reference is supported, got {len(raw.training_data_reference)}; "
+            "put all the training data in one bucket (or prefix)",
+            field="training_data_reference",
+        )
+    execution = raw.model_definition.execution
+    gpus = settings.resource_classes.get(execution.resource)
+    if gpus is None:
+        raise ResourceError(
+            f"'{execution.resource}' is not one of {', '.join(settings.resource_classes)}",
+            field="model_definition.execution.resource",
+        )
+    framework = (registry or FrameworkRegistry.from_settings(settings)).resolve(
+        raw.model_definition.framework.name, raw.model_definition.framework.version
+    )
+    data_ref, results_ref = raw.training_data_reference[0], raw.training_results_reference
+    data_store = _store(data_ref.connection, data_ref.source.type, "training_data_reference[0]", "source")
+    results_store = _store(
+        results_ref.connection, results_ref.target.type, "training_results_reference", "target"
+    )
+    author = raw.model_definition.author
+    return TrainingManifest(
+        name=raw.model_definition.name,
+        description=raw.model_definition.description,
+        author_name=author.name if author else None,
+        author_email=author.email if author else None,
+        framework=framework,
+        command=execution.command,
+        resource=execution.resource,
+        gpus=gpus,
+        data=StoreReference(
+            type=data_store[0],
+            bucket=data_ref.source.bucket,
+            connection=data_store[1],
+            prefix=data_ref.source.prefix,
+            type_as_written=data_ref.source.type,
+        ),
+        results=StoreReference(
+            type=results_store[0],
+            bucket=results_ref.target.bucket,
+            connection=results_store[1],
+            type_as_written=results_ref.target.type,
+        ),
+    )
+
+
+def _canonical_spelling(data: Mapping[Any, Any]) -> dict[Any, Any]:
+    document = dict(data)
+    for canonical, seed in (DATA_KEYS, RESULTS_KEYS):
+        if canonical in document and seed in document:
+            raise ManifestError(
+                f"give either {canonical} or {seed} (the same thing spelled two ways), not both", field=seed
+            )
+        if seed in document:
+            document[canonical] = document.pop(seed)
+    data_refs = document.get("training_data_reference")
+    if isinstance(data_refs, Mapping):
+        raise ManifestError(
+            "must be a list with one entry; write '- connection: ...' (note the '-')",
+            field="training_data_reference",
+        )
+    return document
+
+
+def _store(connection: Mapping[str, Any], type_: str, path: str, kind: str) -> tuple[StoreType, Connection]:
+    store = STORE_TYPES.get(type_)
+    if store is None:
+        raise ManifestError(
+            f"'{type_}' is not one of s3, bluemix_objectstore (OpenStack Swift), swift",
+            field=f"{path}.{kind}.type",
+        )
+    field = f"{path}.connection"
+    if not connection:
+        raise CredentialsError(
+            "is empty; give conn_id (an Airflow connection, recommended) or the store's credentials",
+            field=field,
+        )
+    if "conn_id" in connection:
+        if len(connection) > 1:
+            others = ", ".join(sorted(str(k) for k in connection if k != "conn_id"))
+            raise CredentialsError(
+                f"conn_id cannot be combined with inline credentials ({others}); keep only conn_id",
+                field=field,
+            )
+        try:
+            return store, ConnectionId.model_validate(connection)
+        except ValidationError as err:
+            raise _connection_error(err, field, ConnectionId, connection) from None
+    keys = dict(connection)
+    if store == "swift":
+        for console, name in SWIFT_CONSOLE_KEYS.items():
+            if console in keys:
+                if name in keys:
+                    raise CredentialsError(
+                        f"give {name} or {console} (the console's name for it), not both", field=field
+                    )
+                keys[name] = keys.pop(console)
+    model = _CONNECTION_MODELS[store]
+    other = _CONNECTION_MODELS["swift" if store == "s3" else "s3"]
+    foreign = set(keys) & (set(other.model_fields) - set(model.model_fields))
+    if foreign:
+        raise CredentialsError(
+            f"{', '.join(sorted(foreign))}: {'Swift' if store == 's3' else 'S3'} key(s) "
+            f"but {kind}.type is '{type_}'; "
+            f"give {', '.join(model.model_fields)} or change {kind}.type",
+            field=field,
+        )
+    try:
+        return store, model.model_validate(keys)
+    except ValidationError as err:
+        raise _connection_error(err, field, model, keys) from None
+
+
+# --- turning pydantic errors into one-line messages ---------------------------------------------------
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _lookup(document: Any, loc: tuple[int | str, ...]) -> Any:
+    for part in loc:
+        try:
+            document = document[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return document
+
+
+def _expected_keys(model: type[BaseModel], document: Any, loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the model allows at ``loc`` (walking nested models through their annotations)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        current = _model_in(annotation)
+    fields = getattr(current, "model_fields", None)
+    return list(fields) if fields else []
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _message(error: Any, model: type[BaseModel], document: Any, *, secret: bool) -> str:
+    kind, loc = error["type"], tuple(error["loc"])
+    value = _lookup(document, loc)
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        expected = _expected_keys(model, document, loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), expected, n=1)
+        did_you_mean = f"did you mean '{hint[0]}'? " if hint else ""
+        return f"unknown key; {did_you_mean}expected {', '.join(expected)}"
+    if kind in ("string_type", "string_sub_type"):
+        if secret and isinstance(value, int | float):
+            return f"must be a string, got {_kind(value)}; put the value in quotes"
+        return f"must be a string, got {_kind(value)}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"must be a mapping, got {_kind(value)}"
+    if kind == "list_type":
+        return f"must be a list, got {_kind(value)}"
+    if kind == "invalid_key":
+        return "keys must be names (strings)"
+    if kind in ("string_too_short", "too_short"):
+        return "must not be empty"
+    if kind == "wmltrain":  # our own messages: written never to include a secret value
+        return str(error["msg"])
+    return f"is not valid ({kind.replace('_', ' ')})"
+
+
+def _manifest_error(err: ValidationError, document: Any) -> ManifestError:
+    problems = []
+    first: tuple[str, tuple[int | str, ...]] | None = None
+    # A misspelt key also makes the right one "missing": report the unknown key first.
+    errors = sorted(
+        err.errors(include_input=False, include_url=False), key=lambda e: e["type"] != "extra_forbidden"
+    )
+    for error in errors:
+        loc = tuple(error["loc"])
+        text = f"{_path(loc)}: {_message(error, _Manifest, document, secret=False)}"
+        problems.append(text)
+        first = first or (text, loc)
+    assert first is not None
+    text, loc = first
+    field, _, message = text.partition(": ")
+    error_type: type[ManifestError] = ManifestError
+    if "connection" in loc:
+        error_type = CredentialsError
+    elif loc[-1:] == ("resource",):
+        error_type = ResourceError
+    return error_type(message, field=field, problems=problems)
+
+
+def _connection_error(
+    err: ValidationError, field: str, model: type[BaseModel], keys: Mapping[str, Any]
+) -> CredentialsError:
+    problems = []
+    for error in err.errors(include_input=False, include_url=False):
+        loc = tuple(error["loc"])
+        secret = bool(loc) and str(loc[0]) in SECRET_KEYS
+        problems.append(f"{field}.{_path(loc)}: {_message(error, model, keys, secret=secret)}")
+    first_field, _, message = problems[0].partition(": ")
+    return CredentialsError(message, field=first_field, problems=problems)
+
+
+__all__ = [
+    "STORE_TYPES",
+    "Connection",
+    "ConnectionId",
+    "S3Connection",
+    "StoreReference",
+    "SwiftConnection",
+    "TrainingManifest",
+    "load_manifest",
+    "read_manifest_source",
+    "redact_manifest",
+    "redact_url",
+]
