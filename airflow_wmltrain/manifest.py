@@ -495,7 +495,7 @@ def load_manifest(
     try:
         raw = _Manifest.model_validate(document)
     except ValidationError as err:
-        raise _manifest_error(err, document) from None
+        raise _refusal(err, _Manifest, document) from None
     if len(raw.training_data_reference) != 1:
         raise ManifestError(
             f"exactly one data reference is supported, got {len(raw.training_data_reference)}; "
@@ -513,9 +513,9 @@ def load_manifest(
         raw.model_definition.framework.name, raw.model_definition.framework.version
     )
     data_ref, results_ref = raw.training_data_reference[0], raw.training_results_reference
-    data_store = _store(data_ref.connection, data_ref.source.type, "training_data_reference[0]", "source")
+    data_store = _store(data_ref.connection, data_ref.source.type, ("training_data_reference", 0), "source")
     results_store = _store(
-        results_ref.connection, results_ref.target.type, "training_results_reference", "target"
+        results_ref.connection, results_ref.target.type, ("training_results_reference",), "target"
     )
     author = raw.model_definition.author
     return TrainingManifest(
@@ -561,7 +561,10 @@ def _canonical_spelling(data: Mapping[Any, Any]) -> dict[Any, Any]:
     return document
 
 
-def _store(connection: Mapping[str, Any], type_: str, path: str, kind: str) -> tuple[StoreType, Connection]:
+def _store(
+    connection: Mapping[str, Any], type_: str, loc: tuple[int | str, ...], kind: str
+) -> tuple[StoreType, Connection]:
+    path = _path(loc)
     store = STORE_TYPES.get(type_)
     if store is None:
         raise ManifestError(
@@ -584,7 +587,7 @@ def _store(connection: Mapping[str, Any], type_: str, path: str, kind: str) -> t
         try:
             return store, ConnectionId.model_validate(connection)
         except ValidationError as err:
-            raise _connection_error(err, field, ConnectionId, connection) from None
+            raise _refusal(err, ConnectionId, connection, (*loc, "connection")) from None
     keys = dict(connection)
     if store == "swift":
         for console, name in SWIFT_CONSOLE_KEYS.items():
@@ -607,7 +610,7 @@ def _store(connection: Mapping[str, Any], type_: str, path: str, kind: str) -> t
     try:
         return store, model.model_validate(keys)
     except ValidationError as err:
-        raise _connection_error(err, field, model, keys) from None
+        raise _refusal(err, model, keys, (*loc, "connection")) from None
 
 
 # --- turning pydantic errors into one-line messages ---------------------------------------------------
@@ -630,10 +633,16 @@ def _kind(value: Any) -> str:
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
+    """``('training_data_reference', 0, 'source')`` → ``training_data_reference[0].source``."""
     text = ""
     for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z0-9_-]+", part):
+            text += f".{part}" if text else part
+        else:  # a key with dots, spaces, colons... or an empty one: show it quoted
+            text += f"[{part!r}]"
+    return text or "manifest"
 
 
 def _lookup(document: Any, loc: tuple[int | str, ...]) -> Any:
@@ -697,39 +706,28 @@ def _message(error: Any, model: type[BaseModel], document: Any, *, secret: bool)
     return f"is not valid ({kind.replace('_', ' ')})"
 
 
-def _manifest_error(err: ValidationError, document: Any) -> ManifestError:
-    problems = []
-    first: tuple[str, tuple[int | str, ...]] | None = None
+def _refusal(
+    err: ValidationError, model: type[BaseModel], document: Any, prefix: tuple[int | str, ...] = ()
+) -> ManifestError:
+    """One error for a failed validation: the first problem as message, all of them in ``problems``."""
     # A misspelt key also makes the right one "missing": report the unknown key first.
     errors = sorted(
         err.errors(include_input=False, include_url=False), key=lambda e: e["type"] != "extra_forbidden"
     )
+    found: list[tuple[tuple[int | str, ...], str]] = []
     for error in errors:
         loc = tuple(error["loc"])
-        text = f"{_path(loc)}: {_message(error, _Manifest, document, secret=False)}"
-        problems.append(text)
-        first = first or (text, loc)
-    assert first is not None
-    text, loc = first
-    field, _, message = text.partition(": ")
+        secret = bool(loc) and str(loc[0]) in SECRET_KEYS
+        found.append(((*prefix, *loc), _message(error, model, document, secret=secret)))
+    loc, message = found[0]
     error_type: type[ManifestError] = ManifestError
     if "connection" in loc:
         error_type = CredentialsError
     elif loc[-1:] == ("resource",):
         error_type = ResourceError
-    return error_type(message, field=field, problems=problems)
-
-
-def _connection_error(
-    err: ValidationError, field: str, model: type[BaseModel], keys: Mapping[str, Any]
-) -> CredentialsError:
-    problems = []
-    for error in err.errors(include_input=False, include_url=False):
-        loc = tuple(error["loc"])
-        secret = bool(loc) and str(loc[0]) in SECRET_KEYS
-        problems.append(f"{field}.{_path(loc)}: {_message(error, model, keys, secret=secret)}")
-    first_field, _, message = problems[0].partition(": ")
-    return CredentialsError(message, field=first_field, problems=problems)
+    return error_type(
+        message, field=_path(loc), problems=[f"{_path(where)}: {text}" for where, text in found]
+    )
 
 
 __all__ = [
