@@ -1,0 +1,50 @@
+"""The package is an Airflow provider: Airflow discovers it and its [wmltrain] configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from airflow_wmltrain import __version__
+from airflow_wmltrain.get_provider_info import get_provider_info
+
+AIRFLOW = str(Path(sys.executable).with_name("airflow"))
+
+
+def airflow(*args: str, home: Path) -> str:
+    env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "false"}
+    result = subprocess.run(
+        [AIRFLOW, *args], capture_output=True, text=True, env=env, timeout=180, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_airflow_lists_the_provider(tmp_path: Path) -> None:
+    providers = json.loads(airflow("providers", "list", "--output", "json", home=tmp_path))
+    ours = [p for p in providers if p["package_name"] == "airflow-wmltrain"]
+    assert len(ours) == 1
+    assert ours[0]["version"] == __version__
+
+
+def test_airflow_knows_the_wmltrain_section(tmp_path: Path) -> None:
+    out = airflow("config", "list", "--section", "wmltrain", "--include-descriptions", home=tmp_path)
+    assert "[wmltrain]" in out
+    assert "Resource classes a manifest's" in out
+    value = airflow("config", "get-value", "wmltrain", "resource_classes", home=tmp_path)
+    assert value.strip() == "small=1,medium=2,large=4"
+
+
+def test_provider_info_declares_every_setting_with_a_description() -> None:
+    options = get_provider_info()["config"]["wmltrain"]["options"]
+    assert set(options) == {
+        "resource_classes",
+        "frameworks_file",
+        "frameworks",
+        "model_definition_max_bytes",
+        "model_definition_max_entries",
+    }
+    assert all(spec["description"].strip() and "default" in spec for spec in options.values())
