@@ -126,7 +126,7 @@ def render_command(
 
 # --- the scripts a command names ------------------------------------------------------------------
 
-_SEPARATORS = {"&&", "||", ";", "|", "&", ";;", "|&"}
+_SEPARATORS = {"&&", "||", ";", "|", "&", ";;", "|&", "\n"}
 _PREFIX_WORDS = {"exec", "time", "nohup", "env", "stdbuf"}
 _PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
 # Interpreter options that take a separate argument, and those after which no script follows.
@@ -143,10 +143,11 @@ def referenced_scripts(command: str) -> list[str]:
     Understood: ``python[3[.x]] [options] script.py``, ``sh``/``bash script.sh``, ``th``/``lua``/
     ``Rscript``/``perl``/``julia script``, ``./script``, ``caffe train --solver=file``, each after
     ``exec``/``time``/``env``/``nohup`` or ``NAME=value`` prefixes, in every part of a ``&&``/``;``/``|``
-    chain.  A part that changes directory (``cd``) ends the analysis; absolute paths, paths with
-    variables other than ``$MODEL_DIR`` and ``-c``/``-m`` forms are not checked.
+    chain and on every line.  A part that changes directory (``cd``) ends the analysis; absolute paths,
+    paths with variables other than ``$MODEL_DIR`` and ``-c``/``-m`` forms are not checked.
     """
-    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer = shlex.shlex(command, posix=True, punctuation_chars="();<>|&\n")
+    lexer.whitespace = " \t\r"  # a newline separates commands, as in the shell
     lexer.whitespace_split = True
     try:
         words = list(lexer)

@@ -202,13 +202,10 @@ class _FrameworkSpec(_Model):
 
 
 class _Execution(_Model):
+    # Kept as written (only the ends stripped): inside quotes spacing matters, and the newlines of a
+    # YAML literal block (``command: |``) separate shell commands.
     command: NonEmptyStr
     resource: NonEmptyStr
-
-    @field_validator("command", mode="before")
-    @classmethod
-    def _one_line(cls, value: Any) -> Any:
-        return " ".join(value.split()) if isinstance(value, str) else value
 
 
 class _ModelDefinition(_Model):

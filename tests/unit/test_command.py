@@ -122,6 +122,8 @@ def test_hyperparameters_must_be_a_mapping() -> None:
         ("torchrun --nproc_per_node=2 train.py", []),
         ("python3 'unbalanced", []),
         ("Rscript fit.R", ["fit.R"]),
+        ("python3 prep.py\npython3 train.py --name 'a  b'\n", ["prep.py", "train.py"]),
+        ("set -e\ncd src\npython3 t.py", []),
     ],
 )
 def test_referenced_scripts(command: str, scripts: list[str]) -> None:

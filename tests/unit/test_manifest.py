@@ -230,6 +230,12 @@ def test_command_must_not_be_empty(seed_s3: dict[str, Any], command: Any) -> Non
     assert refusal(seed_s3).field == "model_definition.execution.command"
 
 
+def test_command_is_kept_as_written(seed_s3: dict[str, Any]) -> None:
+    script = "set -e\npython3 prep.py --tag 'a  b'\npython3 convolutional_network.py\n"
+    seed_s3["model_definition"]["execution"]["command"] = script
+    assert load_manifest(seed_s3).command == script.strip()
+
+
 def test_command_must_be_a_string(seed_s3: dict[str, Any]) -> None:
     seed_s3["model_definition"]["execution"]["command"] = ["python3", "train.py"]
     assert str(refusal(seed_s3)) == "model_definition.execution.command: must be a string, got a list"
