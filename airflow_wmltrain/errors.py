@@ -61,7 +61,29 @@ class ResourceError(ManifestError):
     code = "C104"
 
 
+class BucketNotFoundError(ManifestError):
+    """A bucket named by the manifest does not exist, or these credentials cannot see it (``C101``)."""
+
+
 class ConfigurationError(WmlTrainError):
     """The deployment's ``[wmltrain]`` configuration is invalid (server side, ``S001``)."""
 
     code = "S001"
+
+
+class ServerError(WmlTrainError):
+    """A problem on the service side (codes ``S1xx``/``S3xx``)."""
+
+    code = "S100"
+
+
+class DataLoadError(ServerError):
+    """Staging the training data failed (``S302``): an object could not be fetched or verified."""
+
+    code = "S302"
+
+
+class ResultsStoreError(ServerError):
+    """Writing results, logs or the status document failed (``S303``)."""
+
+    code = "S303"

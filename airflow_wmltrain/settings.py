@@ -54,6 +54,11 @@ class Settings:
     :param frameworks: optional inline YAML/JSON registry, merged last.
     :param model_definition_max_bytes: cap on a model zip's total uncompressed size.
     :param model_definition_max_entries: cap on a model zip's number of entries.
+    :param staging_dir: root of the runs' data directories and of the staging cache.
+    :param cache_max_bytes: size cap of the staging cache.
+    :param transfer_workers: concurrent transfers of a staging or an upload.
+    :param part_size: multipart upload part size.
+    :param multipart_threshold: files of at least this size are uploaded in parts.
     """
 
     resource_classes: Mapping[str, int] = field(
@@ -63,6 +68,16 @@ class Settings:
     frameworks: str | None = _DEFAULTS["frameworks"]
     model_definition_max_bytes: int = int(_DEFAULTS["model_definition_max_bytes"])
     model_definition_max_entries: int = int(_DEFAULTS["model_definition_max_entries"])
+    staging_dir: str = _DEFAULTS["staging_dir"]
+    cache_max_bytes: int = int(_DEFAULTS["cache_max_bytes"])
+    transfer_workers: int = int(_DEFAULTS["transfer_workers"])
+    part_size: int = int(_DEFAULTS["part_size"])
+    multipart_threshold: int = int(_DEFAULTS["multipart_threshold"])
+
+    @property
+    def cache_dir(self) -> str:
+        """The content cache shared by the runs of a host."""
+        return f"{self.staging_dir.rstrip('/')}/cache"
 
     @classmethod
     def from_airflow_config(cls) -> Settings:
@@ -91,4 +106,9 @@ class Settings:
             frameworks=get("frameworks"),
             model_definition_max_bytes=get_int("model_definition_max_bytes"),
             model_definition_max_entries=get_int("model_definition_max_entries"),
+            staging_dir=get("staging_dir") or _DEFAULTS["staging_dir"],
+            cache_max_bytes=get_int("cache_max_bytes"),
+            transfer_workers=get_int("transfer_workers"),
+            part_size=get_int("part_size"),
+            multipart_threshold=get_int("multipart_threshold"),
         )

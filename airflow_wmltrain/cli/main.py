@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from airflow_wmltrain import __version__
-from airflow_wmltrain.cli import validate
+from airflow_wmltrain.cli import stage, validate
 from airflow_wmltrain.errors import ClientError, WmlTrainError
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_SERVER_ERROR = 0, 1, 2, 3
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     validate.register(commands)
+    stage.register(commands)
     return parser
 
 

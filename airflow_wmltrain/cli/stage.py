@@ -1,0 +1,65 @@
+"""``wmltrain stage MANIFEST.yaml DEST_DIR``: stage a manifest's training data, exactly as a run does.
+
+For users who want to check data access (and see the transfer rate) before submitting; it uses the
+same code, settings and cache as the operator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from typing import Any
+
+from airflow_wmltrain.manifest import load_manifest
+from airflow_wmltrain.settings import Settings
+from airflow_wmltrain.storage import open_store
+from airflow_wmltrain.storage.cache import ObjectCache
+from airflow_wmltrain.storage.staging import stage
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "stage",
+        help="copy the manifest's training data into a directory, as a training run does",
+        description="Stage every object of the manifest's data bucket (or prefix) into DEST_DIR through "
+        "the host's staging cache, with progress on stderr and a summary line on stdout.",
+    )
+    parser.add_argument("manifest", metavar="MANIFEST.yaml", help="the training manifest (YAML)")
+    parser.add_argument("dest", metavar="DEST_DIR", help="the directory to fill (created if missing)")
+    parser.add_argument("--workers", type=int, help="concurrent transfers ([wmltrain] transfer_workers)")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--cache-dir", help="the staging cache (default: <[wmltrain] staging_dir>/cache)")
+    cache.add_argument("--no-cache", action="store_true", help="fetch straight into DEST_DIR")
+    parser.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = Settings.from_airflow_config()
+    manifest = load_manifest(args.manifest, settings=settings)
+    log = logging.getLogger("airflow_wmltrain.stage")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    cache = None
+    if not args.no_cache:
+        cache = ObjectCache(args.cache_dir or settings.cache_dir, max_bytes=settings.cache_max_bytes)
+    with open_store(manifest.data) as store:
+        result = stage(
+            store,
+            args.dest,
+            prefix=manifest.data.prefix,
+            cache=cache,
+            workers=args.workers or settings.transfer_workers,
+            log=log,
+            progress_interval=args.progress_interval,
+        )
+    print(json.dumps(dataclasses.asdict(result)) if args.json else result.summary())
+    return 0

@@ -1,0 +1,56 @@
+"""Object storage: one interface over S3 and OpenStack Swift, staging with a shared cache, results upload.
+
+:func:`open_store` turns a manifest's store reference (inline credentials or an Airflow connection id)
+into an :class:`~airflow_wmltrain.storage.base.ObjectStore`; the rest of the package never branches on
+the kind of store.
+"""
+
+from __future__ import annotations
+
+from airflow_wmltrain.manifest import ConnectionId, S3Connection, StoreReference, SwiftConnection
+from airflow_wmltrain.storage.base import ObjectInfo, ObjectStore
+from airflow_wmltrain.storage.transfer import HttpClient, RetryPolicy
+
+__all__ = ["ObjectInfo", "ObjectStore", "open_store"]
+
+
+def open_store(
+    reference: StoreReference, *, http: HttpClient | None = None, retry: RetryPolicy | None = None
+) -> ObjectStore:
+    """The store a manifest reference points at.
+
+    :param reference: ``manifest.data`` or ``manifest.results``.
+    :param http: the transfer engine's connections (a new pool when ``None``).
+    :param retry: how transfers are retried.
+    """
+    conn = reference.connection
+    if reference.type == "s3":
+        from airflow_wmltrain.storage.s3 import S3Store
+
+        if isinstance(conn, ConnectionId):
+            from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+            return S3Store.from_hook(
+                reference.bucket, S3Hook(aws_conn_id=conn.conn_id), http=http, retry=retry
+            )
+        if not isinstance(conn, S3Connection):  # pragma: no cover - the manifest guarantees it
+            raise TypeError(type(conn).__name__)
+        from airflow_wmltrain.storage.sigv4 import Credentials
+
+        keys = Credentials(
+            conn.aws_access_key_id.get_secret_value(), conn.aws_secret_access_key.get_secret_value()
+        )
+        return S3Store(
+            reference.bucket, credentials=lambda: keys, endpoint_url=conn.endpoint_url, http=http, retry=retry
+        )
+
+    from airflow_wmltrain.hooks.swift import SwiftHook
+    from airflow_wmltrain.storage.swift import SwiftStore
+
+    if isinstance(conn, ConnectionId):
+        hook = SwiftHook(conn.conn_id)
+    elif isinstance(conn, SwiftConnection):
+        hook = SwiftHook(None, credentials=conn)
+    else:  # pragma: no cover - the manifest guarantees it
+        raise TypeError(type(conn).__name__)
+    return SwiftStore(reference.bucket, hook=hook, http=http, retry=retry)

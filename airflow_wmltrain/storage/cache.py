@@ -1,0 +1,164 @@
+"""The content cache shared by the runs of one host: each object is fetched once and hard-linked into
+every run's data directory that needs it.
+
+An entry is a file named by the SHA-256 of ``(endpoint, bucket, key, ETag, size)``: a changed object
+has another ETag, hence another entry, and is fetched again.  Entries are read-only, written under a
+temporary name and renamed into place, so a reader never sees a partial entry.  Fetches of the same
+entry by several runs at once (a grid starting on one host) are serialised by ``flock`` on one of
+4,096 lock files, so each object is fetched once.  The cache's size is capped: least recently used
+entries (by modification time, which every use refreshes) are evicted after a staging; a run that
+linked an evicted entry keeps its data (a hard link is a name of the same file).
+
+The cache and the runs' data directories must be on the same file system (hard links); the staging
+directory ``[wmltrain] staging_dir`` holds both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from airflow_wmltrain.storage.base import ObjectInfo
+
+LOCK_STRIPES_HEX = 3  # 16**3 = 4096 lock files
+TEMP_MAX_AGE = 6 * 3600.0  # temporary files older than this are leftovers of killed processes
+
+
+@dataclass(frozen=True)
+class EvictionResult:
+    """What an eviction pass did.
+
+    :param entries: entries in the cache before the pass.
+    :param bytes: their total size.
+    :param evicted: entries removed.
+    :param evicted_bytes: bytes removed.
+    """
+
+    entries: int
+    bytes: int
+    evicted: int
+    evicted_bytes: int
+
+
+class ObjectCache:
+    """A content cache in a directory.
+
+    :param root: the cache directory (created when missing).
+    :param max_bytes: the size above which least recently used entries are evicted.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, max_bytes: int) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.objects = self.root / "objects"
+        self.temp = self.root / "tmp"
+        self.locks = self.root / "locks"
+        for folder in (self.objects, self.temp, self.locks):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"ObjectCache({str(self.root)!r}, max_bytes={self.max_bytes})"
+
+    def entry(self, endpoint: str, bucket: str, info: ObjectInfo) -> Path:
+        """Where the entry for this version of this object is (whether or not it exists)."""
+        identity = "\0".join((endpoint, bucket, info.key, info.etag, str(info.size)))
+        digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()
+        return self.objects / digest[:2] / digest
+
+    @staticmethod
+    def has(entry: Path, size: int) -> bool:
+        """Whether the entry exists with the expected size."""
+        try:
+            return entry.stat().st_size == size
+        except FileNotFoundError:
+            return False
+
+    @contextlib.contextmanager
+    def lock(self, entry: Path, *, blocking: bool) -> Iterator[bool]:
+        """Hold the entry's fetch lock; yields ``False`` at once when not ``blocking`` and it is taken."""
+        path = self.locks / f"{entry.name[:LOCK_STRIPES_HEX]}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def temp_file(self) -> Path:
+        """A fresh temporary path in the cache (same file system as the entries)."""
+        return self.temp / f"{os.getpid()}-{uuid.uuid4().hex}"
+
+    def commit(self, temp: Path, entry: Path) -> None:
+        """Make a verified temporary file the entry: read-only, renamed into place atomically."""
+        os.chmod(temp, 0o444)
+        entry.parent.mkdir(exist_ok=True)
+        os.replace(temp, entry)
+
+    @staticmethod
+    def touch(entry: Path) -> None:
+        """Mark the entry as just used (for least-recently-used eviction)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(entry)
+
+    def evict(self, *, log: logging.Logger | None = None) -> EvictionResult | None:
+        """Remove least recently used entries until the cache is under its cap.
+
+        Returns ``None`` when another process is already evicting (it does the work).
+        """
+        fd = os.open(self.root / "evict.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            self._remove_stale_temp_files()
+            entries: list[tuple[float, int, str]] = []
+            for shard in os.scandir(self.objects):
+                if shard.is_dir(follow_symlinks=False):
+                    for item in os.scandir(shard.path):
+                        st = item.stat(follow_symlinks=False)
+                        entries.append((st.st_mtime, st.st_size, item.path))
+            total = sum(size for _, size, _ in entries)
+            evicted = evicted_bytes = 0
+            if total > self.max_bytes:
+                entries.sort()
+                for _, size, path in entries:
+                    if total - evicted_bytes <= self.max_bytes:
+                        break
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                        evicted += 1
+                        evicted_bytes += size
+            if evicted and log is not None:
+                log.info(
+                    "Cache %s: evicted %d least recently used entries (%.1f MB) to stay under %.1f MB",
+                    self.root,
+                    evicted,
+                    evicted_bytes / 1e6,
+                    self.max_bytes / 1e6,
+                )
+            return EvictionResult(len(entries), total, evicted, evicted_bytes)
+        finally:
+            os.close(fd)
+
+    def _remove_stale_temp_files(self) -> None:
+        deadline = time.time() - TEMP_MAX_AGE
+        for item in os.scandir(self.temp):
+            with contextlib.suppress(FileNotFoundError):
+                if item.stat(follow_symlinks=False).st_mtime < deadline:
+                    os.unlink(item.path)

@@ -1,0 +1,370 @@
+"""Staging: every object of a bucket (or prefix) into a run's data directory, verified and resumable.
+
+1. List the objects and plan their local paths (a key that would leave the data directory, or that is
+   both a file and a folder, is refused before anything is fetched).
+2. Objects already staged (a previous, interrupted staging) are kept as they are.
+3. Each other object is hard-linked from the host's content cache, or fetched into it first: one
+   streamed GET, verified (size always, MD5 when the ETag is one), retried with backoff, written
+   under a temporary name and renamed.  When another run is fetching the same object, this one does
+   other objects first and links that one once it is there (a grid on one host fetches each object
+   once).  Without a cache, objects are fetched straight into the data directory (still under a
+   temporary name) and remember their ETag in an extended attribute, for resuming.
+
+Progress (files, bytes, rate, cache hits) goes to the log at an interval; failures are raised as
+:class:`~airflow_wmltrain.errors.DataLoadError` (S302) naming the object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from airflow_wmltrain.errors import DataLoadError
+from airflow_wmltrain.storage.base import ObjectInfo, ObjectStore
+from airflow_wmltrain.storage.cache import ObjectCache
+from airflow_wmltrain.storage.progress import DEFAULT_INTERVAL, Progress, megabytes
+from airflow_wmltrain.storage.transfer import TransferError, download_to_fd, with_retries
+
+DEFAULT_WORKERS = 16
+ETAG_XATTR = "user.wmltrain.etag"
+PARTIAL_DIR = ".wmltrain-partial"
+
+logger = logging.getLogger(__name__)
+
+
+class Outcome(Enum):
+    STAGED = "already staged"
+    CACHED = "linked from the cache"
+    FETCHED = "fetched"
+    DEFERRED = "being fetched by another run"
+
+
+@dataclass(frozen=True)
+class PlannedObject:
+    """An object and the path it gets in the data directory.
+
+    :param info: the object as listed.
+    :param path: its path relative to the data directory (posix).
+    """
+
+    info: ObjectInfo
+    path: str
+
+
+@dataclass(frozen=True)
+class StagingResult:
+    """What a staging did.
+
+    :param files: files in the data directory.
+    :param bytes: their total size.
+    :param seconds: wall time.
+    :param from_cache: files hard-linked from the cache without fetching.
+    :param fetched_files: files fetched from the store by this staging.
+    :param fetched_bytes: bytes fetched from the store by this staging.
+    :param already_staged: files kept from an earlier, interrupted staging.
+    """
+
+    files: int
+    bytes: int
+    seconds: float
+    from_cache: int
+    fetched_files: int
+    fetched_bytes: int
+    already_staged: int = 0
+
+    def summary(self) -> str:
+        rate = self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
+        return (
+            f"staged {self.files} files, {megabytes(self.bytes)} in {self.seconds:.1f} s ({rate:.1f} MB/s): "
+            f"{self.from_cache} from the cache, "
+            f"{self.fetched_files} fetched ({megabytes(self.fetched_bytes)})"
+            + (f", {self.already_staged} already staged" if self.already_staged else "")
+        )
+
+
+def plan_objects(objects: Sequence[ObjectInfo], prefix: str) -> list[PlannedObject]:
+    """The local path of each object, refusing keys that would escape or clash.
+
+    Folder markers (keys ending in ``/``) are skipped; empty segments (``a//b``) are dropped.
+
+    :raises DataLoadError: (S302) naming the offending key.
+    """
+    planned: dict[str, PlannedObject] = {}
+    for info in objects:
+        relative = info.key[len(prefix) :] if info.key.startswith(prefix) else info.key
+        if relative.endswith("/") or not relative:
+            continue
+        if "\0" in relative:
+            raise DataLoadError(f"object key {info.key!r} contains a NUL character; rename the object")
+        parts = [part for part in relative.split("/") if part]
+        if any(part in (".", "..") for part in parts):
+            raise DataLoadError(
+                f"object key {info.key!r} would escape the data directory ('.' or '..' segment); "
+                "rename the object"
+            )
+        path = "/".join(parts)
+        if path in planned:
+            raise DataLoadError(
+                f"object keys {planned[path].info.key!r} and {info.key!r} map to the same file {path!r}"
+            )
+        planned[path] = PlannedObject(info, path)
+    for path, item in planned.items():
+        parent = path.rpartition("/")[0]
+        while parent:
+            if parent in planned:
+                raise DataLoadError(
+                    f"object {planned[parent].info.key!r} is a file "
+                    f"but {item.info.key!r} needs it to be a folder"
+                )
+            parent = parent.rpartition("/")[0]
+    return sorted(planned.values(), key=lambda p: p.path)
+
+
+class _Stager:
+    """One staging: the store, the destination, the cache, and the counters."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        dest: Path,
+        cache: ObjectCache | None,
+        progress: Progress,
+        log: logging.Logger,
+    ) -> None:
+        self.store = store
+        self.dest = dest
+        self.cache = cache
+        self.progress = progress
+        self.log = log
+        self.endpoint = store.endpoint
+        self.fetched_files = 0
+        self.fetched_bytes = 0
+        self.lock = threading.Lock()
+        self.copy_warned = False
+        self.partial = dest / PARTIAL_DIR
+
+    # --- resuming -------------------------------------------------------------------------------
+
+    def already_staged(self, item: PlannedObject) -> bool:
+        target = self.dest / item.path
+        try:
+            st = target.stat()
+        except FileNotFoundError:
+            return False
+        if st.st_size != item.info.size:
+            return False
+        if self.cache is not None:
+            entry = self.cache.entry(self.endpoint, self.store.bucket, item.info)
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(st, entry.stat()):
+                    return True
+        try:
+            return os.getxattr(target, ETAG_XATTR).decode() == item.info.etag
+        except OSError:
+            return False
+
+    # --- one object -------------------------------------------------------------------------------
+
+    def stage(self, item: PlannedObject, *, blocking: bool) -> Outcome:
+        if self.cache is None:
+            self.fetch(item, self.dest / item.path, final=True)
+            return Outcome.FETCHED
+        entry = self.cache.entry(self.endpoint, self.store.bucket, item.info)
+        for _ in range(3):  # an entry evicted between the check and the link is fetched again
+            if self.cache.has(entry, item.info.size):
+                if self.link(entry, item):
+                    return Outcome.CACHED
+                continue
+            with self.cache.lock(entry, blocking=blocking) as locked:
+                if not locked:
+                    return Outcome.DEFERRED
+                if not self.cache.has(entry, item.info.size):
+                    temp = self.cache.temp_file()
+                    try:
+                        self.fetch(item, temp, final=False)
+                        self.cache.commit(temp, entry)
+                    finally:
+                        with contextlib.suppress(FileNotFoundError):
+                            temp.unlink()
+                    fetched = True
+                else:
+                    fetched = False
+            if self.link(entry, item):
+                return Outcome.FETCHED if fetched else Outcome.CACHED
+        raise DataLoadError(f"{self.store.describe(item.info.key)}: the cache entry keeps disappearing")
+
+    def link_cached(self, item: PlannedObject) -> bool:
+        """Link the object from the cache when it is there; ``False`` when it must be fetched."""
+        if self.cache is None:
+            return False
+        entry = self.cache.entry(self.endpoint, self.store.bucket, item.info)
+        return self.cache.has(entry, item.info.size) and self.link(entry, item)
+
+    def link(self, entry: Path, item: PlannedObject) -> bool:
+        """Hard-link a cache entry to the object's path (atomically replacing what is there)."""
+        target = self.dest / item.path
+        try:
+            os.link(entry, target)  # the common case: nothing there yet; a link is atomic
+        except FileNotFoundError:
+            return False  # evicted meanwhile
+        except FileExistsError:
+            pass
+        except OSError:
+            pass
+        else:
+            ObjectCache.touch(entry)
+            return True
+        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.link")
+        try:
+            os.link(entry, temp)
+        except FileNotFoundError:
+            return False  # evicted meanwhile
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.EMLINK, errno.EPERM):
+                raise
+            if not self.copy_warned:
+                self.copy_warned = True
+                self.log.warning(
+                    "Cannot hard-link from the cache %s into %s (%s): copying instead; put the cache and the "
+                    "data directories on one file system ([wmltrain] staging_dir) to avoid copies",
+                    self.cache.root if self.cache else "",
+                    self.dest,
+                    os.strerror(err.errno or 0),
+                )
+            shutil.copyfile(entry, temp)
+        os.replace(temp, target)
+        ObjectCache.touch(entry)
+        return True
+
+    def fetch(self, item: PlannedObject, path: Path, *, final: bool) -> None:
+        """GET the object into ``path`` (via a temporary name in the data directory when ``final``)."""
+        info = item.info
+        temp = self.partial / f"{uuid.uuid4().hex}" if final else path
+
+        def attempt() -> None:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                download_to_fd(self.store.http, self.store, info.key, fd, size=info.size, md5=info.md5)
+            finally:
+                os.close(fd)
+
+        def on_retry(err: TransferError) -> None:
+            self.progress.retried()
+            self.log.warning("Retrying %s: %s", info.key, err)
+
+        try:
+            with_retries(self.store, self.store.retry, attempt, on_retry=on_retry)
+        except TransferError as err:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+            raise DataLoadError(f"cannot stage {info.key!r}: {err}") from None
+        if final:
+            with contextlib.suppress(OSError):  # resuming falls back to sizes where xattrs are missing
+                os.setxattr(temp, ETAG_XATTR, info.etag.encode())
+            os.replace(temp, path)
+        with self.lock:
+            self.fetched_files += 1
+            self.fetched_bytes += info.size
+
+
+def stage(
+    store: ObjectStore,
+    dest: str | os.PathLike[str],
+    *,
+    prefix: str = "",
+    cache: ObjectCache | None = None,
+    workers: int = DEFAULT_WORKERS,
+    log: logging.Logger | None = None,
+    progress_interval: float = DEFAULT_INTERVAL,
+) -> StagingResult:
+    """Copy every object under ``prefix`` into ``dest`` (created if missing), through the cache.
+
+    :param store: the bucket to read.
+    :param dest: the data directory.
+    :param prefix: only objects under this prefix; their paths are relative to it.
+    :param cache: the host's content cache; ``None`` fetches straight into ``dest``.
+    :param workers: concurrent transfers.
+    :param log: where progress goes (the task's logger).
+    :param progress_interval: seconds between progress lines.
+    :raises CredentialsError: (C103) the store refused the credentials.
+    :raises BucketNotFoundError: (C101) the bucket does not exist.
+    :raises DataLoadError: (S302) an object could not be listed, fetched or verified.
+    """
+    log = log or logger
+    target = Path(dest)
+    store.check_bucket(field="training_data_reference[0].source.bucket")
+    try:
+        objects = list(store.list_objects(prefix))
+    except TransferError as err:
+        raise DataLoadError(f"cannot list {store.describe(prefix)}: {err}") from None
+    planned = plan_objects(objects, prefix)
+    total = sum(item.info.size for item in planned)
+    log.info(
+        "Staging %s: %d objects, %s into %s%s",
+        store.describe(prefix),
+        len(planned),
+        megabytes(total),
+        target,
+        f" (cache {cache.root})" if cache else "",
+    )
+    progress = Progress("staged", len(planned), total, log, progress_interval)
+    stager = _Stager(store, target, cache, progress, log)
+    target.mkdir(parents=True, exist_ok=True)
+    stager.partial.mkdir(exist_ok=True)
+    for folder in sorted({str(Path(item.path).parent) for item in planned} - {"."}):
+        (target / folder).mkdir(parents=True, exist_ok=True)
+
+    # Objects already staged or already in the cache take a few system calls each: no thread needed.
+    todo = []
+    already = 0
+    for item in planned:
+        if stager.already_staged(item):
+            already += 1
+            progress.add(item.info.size, cached=True)
+        elif stager.link_cached(item):
+            progress.add(item.info.size, cached=True)
+        else:
+            todo.append(item)
+
+    def run(item: PlannedObject, blocking: bool) -> Outcome:
+        outcome = stager.stage(item, blocking=blocking)
+        if outcome is not Outcome.DEFERRED:
+            progress.add(item.info.size, cached=outcome is Outcome.CACHED)
+        return outcome
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="wmltrain-stage") as pool:
+        try:
+            futures = [pool.submit(run, item, False) for item in todo]
+            progress.wait(futures)
+            deferred = [item for item, f in zip(todo, futures, strict=True) if f.result() is Outcome.DEFERRED]
+            if deferred:
+                log.info("Waiting for %d objects that are being fetched concurrently", len(deferred))
+                progress.wait([pool.submit(run, item, True) for item in deferred])
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    with contextlib.suppress(OSError):
+        stager.partial.rmdir()
+    if cache is not None:
+        cache.evict(log=log)
+    result = StagingResult(
+        files=len(planned),
+        bytes=total,
+        seconds=progress.seconds,
+        from_cache=progress.cached_files - already,
+        fetched_files=stager.fetched_files,
+        fetched_bytes=stager.fetched_bytes,
+        already_staged=already,
+    )
+    log.info("Staging done: %s", result.summary())
+    return result

@@ -1,0 +1,244 @@
+"""Results upload: a local tree (or one file) to ``<bucket>/<prefix>/...``, concurrent and verified.
+
+Small files go in one ``PUT``; files from ``multipart_threshold`` on go as parts of ``part_size`` sent
+concurrently (S3 multipart upload, Swift static large object), so one large model file uses every
+connection.  Each body is read once, hashed while it is sent, and the store's ETag (the MD5 it
+computed) must match, else the part is sent again (retries with backoff, as for downloads).
+Progress goes to the log at an interval; a failure is raised as
+:class:`~airflow_wmltrain.errors.ResultsStoreError` (S303) naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from airflow_wmltrain.errors import ResultsStoreError
+from airflow_wmltrain.storage.base import ObjectStore, UploadedPart
+from airflow_wmltrain.storage.progress import DEFAULT_INTERVAL, Progress, megabytes
+from airflow_wmltrain.storage.transfer import SignedRequest, TransferError, upload_from_fd, with_retries
+
+DEFAULT_WORKERS = 16
+DEFAULT_PART_SIZE = 64 * 1024 * 1024
+DEFAULT_MULTIPART_THRESHOLD = 128 * 1024 * 1024
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """What an upload did.
+
+    :param files: files uploaded.
+    :param bytes: their total size.
+    :param seconds: wall time.
+    :param skipped: entries not uploaded (symbolic links leading outside the tree, special files).
+    """
+
+    files: int
+    bytes: int
+    seconds: float
+    skipped: int = 0
+
+    def summary(self) -> str:
+        rate = self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
+        skipped = f", {self.skipped} skipped" if self.skipped else ""
+        done = f"uploaded {self.files} files, {megabytes(self.bytes)}"
+        return f"{done} in {self.seconds:.1f} s ({rate:.1f} MB/s){skipped}"
+
+
+def _files(root: Path, log: logging.Logger) -> tuple[list[tuple[Path, str, int]], int]:
+    """Regular files under ``root`` (symbolic links followed only inside it): ``(path, relative, size)``."""
+    found: list[tuple[Path, str, int]] = []
+    skipped = 0
+    real_root = root.resolve()
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(names):
+            path = Path(folder) / name
+            real = path.resolve()
+            if not real.is_file() or (path.is_symlink() and not real.is_relative_to(real_root)):
+                log.warning("Not uploading %s: not a regular file inside %s", path, root)
+                skipped += 1
+                continue
+            found.append((path, path.relative_to(root).as_posix(), real.stat().st_size))
+    return found, skipped
+
+
+def _object_key(prefix: str, relative: str) -> str:
+    return f"{prefix.rstrip('/')}/{relative}" if prefix.strip("/") else relative
+
+
+class _Uploader:
+    def __init__(
+        self,
+        *,
+        store: ObjectStore,
+        pool: ThreadPoolExecutor,
+        progress: Progress,
+        log: logging.Logger,
+        part_size: int,
+        threshold: int,
+    ) -> None:
+        self.store = store
+        self.pool = pool
+        self.progress = progress
+        self.log = log
+        self.part_size = max(part_size, store.min_part_size)
+        self.threshold = max(threshold, self.part_size)
+
+    def send(self, key: str, path: Path, sign: Callable[[], SignedRequest], offset: int, length: int) -> str:
+        """One ``PUT`` of a file region, verified against the store's ETag; returns the ETag."""
+
+        def attempt() -> str:
+            md5 = _md5_of(path, offset, length)
+            with open(path, "rb") as stream:
+                headers = upload_from_fd(
+                    self.store.http, sign(), self.store, key, stream.fileno(), offset=offset, length=length
+                )
+            etag = headers.get("etag", "").strip('"').lower()
+            if etag != md5:
+                raise TransferError(
+                    f"PUT {self.store.describe(key)}: the store computed MD5 {etag or '(none)'}, "
+                    f"the file has {md5}",
+                    transient=True,
+                )
+            return etag
+
+        def on_retry(err: TransferError) -> None:
+            self.progress.retried()
+            self.log.warning("Retrying the upload of %s: %s", key, err)
+
+        try:
+            etag = with_retries(self.store, self.store.retry, attempt, on_retry=on_retry)
+        except TransferError as err:
+            raise ResultsStoreError(f"cannot upload {path}: {err}") from None
+        self.progress.add(length, files=0)
+        return etag
+
+    def upload(self, path: Path, key: str, size: int) -> list[Future[object]]:
+        """Queue the upload of one file; returns the futures to wait for."""
+        if size < self.threshold:
+
+            def whole() -> object:
+                etag = self.send(key, path, lambda: self.store.sign("PUT", key), 0, size)
+                self.progress.add(0)
+                return etag
+
+            return [self.pool.submit(whole)]
+        try:
+            upload_id = self.store.start_multipart(key)
+        except TransferError as err:
+            raise ResultsStoreError(f"cannot start the upload of {path}: {err}") from None
+        ranges = [
+            (n + 1, offset, min(self.part_size, size - offset))
+            for n, offset in enumerate(range(0, size, self.part_size))
+        ]
+        parts: list[UploadedPart] = []
+        lock = threading.Lock()
+        remaining = [len(ranges)]
+
+        def part(number: int, offset: int, length: int) -> object:
+            try:
+                etag = self.send(
+                    key, path, lambda: self.store.sign_part(key, upload_id, number), offset, length
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.store.abort_multipart(key, upload_id)
+                raise
+            with lock:
+                parts.append(UploadedPart(number, etag, length))
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:  # the thread that sends the last part assembles the object
+                try:
+                    self.store.complete_multipart(key, upload_id, parts)
+                except TransferError as err:
+                    with contextlib.suppress(Exception):
+                        self.store.abort_multipart(key, upload_id)
+                    raise ResultsStoreError(f"cannot complete the upload of {path}: {err}") from None
+                self.progress.add(0)
+            return None
+
+        return [self.pool.submit(part, *r) for r in ranges]
+
+
+def _md5_of(path: Path, offset: int, length: int) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as stream:
+        stream.seek(offset)
+        remaining = length
+        while remaining:
+            chunk = stream.read(min(remaining, 4 * 1024 * 1024))
+            if not chunk:
+                raise ResultsStoreError(f"{path} changed while it was uploaded (shorter than expected)")
+            digest.update(chunk)
+            remaining -= len(chunk)
+    return digest.hexdigest()
+
+
+def upload_tree(
+    store: ObjectStore,
+    src: str | os.PathLike[str],
+    prefix: str,
+    *,
+    workers: int = DEFAULT_WORKERS,
+    part_size: int = DEFAULT_PART_SIZE,
+    multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+    log: logging.Logger | None = None,
+    progress_interval: float = DEFAULT_INTERVAL,
+) -> UploadResult:
+    """Upload every regular file under ``src`` to ``<prefix>/<relative path>`` (or one file to ``prefix``).
+
+    :param store: the results bucket.
+    :param src: a directory, or a single file (uploaded as the key ``prefix``).
+    :param prefix: the key prefix (``<training-id>/``), or the key for a single file.
+    :param workers: concurrent transfers.
+    :param part_size: size of multipart parts.
+    :param multipart_threshold: files of at least this size are sent in parts.
+    :param log: where progress goes.
+    :param progress_interval: seconds between progress lines.
+    :raises ResultsStoreError: (S303) a file could not be uploaded.
+    """
+    log = log or logger
+    root = Path(src)
+    if root.is_file():
+        files, skipped = [(root, "", root.stat().st_size)], 0
+    elif root.is_dir():
+        files, skipped = _files(root, log)
+    else:
+        raise ResultsStoreError(f"nothing to upload: {root} does not exist")
+    total = sum(size for _, _, size in files)
+    log.info(
+        "Uploading %d files, %s from %s to %s", len(files), megabytes(total), root, store.describe(prefix)
+    )
+    progress = Progress("uploaded", len(files), total, log, progress_interval)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="wmltrain-upload") as pool:
+        uploader = _Uploader(
+            store=store,
+            pool=pool,
+            progress=progress,
+            log=log,
+            part_size=part_size,
+            threshold=multipart_threshold,
+        )
+        futures: list[Future[object]] = []
+        try:
+            for path, relative, size in files:
+                key = _object_key(prefix, relative) if relative else prefix
+                futures += uploader.upload(path, key, size)
+            progress.wait(futures)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    result = UploadResult(len(files), total, progress.seconds, skipped)
+    log.info("Upload done: %s", result.summary())
+    return result

@@ -1,0 +1,223 @@
+"""Pure logic of the storage layer: signing, URLs, listings' ETags, object paths, cache keys and eviction."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from airflow_wmltrain.errors import DataLoadError
+from airflow_wmltrain.storage.base import ObjectInfo
+from airflow_wmltrain.storage.cache import ObjectCache
+from airflow_wmltrain.storage.progress import Progress
+from airflow_wmltrain.storage.s3 import S3Store
+from airflow_wmltrain.storage.sigv4 import EMPTY_SHA256, Credentials, SigV4Signer, canonical_query
+from airflow_wmltrain.storage.staging import StagingResult, plan_objects
+from airflow_wmltrain.storage.transfer import RetryPolicy
+
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+def test_sigv4_matches_the_aws_documentation_example() -> None:
+    """The 'GET Object' example of the AWS Signature Version 4 documentation for S3."""
+    headers = SigV4Signer("us-east-1").sign(
+        Credentials("AKIAIOSFODNN7EXAMPLE", SECRET),
+        "GET",
+        "examplebucket.s3.amazonaws.com",
+        "/test.txt",
+        headers={"Range": "bytes=0-9"},
+        payload_hash=EMPTY_SHA256,
+        now=datetime(2013, 5, 24, tzinfo=timezone.utc),
+    )
+    assert headers["authorization"] == (
+        "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, "
+        "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
+        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+    )
+    assert headers["x-amz-date"] == "20130524T000000Z"
+    assert SECRET not in str(headers)
+
+
+def test_sigv4_session_token_is_signed() -> None:
+    headers = SigV4Signer("eu-west-1").sign(Credentials("AK", "SK", "TOKEN"), "GET", "h", "/b/k")
+    assert headers["x-amz-security-token"] == "TOKEN"
+    assert "x-amz-security-token" in headers["authorization"]
+    assert repr(Credentials("AK", "SK", "TOKEN")) == "Credentials(***)"
+
+
+def test_canonical_query_encoding() -> None:
+    assert canonical_query({"prefix": "a b/ü", "list-type": "2", "uploads": ""}) == (
+        "list-type=2&prefix=a%20b%2F%C3%BC&uploads="
+    )
+
+
+def _store(endpoint: str | None, bucket: str = "data", style: str = "auto") -> S3Store:
+    return S3Store(
+        bucket, credentials=lambda: Credentials("a", "b"), endpoint_url=endpoint, addressing_style=style
+    )
+
+
+def test_s3_urls_path_style_for_custom_endpoints() -> None:
+    request = _store("http://127.0.0.1:18080").sign("GET", "dir/ü file.bin")
+    assert request.url == "http://127.0.0.1:18080/data/dir/%C3%BC%20file.bin"
+    assert "authorization" not in repr(request).lower()
+
+
+def test_s3_urls_virtual_hosted_on_aws() -> None:
+    store = _store(None, style="auto")
+    assert store.endpoint == "https://s3.us-east-1.amazonaws.com"
+    assert store.sign("GET", "k").url == "https://data.s3.us-east-1.amazonaws.com/k"
+    assert (
+        _store(None, bucket="with.dots").sign("GET", "k").url
+        == "https://s3.us-east-1.amazonaws.com/with.dots/k"
+    )
+    assert (
+        _store("https://cos.example.com", style="virtual").sign("GET", "k").url
+        == "https://data.cos.example.com/k"
+    )
+
+
+def test_s3_bucket_url_and_query() -> None:
+    request = _store("https://cos.example.com/base/").sign(
+        "GET", "", query={"list-type": "2", "prefix": "a/"}
+    )
+    assert request.url == "https://cos.example.com/base/data?list-type=2&prefix=a%2F"
+
+
+def test_object_info_md5_only_when_the_etag_is_one() -> None:
+    assert (
+        ObjectInfo.from_etag("k", 1, '"D41D8CD98F00B204E9800998ECF8427E"').md5
+        == "d41d8cd98f00b204e9800998ecf8427e"
+    )
+    assert ObjectInfo.from_etag("k", 1, '"bf7b1a7546954c470076339ee8adb921-2"').md5 is None
+
+
+def _info(key: str, size: int = 1) -> ObjectInfo:
+    return ObjectInfo(key, size, "e")
+
+
+def test_plan_strips_the_prefix_and_skips_folder_markers() -> None:
+    planned = plan_objects([_info("p/a.txt"), _info("p/d/"), _info("p/d/e/f.txt"), _info("p/x//y")], "p/")
+    assert [p.path for p in planned] == ["a.txt", "d/e/f.txt", "x/y"]
+
+
+@pytest.mark.parametrize("key", ["../evil", "a/../../b", "./x", "a/./b", "/.."])
+def test_plan_refuses_keys_that_escape(key: str) -> None:
+    with pytest.raises(DataLoadError) as info:
+        plan_objects([_info(key)], "")
+    assert info.value.code == "S302"
+    assert repr(key) in str(info.value)
+
+
+def test_plan_refuses_clashes() -> None:
+    with pytest.raises(DataLoadError, match="map to the same file"):
+        plan_objects([_info("a//b"), _info("a/b")], "")
+    with pytest.raises(DataLoadError, match="is a file but 'a/b' needs it to be a folder"):
+        plan_objects([_info("a"), _info("a/b")], "")
+    with pytest.raises(DataLoadError, match="NUL"):
+        plan_objects([_info("a\0b")], "")
+
+
+def test_cache_entries_depend_on_every_part_of_the_identity(tmp_path: Path) -> None:
+    cache = ObjectCache(tmp_path, max_bytes=10)
+    base = cache.entry("http://e", "b", ObjectInfo("k", 1, "etag"))
+    assert base == cache.entry("http://e", "b", ObjectInfo("k", 1, "etag", "md5-does-not-matter"))
+    for other in (
+        cache.entry("http://other", "b", ObjectInfo("k", 1, "etag")),
+        cache.entry("http://e", "c", ObjectInfo("k", 1, "etag")),
+        cache.entry("http://e", "b", ObjectInfo("k2", 1, "etag")),
+        cache.entry("http://e", "b", ObjectInfo("k", 2, "etag")),
+        cache.entry("http://e", "b", ObjectInfo("k", 1, "etag2")),
+    ):
+        assert other != base
+    assert base.parent.parent == cache.objects
+
+
+def _put(cache: ObjectCache, name: str, size: int, age: float) -> Path:
+    entry = cache.entry("e", "b", ObjectInfo(name, size, "x"))
+    temp = cache.temp_file()
+    temp.write_bytes(b"x" * size)
+    cache.commit(temp, entry)
+    os.utime(entry, (time.time() - age, time.time() - age))
+    return entry
+
+
+def test_eviction_removes_least_recently_used_first(tmp_path: Path) -> None:
+    cache = ObjectCache(tmp_path, max_bytes=250)
+    old, middle, new = (
+        _put(cache, "old", 100, 300),
+        _put(cache, "middle", 100, 200),
+        _put(cache, "new", 100, 100),
+    )
+    linked = tmp_path / "run-data-file"
+    os.link(old, linked)
+    ObjectCache.touch(middle)  # used just now: the most recent
+    result = cache.evict()
+    assert result is not None
+    assert (result.entries, result.bytes, result.evicted, result.evicted_bytes) == (3, 300, 1, 100)
+    assert not old.exists()
+    assert middle.exists()
+    assert new.exists()
+    assert linked.read_bytes() == b"x" * 100  # a run's hard link survives eviction
+    assert oct(middle.stat().st_mode & 0o777) == "0o444"
+
+
+def test_eviction_under_the_cap_removes_nothing(tmp_path: Path) -> None:
+    cache = ObjectCache(tmp_path, max_bytes=1000)
+    _put(cache, "a", 10, 10)
+    result = cache.evict()
+    assert result is not None
+    assert result.evicted == 0
+
+
+def test_stale_temporary_files_are_removed(tmp_path: Path) -> None:
+    cache = ObjectCache(tmp_path, max_bytes=1000)
+    stale, fresh = cache.temp_file(), cache.temp_file()
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(stale, (time.time() - 7 * 3600, time.time() - 7 * 3600))
+    cache.evict()
+    assert not stale.exists()
+    assert fresh.exists()
+
+
+def test_non_blocking_lock(tmp_path: Path) -> None:
+    cache = ObjectCache(tmp_path, max_bytes=1000)
+    entry = cache.entry("e", "b", ObjectInfo("k", 1, "x"))
+    with cache.lock(entry, blocking=True) as first:
+        assert first
+        with cache.lock(entry, blocking=False) as second:
+            assert not second
+    with cache.lock(entry, blocking=False) as again:
+        assert again
+
+
+def test_retry_delays_grow_and_are_capped() -> None:
+    policy = RetryPolicy(attempts=5, base_delay=1.0, max_delay=3.0)
+    assert 0.5 <= policy.delay(1) <= 1.0
+    assert 1.0 <= policy.delay(2) <= 2.0
+    assert 1.5 <= policy.delay(5) <= 3.0
+
+
+def test_progress_lines(caplog: pytest.LogCaptureFixture) -> None:
+    progress = Progress("staged", 4, 4_000_000, logging.getLogger("t"), interval=1)
+    progress.add(1_000_000)
+    progress.add(1_000_000, cached=True)
+    with caplog.at_level(logging.INFO):
+        progress.report()
+    line = caplog.records[-1].getMessage()
+    assert line.startswith("staged 2/4 files, 2.0 MB of 4.0 MB (50%), ")
+    assert line.endswith("MB/s, 1 from the cache")
+
+
+def test_staging_summary() -> None:
+    result = StagingResult(
+        files=3, bytes=3_000_000, seconds=2.0, from_cache=1, fetched_files=2, fetched_bytes=2_000_000
+    )
+    assert result.summary() == (
+        "staged 3 files, 3.0 MB in 2.0 s (1.5 MB/s): 1 from the cache, 2 fetched (2.0 MB)"
+    )
