@@ -22,6 +22,85 @@ def get_provider_info() -> dict[str, Any]:
                 "tags": ["software"],
             }
         ],
+        "hooks": [{"integration-name": "WML Train", "python-modules": ["airflow_wmltrain.hooks.swift"]}],
+        "connection-types": [
+            {
+                "hook-class-name": "airflow_wmltrain.hooks.swift.SwiftHook",
+                "hook-name": "OpenStack Swift",
+                "connection-type": "swift",
+                "conn-fields": {
+                    "auth_version": {
+                        "label": "Auth version",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "1 (tempauth/swauth: user is account:user), 2 (Keystone v2.0) or 3 "
+                        "(Keystone v3). Detected from the auth URL when empty: .../auth/v1.0 is 1, .../v2.0 "
+                        "is 2, .../v3 or a URL without a version is 3.",
+                    },
+                    "project_id": {
+                        "label": "Project id",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Keystone project (tenant) id; this or the project name is needed "
+                        "for Keystone.",
+                    },
+                    "project_name": {
+                        "label": "Project name",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Keystone project (tenant) name, when no project id is given.",
+                    },
+                    "domain_name": {
+                        "label": "Domain name",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Keystone v3 domain of the user and the project (Default when empty).",
+                    },
+                    "user_domain_name": {
+                        "label": "User domain name",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Keystone v3 domain of the user, when it differs from the domain "
+                        "name.",
+                    },
+                    "project_domain_name": {
+                        "label": "Project domain name",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Keystone v3 domain of the project, when it differs from the domain "
+                        "name.",
+                    },
+                    "region_name": {
+                        "label": "Region",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Region of the object-store endpoint in the Keystone catalog, e.g. "
+                        "dallas (the first one when empty).",
+                    },
+                    "endpoint_type": {
+                        "label": "Endpoint interface",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Keystone catalog interface: public (default), internal or admin.",
+                    },
+                    "insecure": {
+                        "label": "Skip TLS verification",
+                        "schema": {"type": ["boolean", "null"]},
+                        "description": "Do not verify the TLS certificates of the auth and storage URLs.",
+                    },
+                    "cacert": {
+                        "label": "CA bundle",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Path of a CA bundle file used to verify TLS certificates.",
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port"],
+                    "relabeling": {"host": "Auth URL", "login": "User", "password": "Password / API key"},
+                    "placeholders": {
+                        "host": "https://identity.example.com/v3 or http://swift.example.com:8080/auth/v1.0",
+                        "login": "user name (Keystone) or account:user (v1)",
+                        "password": "password or API key",
+                        "auth_version": "3",
+                        "project_id": "0123456789abcdef0123456789abcdef",
+                        "domain_name": "Default",
+                        "region_name": "dallas",
+                    },
+                },
+            }
+        ],
         "config": {
             "wmltrain": {
                 "description": "Settings of the airflow-wmltrain provider (training runs on GPU hosts).",
@@ -58,6 +137,46 @@ def get_provider_info() -> dict[str, Any]:
                         "version_added": "0.1.0",
                         "example": "1073741824",
                         "default": "1073741824",
+                    },
+                    "staging_dir": {
+                        "description": "Where training data is staged on a worker host: each run's data "
+                        "directory and the content cache shared by the runs (``<staging_dir>/cache``) live "
+                        "here, on one file system so that cached objects are hard-linked, not copied. When "
+                        "workers run in containers, this must be a path the Docker host sees too.\n",
+                        "type": "string",
+                        "version_added": "0.1.0",
+                        "example": "/srv/wmltrain",
+                        "default": "/var/tmp/wmltrain",
+                    },
+                    "cache_max_bytes": {
+                        "description": "Size of the staging cache above which the least recently used "
+                        "objects are evicted, in bytes.\n",
+                        "type": "integer",
+                        "version_added": "0.1.0",
+                        "example": "107374182400",
+                        "default": "53687091200",
+                    },
+                    "transfer_workers": {
+                        "description": "Concurrent transfers of one staging or upload.\n",
+                        "type": "integer",
+                        "version_added": "0.1.0",
+                        "example": "32",
+                        "default": "16",
+                    },
+                    "part_size": {
+                        "description": "Size of the parts of a multipart upload (S3 parts, Swift segments), "
+                        "in bytes.\n",
+                        "type": "integer",
+                        "version_added": "0.1.0",
+                        "example": "134217728",
+                        "default": "67108864",
+                    },
+                    "multipart_threshold": {
+                        "description": "Files of at least this size are uploaded in parts, in bytes.\n",
+                        "type": "integer",
+                        "version_added": "0.1.0",
+                        "example": "268435456",
+                        "default": "134217728",
                     },
                     "model_definition_max_entries": {
                         "description": "Largest number of entries in a model-definition zip.\n",

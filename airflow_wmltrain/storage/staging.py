@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import shutil
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
@@ -36,6 +37,7 @@ from airflow_wmltrain.storage.progress import DEFAULT_INTERVAL, Progress, megaby
 from airflow_wmltrain.storage.transfer import TransferError, download_to_fd, with_retries
 
 DEFAULT_WORKERS = 16
+RANGE_WORKERS = 4  # concurrent ranges of one large object
 ETAG_XATTR = "user.wmltrain.etag"
 PARTIAL_DIR = ".wmltrain-partial"
 
@@ -135,12 +137,15 @@ class _Stager:
 
     def __init__(
         self,
+        *,
         store: ObjectStore,
         dest: Path,
         cache: ObjectCache | None,
         progress: Progress,
         log: logging.Logger,
+        range_size: int | None = None,
     ) -> None:
+        self.range_size = range_size
         self.store = store
         self.dest = dest
         self.cache = cache
@@ -246,21 +251,61 @@ class _Stager:
         ObjectCache.touch(entry)
         return True
 
+    def fetch_ranges(
+        self, info: ObjectInfo, fd: int, size: int, on_retry: Callable[[TransferError], None]
+    ) -> None:
+        """GET a large object as concurrent byte ranges (each retried), then verify its MD5 if it has one."""
+        ranges = [(offset, min(size, info.size - offset)) for offset in range(0, info.size, size)]
+        os.ftruncate(fd, info.size)
+
+        def one(offset: int, length: int) -> None:
+            def attempt() -> None:
+                download_to_fd(
+                    self.store.http,
+                    self.store,
+                    info.key,
+                    fd,
+                    size=info.size,
+                    md5=None,
+                    offset=offset,
+                    length=length,
+                )
+
+            with_retries(self.store, self.store.retry, attempt, on_retry=on_retry)
+
+        with ThreadPoolExecutor(max_workers=min(len(ranges), RANGE_WORKERS)) as pool:
+            for future in [pool.submit(one, offset, length) for offset, length in ranges]:
+                future.result()
+        if info.md5:
+            digest = hashlib.md5(usedforsecurity=False)
+            with open(fd, "rb", closefd=False, buffering=0) as stream:
+                stream.seek(0)
+                while chunk := stream.read(4 * 1024 * 1024):
+                    digest.update(chunk)
+            if digest.hexdigest() != info.md5:
+                message = (
+                    f"GET {self.store.describe(info.key)}: content MD5 does not match the ETag {info.md5}"
+                )
+                raise TransferError(message, transient=True)
+
     def fetch(self, item: PlannedObject, path: Path, *, final: bool) -> None:
         """GET the object into ``path`` (via a temporary name in the data directory when ``final``)."""
         info = item.info
         temp = self.partial / f"{uuid.uuid4().hex}" if final else path
 
-        def attempt() -> None:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                download_to_fd(self.store.http, self.store, info.key, fd, size=info.size, md5=info.md5)
-            finally:
-                os.close(fd)
-
         def on_retry(err: TransferError) -> None:
             self.progress.retried()
             self.log.warning("Retrying %s: %s", info.key, err)
+
+        def attempt() -> None:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                if self.range_size and info.size > 2 * self.range_size:
+                    self.fetch_ranges(info, fd, self.range_size, on_retry)
+                else:
+                    download_to_fd(self.store.http, self.store, info.key, fd, size=info.size, md5=info.md5)
+            finally:
+                os.close(fd)
 
         try:
             with_retries(self.store, self.store.retry, attempt, on_retry=on_retry)
@@ -286,6 +331,7 @@ def stage(
     workers: int = DEFAULT_WORKERS,
     log: logging.Logger | None = None,
     progress_interval: float = DEFAULT_INTERVAL,
+    range_size: int | None = None,
 ) -> StagingResult:
     """Copy every object under ``prefix`` into ``dest`` (created if missing), through the cache.
 
@@ -296,6 +342,8 @@ def stage(
     :param workers: concurrent transfers.
     :param log: where progress goes (the task's logger).
     :param progress_interval: seconds between progress lines.
+    :param range_size: objects larger than twice this are fetched as concurrent ranges of this size;
+        ``None`` fetches every object with one streamed GET.
     :raises CredentialsError: (C103) the store refused the credentials.
     :raises BucketNotFoundError: (C101) the bucket does not exist.
     :raises DataLoadError: (S302) an object could not be listed, fetched or verified.
@@ -318,7 +366,7 @@ def stage(
         f" (cache {cache.root})" if cache else "",
     )
     progress = Progress("staged", len(planned), total, log, progress_interval)
-    stager = _Stager(store, target, cache, progress, log)
+    stager = _Stager(store=store, dest=target, cache=cache, progress=progress, log=log, range_size=range_size)
     target.mkdir(parents=True, exist_ok=True)
     stager.partial.mkdir(exist_ok=True)
     for folder in sorted({str(Path(item.path).parent) for item in planned} - {"."}):

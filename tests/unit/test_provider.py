@@ -46,5 +46,10 @@ def test_provider_info_declares_every_setting_with_a_description() -> None:
         "frameworks",
         "model_definition_max_bytes",
         "model_definition_max_entries",
+        "staging_dir",
+        "cache_max_bytes",
+        "transfer_workers",
+        "part_size",
+        "multipart_threshold",
     }
     assert all(spec["description"].strip() and "default" in spec for spec in options.values())
