@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import sys
 from typing import Any
 
+from airflow_wmltrain.cli.output import log_to_stderr
 from airflow_wmltrain.manifest import load_manifest
 from airflow_wmltrain.settings import Settings
 from airflow_wmltrain.storage import open_store
@@ -39,15 +38,9 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = Settings.from_airflow_config()
+    settings = Settings.from_airflow_config()  # imports Airflow, which may set up logging to stdout
     manifest = load_manifest(args.manifest, settings=settings)
-    log = logging.getLogger("airflow_wmltrain.stage")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    log = log_to_stderr("airflow_wmltrain.stage")
     cache = None
     if not args.no_cache:
         cache = ObjectCache(args.cache_dir or settings.cache_dir, max_bytes=settings.cache_max_bytes)

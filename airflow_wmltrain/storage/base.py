@@ -9,7 +9,6 @@ shape: start, sign each part's ``PUT``, complete (or abort).  Nothing here logs 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import re
@@ -117,8 +116,10 @@ class ObjectStore(ABC):
         """Begin a multipart upload; returns its id."""
 
     @abstractmethod
-    def sign_part(self, key: str, upload_id: str, number: int) -> SignedRequest:
-        """The signed ``PUT`` of part ``number`` (from 1)."""
+    def sign_part(
+        self, key: str, upload_id: str, number: int, *, headers: Mapping[str, str] | None = None
+    ) -> SignedRequest:
+        """The signed ``PUT`` of part ``number`` (from 1), with extra ``headers``."""
 
     @abstractmethod
     def complete_multipart(self, key: str, upload_id: str, parts: Sequence[UploadedPart]) -> str:
@@ -188,10 +189,17 @@ class ObjectStore(ABC):
         """Read a small object whole."""
         return self.request("GET", key)[2]
 
+    @abstractmethod
+    def integrity_headers(self, md5: bytes) -> dict[str, str]:
+        """Headers that make the store refuse a body whose MD5 is not ``md5``.
+
+        (S3: ``Content-MD5``, base64; Swift: ``ETag``, hexadecimal.)
+        """
+
     def put_bytes(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> str:
         """Write a small object in one request, verified by its MD5; returns its ETag."""
         md5 = hashlib.md5(data, usedforsecurity=False)
-        headers = {"content-type": content_type, "content-md5": base64.b64encode(md5.digest()).decode()}
+        headers = {"content-type": content_type, **self.integrity_headers(md5.digest())}
         etag = self.request("PUT", key, headers=headers, body=data)[1].get("etag", "").strip('"').lower()
         if etag and etag != md5.hexdigest():
             raise TransferError(f"PUT {self.describe(key)}: the store stored other bytes", transient=False)

@@ -8,6 +8,7 @@ the transfer engine, which is several times cheaper per request than a boto3 cal
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -158,8 +159,15 @@ class S3Store(ObjectStore):
         root = ET.fromstring(self.request("POST", key, query={"uploads": ""})[2])  # noqa: S314
         return _text(root, "UploadId")
 
-    def sign_part(self, key: str, upload_id: str, number: int) -> SignedRequest:
-        return self.sign("PUT", key, query={"partNumber": str(number), "uploadId": upload_id})
+    def sign_part(
+        self, key: str, upload_id: str, number: int, *, headers: Mapping[str, str] | None = None
+    ) -> SignedRequest:
+        return self.sign(
+            "PUT", key, query={"partNumber": str(number), "uploadId": upload_id}, headers=headers
+        )
+
+    def integrity_headers(self, md5: bytes) -> dict[str, str]:
+        return {"content-md5": base64.b64encode(md5).decode()}
 
     def complete_multipart(self, key: str, upload_id: str, parts: Sequence[UploadedPart]) -> str:
         body = (

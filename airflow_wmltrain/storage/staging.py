@@ -298,7 +298,7 @@ class _Stager:
             self.log.warning("Retrying %s: %s", info.key, err)
 
         def attempt() -> None:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
                 if self.range_size and info.size > 2 * self.range_size:
                     self.fetch_ranges(info, fd, self.range_size, on_retry)
@@ -314,7 +314,7 @@ class _Stager:
                 temp.unlink()
             raise DataLoadError(f"cannot stage {info.key!r}: {err}") from None
         if final:
-            with contextlib.suppress(OSError):  # resuming falls back to sizes where xattrs are missing
+            with contextlib.suppress(OSError):  # without xattrs, a resumed staging fetches the file again
                 os.setxattr(temp, ETAG_XATTR, info.etag.encode())
             os.replace(temp, path)
         with self.lock:

@@ -130,8 +130,13 @@ class SwiftStore(ObjectStore):
         self._segments().request("PUT", "")  # create the segments container (201), or find it (202)
         return uuid.uuid4().hex
 
-    def sign_part(self, key: str, upload_id: str, number: int) -> SignedRequest:
-        return self._segments().sign("PUT", self._segment(key, upload_id, number))
+    def sign_part(
+        self, key: str, upload_id: str, number: int, *, headers: Mapping[str, str] | None = None
+    ) -> SignedRequest:
+        return self._segments().sign("PUT", self._segment(key, upload_id, number), headers=headers)
+
+    def integrity_headers(self, md5: bytes) -> dict[str, str]:
+        return {"etag": md5.hex()}
 
     def complete_multipart(self, key: str, upload_id: str, parts: Sequence[UploadedPart]) -> str:
         segments = self._segments().bucket

@@ -179,13 +179,14 @@ def _status_error(
     store: ObjectStore, key: str, response: http.client.HTTPResponse, verb: str
 ) -> TransferError:
     status = response.status
-    response.read()  # drain, so that the connection can be reused
+    body = response.read()  # drained, so that the connection can be reused
     where = store.describe(key)
     if status == 404:
         return TransferError(f"{verb} {where}: not found (404)", transient=False, status=status)
     if status in (401, 403):
         return TransferError(f"{verb} {where}: access denied ({status})", transient=False, status=status)
-    transient = status >= 500 or status in (408, 409, 429)
+    # 422 (Swift) and BadDigest (S3): the body arrived damaged, sending it again may work.
+    transient = status >= 500 or status in (408, 409, 422, 429) or b"<Code>BadDigest</Code>" in body
     return TransferError(
         f"{verb} {where}: HTTP {status} {response.reason}", transient=transient, status=status
     )

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +55,20 @@ class UploadResult:
 
 
 def _files(root: Path, log: logging.Logger) -> tuple[list[tuple[Path, str, int]], int]:
-    """Regular files under ``root`` (symbolic links followed only inside it): ``(path, relative, size)``."""
+    """Regular files under ``root``: ``(path, relative, size)``, and how many entries were skipped.
+
+    A symbolic link to a file inside the tree is uploaded as that file; links leading outside the tree,
+    links to folders and special files are skipped with a warning.
+    """
     found: list[tuple[Path, str, int]] = []
     skipped = 0
     real_root = root.resolve()
     for folder, dirs, names in os.walk(root):
         dirs.sort()
+        for name in [d for d in dirs if (Path(folder) / d).is_symlink()]:
+            # os.walk does not descend into linked folders: say so rather than drop them silently
+            log.warning("Not uploading %s: a symbolic link to a folder", Path(folder) / name)
+            skipped += 1
         for name in sorted(names):
             path = Path(folder) / name
             real = path.resolve()
@@ -94,14 +102,23 @@ class _Uploader:
         self.part_size = max(part_size, store.min_part_size)
         self.threshold = max(threshold, self.part_size)
 
-    def send(self, key: str, path: Path, sign: Callable[[], SignedRequest], offset: int, length: int) -> str:
-        """One ``PUT`` of a file region, verified against the store's ETag; returns the ETag."""
+    def send(
+        self,
+        key: str,
+        path: Path,
+        sign: Callable[[Mapping[str, str]], SignedRequest],
+        offset: int,
+        length: int,
+    ) -> str:
+        """One ``PUT`` of a file region, which the store checks against its MD5; returns the ETag."""
 
         def attempt() -> str:
-            md5 = _md5_of(path, offset, length)
+            digest = _md5_of(path, offset, length)
+            md5 = digest.hex()
+            request = sign(self.store.integrity_headers(digest))
             with open(path, "rb") as stream:
                 headers = upload_from_fd(
-                    self.store.http, sign(), self.store, key, stream.fileno(), offset=offset, length=length
+                    self.store.http, request, self.store, key, stream.fileno(), offset=offset, length=length
                 )
             etag = headers.get("etag", "").strip('"').lower()
             if etag != md5:
@@ -128,7 +145,9 @@ class _Uploader:
         if size < self.threshold:
 
             def whole() -> object:
-                etag = self.send(key, path, lambda: self.store.sign("PUT", key), 0, size)
+                etag = self.send(
+                    key, path, lambda headers: self.store.sign("PUT", key, headers=headers), 0, size
+                )
                 self.progress.add(0)
                 return etag
 
@@ -148,7 +167,11 @@ class _Uploader:
         def part(number: int, offset: int, length: int) -> object:
             try:
                 etag = self.send(
-                    key, path, lambda: self.store.sign_part(key, upload_id, number), offset, length
+                    key,
+                    path,
+                    lambda headers: self.store.sign_part(key, upload_id, number, headers=headers),
+                    offset,
+                    length,
                 )
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -171,7 +194,7 @@ class _Uploader:
         return [self.pool.submit(part, *r) for r in ranges]
 
 
-def _md5_of(path: Path, offset: int, length: int) -> str:
+def _md5_of(path: Path, offset: int, length: int) -> bytes:
     digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as stream:
         stream.seek(offset)
@@ -182,7 +205,7 @@ def _md5_of(path: Path, offset: int, length: int) -> str:
                 raise ResultsStoreError(f"{path} changed while it was uploaded (shorter than expected)")
             digest.update(chunk)
             remaining -= len(chunk)
-    return digest.hexdigest()
+    return digest.digest()
 
 
 def upload_tree(
@@ -206,6 +229,8 @@ def upload_tree(
     :param multipart_threshold: files of at least this size are sent in parts.
     :param log: where progress goes.
     :param progress_interval: seconds between progress lines.
+    :raises CredentialsError: (C103) the store refused the credentials.
+    :raises BucketNotFoundError: (C101) the results bucket does not exist.
     :raises ResultsStoreError: (S303) a file could not be uploaded.
     """
     log = log or logger
@@ -216,6 +241,7 @@ def upload_tree(
         files, skipped = _files(root, log)
     else:
         raise ResultsStoreError(f"nothing to upload: {root} does not exist")
+    store.check_bucket(field="training_results_reference.target.bucket")
     total = sum(size for _, _, size in files)
     log.info(
         "Uploading %d files, %s from %s to %s", len(files), megabytes(total), root, store.describe(prefix)

@@ -161,3 +161,35 @@ def bucket(s3_client: Any) -> Iterator[str]:
         for obj in page.get("Contents", []):
             s3_client.delete_object(Bucket=name, Key=obj["Key"])
     s3_client.delete_bucket(Bucket=name)
+
+
+# --- staging and upload tests (tests/integration/storage_helpers.py) ------------------------------------
+
+
+@pytest.fixture
+def proxy_log(services: dict[str, str]) -> Any:
+    """The Swift proxy's access log from now on (a ``storage_helpers.ProxyLog``), to count requests."""
+    from tests.integration.storage_helpers import ProxyLog
+
+    path = Path(services["WMLTRAIN_SERVICES_DIR"]) / "logs" / "swift-proxy.log"
+    return ProxyLog(path, services["WMLTRAIN_S3_ENDPOINT"])
+
+
+@pytest.fixture
+def segments_cleanup(bucket: str, swift_connection: swiftclient.Connection) -> Iterator[str]:
+    """``bucket``, whose large objects and segment containers are removed after the test: s3api's
+    ``<bucket>+segments`` and python-swiftclient's ``<bucket>_segments`` (which the ``bucket`` fixture
+    does not know about)."""
+    import contextlib
+
+    yield bucket
+    with contextlib.suppress(swiftclient.ClientException):
+        for obj in swift_connection.get_container(bucket, full_listing=True)[1]:
+            if obj.get("slo_etag"):
+                swift_connection.delete_object(bucket, obj["name"], query_string="multipart-manifest=delete")
+    for container in (f"{bucket}+segments", f"{bucket}_segments"):
+        with contextlib.suppress(swiftclient.ClientException):
+            for obj in swift_connection.get_container(container, full_listing=True)[1]:
+                with contextlib.suppress(swiftclient.ClientException):
+                    swift_connection.delete_object(container, obj["name"])
+            swift_connection.delete_container(container)
