@@ -164,8 +164,9 @@ def get_provider_info() -> dict[str, Any]:
                         "default": "16",
                     },
                     "part_size": {
-                        "description": "Size of the parts of a multipart upload (S3 parts, Swift segments), "
-                        "in bytes.\n",
+                        "description": "Size of the parts of a multipart upload (S3 parts, Swift segments) "
+                        "and of the byte ranges in which objects larger than twice this are fetched, in "
+                        "bytes.\n",
                         "type": "integer",
                         "version_added": "0.1.0",
                         "example": "134217728",

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers or settings.transfer_workers,
             log=log,
             progress_interval=args.progress_interval,
+            range_size=settings.part_size,
         )
     print(json.dumps(dataclasses.asdict(result)) if args.json else result.summary())
     return 0

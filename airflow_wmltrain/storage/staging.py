@@ -20,6 +20,7 @@ import contextlib
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import shutil
 import threading
@@ -34,10 +35,11 @@ from airflow_wmltrain.errors import DataLoadError
 from airflow_wmltrain.storage.base import ObjectInfo, ObjectStore
 from airflow_wmltrain.storage.cache import ObjectCache
 from airflow_wmltrain.storage.progress import DEFAULT_INTERVAL, Progress, megabytes
-from airflow_wmltrain.storage.transfer import TransferError, download_to_fd, with_retries
+from airflow_wmltrain.storage.transfer import TransferError, download_to_fd, download_to_memory, with_retries
 
 DEFAULT_WORKERS = 16
 RANGE_WORKERS = 4  # concurrent ranges of one large object
+DEFAULT_RANGE_SIZE = 64 * 1024 * 1024
 ETAG_XATTR = "user.wmltrain.etag"
 PARTIAL_DIR = ".wmltrain-partial"
 
@@ -254,39 +256,41 @@ class _Stager:
     def fetch_ranges(
         self, info: ObjectInfo, fd: int, size: int, on_retry: Callable[[TransferError], None]
     ) -> None:
-        """GET a large object as concurrent byte ranges (each retried), then verify its MD5 if it has one."""
+        """GET a large object as concurrent byte ranges (each retried) straight into the memory-mapped file,
+        and verify its MD5 (when it has one) as the ranges arrive, in order."""
         ranges = [(offset, min(size, info.size - offset)) for offset in range(0, info.size, size)]
         os.ftruncate(fd, info.size)
+        digest = hashlib.md5(usedforsecurity=False) if info.md5 else None
+        with mmap.mmap(fd, info.size) as mapped, memoryview(mapped) as whole:
 
-        def one(offset: int, length: int) -> None:
-            def attempt() -> None:
-                download_to_fd(
-                    self.store.http,
-                    self.store,
-                    info.key,
-                    fd,
-                    size=info.size,
-                    md5=None,
-                    offset=offset,
-                    length=length,
-                )
+            def one(offset: int, length: int) -> None:
+                def attempt() -> None:
+                    view = whole[offset : offset + length]
+                    try:
+                        download_to_memory(
+                            self.store.http, self.store, info.key, view, size=info.size, offset=offset
+                        )
+                    finally:
+                        view.release()
 
-            with_retries(self.store, self.store.retry, attempt, on_retry=on_retry)
+                with_retries(self.store, self.store.retry, attempt, on_retry=on_retry)
 
-        with ThreadPoolExecutor(max_workers=min(len(ranges), RANGE_WORKERS)) as pool:
-            for future in [pool.submit(one, offset, length) for offset, length in ranges]:
-                future.result()
-        if info.md5:
-            digest = hashlib.md5(usedforsecurity=False)
-            with open(fd, "rb", closefd=False, buffering=0) as stream:
-                stream.seek(0)
-                while chunk := stream.read(4 * 1024 * 1024):
-                    digest.update(chunk)
-            if digest.hexdigest() != info.md5:
-                message = (
-                    f"GET {self.store.describe(info.key)}: content MD5 does not match the ETag {info.md5}"
-                )
-                raise TransferError(message, transient=True)
+            # Ranges complete roughly in order: this thread hashes each one as soon as it and those
+            # before it are in, so hashing overlaps the transfer.
+            with ThreadPoolExecutor(max_workers=min(len(ranges), RANGE_WORKERS)) as pool:
+                futures = [pool.submit(one, offset, length) for offset, length in ranges]
+                try:
+                    for future, (offset, length) in zip(futures, ranges, strict=True):
+                        future.result()
+                        if digest is not None:
+                            digest.update(whole[offset : offset + length])
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+        if digest is not None and digest.hexdigest() != info.md5:
+            message = f"GET {self.store.describe(info.key)}: content MD5 does not match the ETag {info.md5}"
+            raise TransferError(message, transient=True)
 
     def fetch(self, item: PlannedObject, path: Path, *, final: bool) -> None:
         """GET the object into ``path`` (via a temporary name in the data directory when ``final``)."""
@@ -331,7 +335,7 @@ def stage(
     workers: int = DEFAULT_WORKERS,
     log: logging.Logger | None = None,
     progress_interval: float = DEFAULT_INTERVAL,
-    range_size: int | None = None,
+    range_size: int | None = DEFAULT_RANGE_SIZE,
 ) -> StagingResult:
     """Copy every object under ``prefix`` into ``dest`` (created if missing), through the cache.
 

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -219,6 +219,59 @@ def with_retries(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+class _Get:
+    """One GET of an object or a byte range, its response not read yet.
+
+    :param client: the connections.
+    :param store: the store (signs the request, names the object in messages).
+    :param key: the object.
+    :param size: the object's size from the listing.
+    :param offset: where the range starts.
+    :param length: the range's length (``size`` for the whole object).
+    """
+
+    def __init__(
+        self, client: HttpClient, store: ObjectStore, key: str, *, size: int, offset: int, length: int
+    ) -> None:
+        self.client, self.store, self.key, self.length = client, store, key, length
+        headers: dict[str, str] = {}
+        self.whole = offset == 0 and length == size
+        if not self.whole:
+            headers["range"] = f"bytes={offset}-{offset + length - 1}"
+        self.request = store.sign("GET", key, headers=headers)
+        self.response = client.send(self.request)
+        if self.response.status not in (200, 206) or (not self.whole and self.response.status != 206):
+            raise _status_error(store, key, self.response, "GET")
+        # Objects encrypted with SSE-KMS or customer keys have ETags that are not their MD5.
+        self.md5_etag = not (
+            self.response.getheader("x-amz-server-side-encryption", "").startswith("aws:kms")
+            or self.response.getheader("x-amz-server-side-encryption-customer-algorithm")
+        )
+
+    def read_into(self, view: memoryview) -> int:
+        """Read body bytes into ``view``; returns how many (0 at the end)."""
+        try:
+            return self.response.readinto(view)
+        except (OSError, http.client.HTTPException) as err:
+            self.client.discard(self.request.url)
+            raise TransferError(
+                f"GET {self.store.describe(self.key)}: {_reason(err)}", transient=True
+            ) from None
+
+    def check(self, received: int, digest: Any = None, md5: str | None = None) -> None:
+        """Refuse a body of the wrong length, or whose MD5 is not the expected one."""
+        where = self.store.describe(self.key)
+        if received != self.length:
+            self.client.discard(self.request.url)
+            raise TransferError(
+                f"GET {where}: received {received} bytes, expected {self.length}", transient=True
+            )
+        if digest is not None and digest.hexdigest() != md5:
+            raise TransferError(
+                f"GET {where}: content MD5 {digest.hexdigest()} does not match the ETag {md5}", transient=True
+            )
+
+
 def download_to_fd(
     client: HttpClient,
     store: ObjectStore,
@@ -236,33 +289,19 @@ def download_to_fd(
     :param md5: the expected MD5 of the whole object, or ``None`` when the ETag is not one.
     :raises TransferError: on any failure; ``transient`` when another try may succeed.
     """
-    length = size - offset if length is None else length
-    headers: dict[str, str] = {}
-    ranged = offset > 0 or length < size
-    if ranged:
-        headers["range"] = f"bytes={offset}-{offset + length - 1}"
-    request = store.sign("GET", key, headers=headers)
-    response = client.send(request)
-    if response.status not in (200, 206) or (ranged and response.status != 206):
-        raise _status_error(store, key, response, "GET")
-    # Objects encrypted with SSE-KMS or customer keys have ETags that are not their MD5.
-    encrypted = response.getheader("x-amz-server-side-encryption", "").startswith("aws:kms") or bool(
-        response.getheader("x-amz-server-side-encryption-customer-algorithm")
+    get = _Get(
+        client, store, key, size=size, offset=offset, length=size - offset if length is None else length
     )
-    digest = hashlib.md5(usedforsecurity=False) if md5 and not ranged and not encrypted else None
+    digest = hashlib.md5(usedforsecurity=False) if md5 and get.whole and get.md5_etag else None
     buffer = client.buffer()
     received = 0
     position = offset
-    while received <= length:
-        try:
-            n = response.readinto(buffer)
-        except (OSError, http.client.HTTPException) as err:
-            client.discard(request.url)
-            raise TransferError(f"GET {store.describe(key)}: {_reason(err)}", transient=True) from None
+    while received <= get.length:
+        n = get.read_into(buffer)
         if not n:
             break
         received += n
-        if received > length:
+        if received > get.length:
             break
         chunk = buffer[:n]
         if digest is not None:
@@ -272,16 +311,30 @@ def download_to_fd(
             written = os.pwrite(fd, chunk, position)
             position += written
             chunk = chunk[written:]
-    if received != length:
-        client.discard(request.url)
-        raise TransferError(
-            f"GET {store.describe(key)}: received {received} bytes, expected {length}", transient=True
-        )
-    if digest is not None and digest.hexdigest() != md5:
-        raise TransferError(
-            f"GET {store.describe(key)}: content MD5 {digest.hexdigest()} does not match the ETag {md5}",
-            transient=True,
-        )
+    get.check(received, digest, md5)
+
+
+def download_to_memory(
+    client: HttpClient, store: ObjectStore, key: str, view: memoryview, *, size: int, offset: int
+) -> None:
+    """GET the byte range ``offset``..``offset+len(view)`` of an object straight into ``view``.
+
+    With ``view`` a slice of a memory-mapped file this is the cheapest download there is: the kernel
+    copies the socket's bytes into the file's pages once, with no write call (how large objects are
+    fetched in ranges).  No MD5 here: the caller hashes the whole object, in order.
+
+    :raises TransferError: on any failure; ``transient`` when another try may succeed.
+    """
+    get = _Get(client, store, key, size=size, offset=offset, length=len(view))
+    received = 0
+    while received < get.length:
+        n = get.read_into(view[received:])
+        if not n:
+            break
+        received += n
+    if received == get.length and get.response.read(1):
+        received += 1  # the store sent more than asked for
+    get.check(received)
 
 
 def upload_from_fd(
