@@ -43,7 +43,11 @@ def run(args: argparse.Namespace) -> int:
     log = log_to_stderr("airflow_wmltrain.stage")
     cache = None
     if not args.no_cache:
-        cache = ObjectCache(args.cache_dir or settings.cache_dir, max_bytes=settings.cache_max_bytes)
+        cache = ObjectCache(
+            args.cache_dir or settings.cache_dir,
+            max_bytes=settings.cache_max_bytes,
+            fetch_slots=settings.transfer_workers,
+        )
     with open_store(manifest.data) as store:
         result = stage(
             store,

@@ -5,7 +5,8 @@ An entry is a file named by the SHA-256 of ``(endpoint, bucket, key, ETag, size)
 has another ETag, hence another entry, and is fetched again.  Entries are read-only, written under a
 temporary name and renamed into place, so a reader never sees a partial entry.  Fetches of the same
 entry by several runs at once (a grid starting on one host) are serialised by ``flock`` on one of
-4,096 lock files, so each object is fetched once.  The cache's size is capped: least recently used
+4,096 lock files, so each object is fetched once, and at most ``fetch_slots`` objects are fetched at
+once on the host, however many runs stage together.  The cache's size is capped: least recently used
 entries (by modification time, which every use refreshes) are evicted after a staging; a run that
 linked an evicted entry keeps its data (a hard link is a name of the same file).
 
@@ -20,6 +21,8 @@ import fcntl
 import hashlib
 import logging
 import os
+import random
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -53,15 +56,20 @@ class ObjectCache:
 
     :param root: the cache directory (created when missing).
     :param max_bytes: the size above which least recently used entries are evicted.
+    :param fetch_slots: how many objects may be fetched at once on this host, by all the runs staging
+        through this cache together (a grid starting on one host does not multiply the load on the store).
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, max_bytes: int) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, max_bytes: int, fetch_slots: int = 16) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.fetch_slots = max(1, fetch_slots)
         self.objects = self.root / "objects"
         self.temp = self.root / "tmp"
         self.locks = self.root / "locks"
-        for folder in (self.objects, self.temp, self.locks):
+        self.slots = self.root / "slots"
+        self._thread = threading.local()
+        for folder in (self.objects, self.temp, self.locks, self.slots):
             folder.mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
@@ -98,6 +106,41 @@ class ObjectCache:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def fetch_slot(self) -> Iterator[None]:
+        """Hold one of the host's fetch slots (waiting for one when all are taken).
+
+        Each thread keeps its slots' lock files open and tries the one it had last time first, so
+        taking a free slot costs one ``flock`` call.
+        """
+        held: dict[int, int] = self._thread.__dict__.setdefault("slots", {})
+        preferred = self._thread.__dict__.get("preferred")
+        order = random.sample(range(self.fetch_slots), self.fetch_slots)
+        if preferred is not None:
+            order.remove(preferred)
+            order.insert(0, preferred)
+        taken = None
+        for slot in order:
+            fd = held.get(slot)
+            if fd is None:
+                fd = held[slot] = os.open(
+                    self.slots / f"{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+                )
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            taken = slot
+            break
+        if taken is None:  # all taken: wait for one
+            taken = order[0]
+            fcntl.flock(held[taken], fcntl.LOCK_EX)
+        self._thread.preferred = taken
+        try:
+            yield
+        finally:
+            fcntl.flock(held[taken], fcntl.LOCK_UN)
 
     def temp_file(self) -> Path:
         """A fresh temporary path in the cache (same file system as the entries)."""

@@ -198,7 +198,8 @@ class _Stager:
                 if not self.cache.has(entry, item.info.size):
                     temp = self.cache.temp_file()
                     try:
-                        self.fetch(item, temp, final=False)
+                        with self.cache.fetch_slot():
+                            self.fetch(item, temp, final=False)
                         self.cache.commit(temp, entry)
                     finally:
                         with contextlib.suppress(FileNotFoundError):
