@@ -5,7 +5,8 @@ An entry is a file named by the SHA-256 of ``(endpoint, bucket, key, ETag, size)
 has another ETag, hence another entry, and is fetched again.  Entries are read-only, written under a
 temporary name and renamed into place, so a reader never sees a partial entry.  Fetches of the same
 entry by several runs at once (a grid starting on one host) are serialised by ``flock`` on one of
-4,096 lock files, so each object is fetched once, and at most ``fetch_slots`` objects are fetched at
+4,096 lock files, so each object is fetched once (and runs staging the same data at once let the first
+one fetch it all, then only link), and at most ``fetch_slots`` objects are fetched at
 once on the host, however many runs stage together.  The cache's size is capped: least recently used
 entries (by modification time, which every use refreshes) are evicted after a staging; a run that
 linked an evicted entry keeps its data (a hard link is a name of the same file).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import random
@@ -68,8 +70,9 @@ class ObjectCache:
         self.temp = self.root / "tmp"
         self.locks = self.root / "locks"
         self.slots = self.root / "slots"
+        self.listings = self.root / "listings"
         self._thread = threading.local()
-        for folder in (self.objects, self.temp, self.locks, self.slots):
+        for folder in (self.objects, self.temp, self.locks, self.slots, self.listings):
             folder.mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
@@ -106,6 +109,44 @@ class ObjectCache:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def _listing_path(self, identity: str) -> Path:
+        digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()
+        return self.listings / f"{digest[:32]}.json"
+
+    def write_listing(self, identity: str, objects: list[ObjectInfo]) -> None:
+        """Keep a staging's listing for the runs waiting for it (see :meth:`staging_lock`)."""
+        temp = self.temp_file()
+        temp.write_text(json.dumps([[o.key, o.size, o.etag, o.md5] for o in objects]))
+        os.replace(temp, self._listing_path(identity))
+
+    def read_listing(self, identity: str, *, written_after: float) -> list[ObjectInfo] | None:
+        """The listing another run wrote for the same data, if written after ``written_after``."""
+        path = self._listing_path(identity)
+        try:
+            if path.stat().st_mtime < written_after:
+                return None
+            return [ObjectInfo(key, size, etag, md5) for key, size, etag, md5 in json.loads(path.read_text())]
+        except (OSError, ValueError, TypeError):
+            return None
+
+    @contextlib.contextmanager
+    def staging_lock(self, identity: str, *, blocking: bool) -> Iterator[bool]:
+        """Hold the lock of one staging's data (endpoint, bucket, prefix) on this host.
+
+        Yields ``False`` at once when not ``blocking`` and another run holds it.
+        """
+        digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()
+        fd = os.open(self.locks / f"staging-{digest[:32]}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # releases the lock
 
     @contextlib.contextmanager
     def fetch_slot(self) -> Iterator[None]:

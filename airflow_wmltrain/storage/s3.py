@@ -14,11 +14,17 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlencode, urlsplit
+from urllib.parse import unquote_plus, urlencode, urlsplit
 
 from airflow_wmltrain.storage.base import ObjectInfo, ObjectStore, SignedRequest, UploadedPart
 from airflow_wmltrain.storage.sigv4 import Credentials, SigV4Signer, quote_path
-from airflow_wmltrain.storage.transfer import HttpClient, RetryPolicy
+from airflow_wmltrain.storage.transfer import (
+    HttpClient,
+    RetryPolicy,
+    TransferError,
+    request_bytes,
+    with_retries,
+)
 
 if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -76,6 +82,10 @@ class S3Store(ObjectStore):
             self._host = parts.netloc
             self._base_path = f"{parts.path.rstrip('/')}/{quote_path(bucket)}"
         self._scheme = parts.scheme
+        # http.client leaves the default port out of the Host header: sign what is sent
+        default_port = {"http": ":80", "https": ":443"}.get(parts.scheme, "")
+        if default_port and self._host.endswith(default_port):
+            self._host = self._host[: -len(default_port)]
         self._signer = SigV4Signer(self.region)
         self._get_credentials = credentials
         self._credentials: Credentials | None = None
@@ -142,9 +152,9 @@ class S3Store(ObjectStore):
             url_encoded = _text(root, "EncodingType") == "url"
             for item in root.iter(f"{_NS}Contents"):
                 key = _text(item, "Key")
-                yield ObjectInfo.from_etag(
-                    unquote(key) if url_encoded else key, int(_text(item, "Size") or 0), _text(item, "ETag")
-                )
+                if url_encoded:
+                    key = unquote_plus(key)  # AWS encodes a space as "+", s3api as "%20"
+                yield ObjectInfo.from_etag(key, int(_text(item, "Size") or 0), _text(item, "ETag"))
             if _text(root, "IsTruncated") != "true":
                 return
             token = _text(root, "NextContinuationToken")
@@ -178,11 +188,23 @@ class S3Store(ObjectStore):
             )
             + "</CompleteMultipartUpload>"
         )
-        _, _, data = self.request("POST", key, query={"uploadId": upload_id}, body=body.encode())
-        root = ET.fromstring(data)  # noqa: S314
-        if root.tag.endswith("Error"):  # S3 may answer 200 with an error document
-            raise OSError(f"completing the upload of {self.describe(key)} failed: {_text(root, 'Code')}")
-        return _text(root, "ETag").strip('"').lower()
+
+        def attempt() -> str:
+            signed = self.sign("POST", key, query={"uploadId": upload_id})
+            data = request_bytes(self.http, self, signed, key, body=body.encode())[2]
+            try:
+                # AWS answers 200 at once and sends spaces while it assembles the parts
+                root = ET.fromstring(data.strip())  # noqa: S314 - the store's own XML
+            except ET.ParseError:
+                raise TransferError(f"POST {self.describe(key)}: unreadable answer", transient=True) from None
+            if root.tag.endswith("Error"):  # S3 may answer 200 with an error document
+                code = _text(root, "Code")
+                raise TransferError(
+                    f"completing {self.describe(key)}: {code}", transient=code != "NoSuchUpload"
+                )
+            return _text(root, "ETag").strip('"').lower()
+
+        return with_retries(self, self.retry, attempt, on_retry=lambda err: None)
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         self.request("DELETE", key, query={"uploadId": upload_id}, missing_ok=True)

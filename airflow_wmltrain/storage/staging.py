@@ -24,6 +24,7 @@ import mmap
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,9 @@ from airflow_wmltrain.storage.transfer import TransferError, download_to_fd, dow
 DEFAULT_WORKERS = 16
 RANGE_WORKERS = 4  # concurrent ranges of one large object
 DEFAULT_RANGE_SIZE = 64 * 1024 * 1024
+# A run that waited for another staging the same data reuses that one's listing if it was made at most
+# this long before the wait began (the grid's runs start together); otherwise it lists again.
+LISTING_REUSE_SECONDS = 10.0
 ETAG_XATTR = "user.wmltrain.etag"
 PARTIAL_DIR = ".wmltrain-partial"
 
@@ -260,19 +264,25 @@ class _Stager:
         """GET a large object as concurrent byte ranges (each retried) straight into the memory-mapped file,
         and verify its MD5 (when it has one) as the ranges arrive, in order."""
         ranges = [(offset, min(size, info.size - offset)) for offset in range(0, info.size, size)]
-        os.ftruncate(fd, info.size)
+        # Reserve the blocks first: a full disk is then ENOSPC here, not SIGBUS while writing the mapping.
+        os.posix_fallocate(fd, 0, info.size)
         digest = hashlib.md5(usedforsecurity=False) if info.md5 else None
+        md5_etag = [True]
         with mmap.mmap(fd, info.size) as mapped, memoryview(mapped) as whole:
 
             def one(offset: int, length: int) -> None:
                 def attempt() -> None:
-                    view = whole[offset : offset + length]
-                    try:
-                        download_to_memory(
-                            self.store.http, self.store, info.key, view, size=info.size, offset=offset
-                        )
-                    finally:
-                        view.release()
+                    with whole[offset : offset + length] as view:
+                        if not download_to_memory(
+                            self.store.http,
+                            self.store,
+                            info.key,
+                            view,
+                            size=info.size,
+                            offset=offset,
+                            etag=info.etag,
+                        ):
+                            md5_etag[0] = False
 
                 with_retries(self.store, self.store.retry, attempt, on_retry=on_retry)
 
@@ -284,12 +294,14 @@ class _Stager:
                     for future, (offset, length) in zip(futures, ranges, strict=True):
                         future.result()
                         if digest is not None:
-                            digest.update(whole[offset : offset + length])
+                            with whole[offset : offset + length] as part:
+                                digest.update(part)
                 except BaseException:
                     for future in futures:
                         future.cancel()
                     raise
-        if digest is not None and digest.hexdigest() != info.md5:
+        # SSE-KMS and customer-key encrypted objects have ETags that are not their MD5.
+        if digest is not None and md5_etag[0] and digest.hexdigest() != info.md5:
             message = f"GET {self.store.describe(info.key)}: content MD5 does not match the ETag {info.md5}"
             raise TransferError(message, transient=True)
 
@@ -308,7 +320,15 @@ class _Stager:
                 if self.range_size and info.size > 2 * self.range_size:
                     self.fetch_ranges(info, fd, self.range_size, on_retry)
                 else:
-                    download_to_fd(self.store.http, self.store, info.key, fd, size=info.size, md5=info.md5)
+                    download_to_fd(
+                        self.store.http,
+                        self.store,
+                        info.key,
+                        fd,
+                        size=info.size,
+                        md5=info.md5,
+                        etag=info.etag,
+                    )
             finally:
                 os.close(fd)
 
@@ -325,6 +345,32 @@ class _Stager:
         with self.lock:
             self.fetched_files += 1
             self.fetched_bytes += info.size
+
+
+def _fetch_all(
+    stager: _Stager, progress: Progress, todo: list[PlannedObject], workers: int, log: logging.Logger
+) -> None:
+    """Stage the objects with a pool of threads; those another run is fetching are linked at the end."""
+
+    def run(item: PlannedObject, blocking: bool) -> Outcome:
+        outcome = stager.stage(item, blocking=blocking)
+        if outcome is not Outcome.DEFERRED:
+            progress.add(item.info.size, cached=outcome is Outcome.CACHED)
+        return outcome
+
+    if not todo:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="wmltrain-stage") as pool:
+        try:
+            futures = [pool.submit(run, item, False) for item in todo]
+            progress.wait(futures)
+            deferred = [item for item, f in zip(todo, futures, strict=True) if f.result() is Outcome.DEFERRED]
+            if deferred:
+                log.info("Waiting for %d objects that are being fetched concurrently", len(deferred))
+                progress.wait([pool.submit(run, item, True) for item in deferred])
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def stage(
@@ -355,57 +401,88 @@ def stage(
     """
     log = log or logger
     target = Path(dest)
-    store.check_bucket(field="training_data_reference[0].source.bucket")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"  # a prefix is a folder: "data" must not take "dataset/x"
     try:
-        objects = list(store.list_objects(prefix))
-    except TransferError as err:
-        raise DataLoadError(f"cannot list {store.describe(prefix)}: {err}") from None
-    planned = plan_objects(objects, prefix)
-    total = sum(item.info.size for item in planned)
-    log.info(
-        "Staging %s: %d objects, %s into %s%s",
-        store.describe(prefix),
-        len(planned),
-        megabytes(total),
-        target,
-        f" (cache {cache.root})" if cache else "",
-    )
-    progress = Progress("staged", len(planned), total, log, progress_interval)
-    stager = _Stager(store=store, dest=target, cache=cache, progress=progress, log=log, range_size=range_size)
-    target.mkdir(parents=True, exist_ok=True)
-    stager.partial.mkdir(exist_ok=True)
-    for folder in sorted({str(Path(item.path).parent) for item in planned} - {"."}):
-        (target / folder).mkdir(parents=True, exist_ok=True)
+        return _stage(
+            store,
+            target,
+            prefix=prefix,
+            cache=cache,
+            workers=workers,
+            log=log,
+            progress_interval=progress_interval,
+            range_size=range_size,
+        )
+    except TransferError as err:  # what retries could not fix, outside one object (listing, bucket)
+        raise DataLoadError(f"cannot stage {store.describe(prefix)}: {err}") from None
+    except OSError as err:  # the local side: disk full, permissions...
+        raise DataLoadError(f"cannot stage into {target}: {err.strerror or err}") from None
 
-    # Objects already staged or already in the cache take a few system calls each: no thread needed.
-    todo = []
-    already = 0
-    for item in planned:
-        if stager.already_staged(item):
-            already += 1
-            progress.add(item.info.size, cached=True)
-        elif stager.link_cached(item):
-            progress.add(item.info.size, cached=True)
-        else:
-            todo.append(item)
 
-    def run(item: PlannedObject, blocking: bool) -> Outcome:
-        outcome = stager.stage(item, blocking=blocking)
-        if outcome is not Outcome.DEFERRED:
-            progress.add(item.info.size, cached=outcome is Outcome.CACHED)
-        return outcome
+def _stage(
+    store: ObjectStore,
+    target: Path,
+    *,
+    prefix: str,
+    cache: ObjectCache | None,
+    workers: int,
+    log: logging.Logger,
+    progress_interval: float,
+    range_size: int | None,
+) -> StagingResult:
+    store.check_bucket(field="training_data_reference[0].source.bucket")
+    identity = f"{store.endpoint}\0{store.bucket}\0{prefix}"
+    with contextlib.ExitStack() as single_flight:
+        objects = None
+        if cache is not None and not single_flight.enter_context(
+            cache.staging_lock(identity, blocking=False)
+        ):
+            # Runs staging the same data on this host at once (a grid): the first lists and fetches, the
+            # others wait for it, reuse its listing and only link (a few system calls per file).  If the
+            # first one dies, its lock goes with it and a waiter goes on by itself.
+            log.info("Another run on this host is staging %s: waiting for it", store.describe(prefix))
+            waiting_since = time.time()
+            with cache.staging_lock(identity, blocking=True):
+                pass
+            objects = cache.read_listing(identity, written_after=waiting_since - LISTING_REUSE_SECONDS)
+        if objects is None:
+            objects = list(store.list_objects(prefix))
+            if cache is not None:
+                cache.write_listing(identity, objects)
+        planned = plan_objects(objects, prefix)
+        total = sum(item.info.size for item in planned)
+        log.info(
+            "Staging %s: %d objects, %s into %s%s",
+            store.describe(prefix),
+            len(planned),
+            megabytes(total),
+            target,
+            f" (cache {cache.root})" if cache else "",
+        )
+        progress = Progress("staged", len(planned), total, log, progress_interval)
+        stager = _Stager(
+            store=store, dest=target, cache=cache, progress=progress, log=log, range_size=range_size
+        )
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(stager.partial, ignore_errors=True)  # leftovers of a killed staging
+        stager.partial.mkdir()
+        for folder in sorted({str(Path(item.path).parent) for item in planned} - {"."}):
+            (target / folder).mkdir(parents=True, exist_ok=True)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="wmltrain-stage") as pool:
-        try:
-            futures = [pool.submit(run, item, False) for item in todo]
-            progress.wait(futures)
-            deferred = [item for item, f in zip(todo, futures, strict=True) if f.result() is Outcome.DEFERRED]
-            if deferred:
-                log.info("Waiting for %d objects that are being fetched concurrently", len(deferred))
-                progress.wait([pool.submit(run, item, True) for item in deferred])
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        # Objects already staged or in the cache take a few system calls each: no thread needed.
+        todo = []
+        already = 0
+        for item in planned:
+            if stager.already_staged(item):
+                already += 1
+                progress.add(item.info.size, cached=True)
+            elif stager.link_cached(item):
+                progress.add(item.info.size, cached=True)
+            else:
+                todo.append(item)
+        _fetch_all(stager, progress, todo, workers, log)
+
     with contextlib.suppress(OSError):
         stager.partial.rmdir()
     if cache is not None:

@@ -152,7 +152,15 @@ class HttpClient:
             return conn.getresponse()
         except (OSError, http.client.HTTPException) as err:
             self.discard(request.url)
-            raise TransferError(f"{request.method} failed: {_reason(err)}", transient=True) from None
+            where = request.url.split("?", 1)[0]
+            raise TransferError(f"{request.method} {where} failed: {_reason(err)}", transient=True) from None
+        except ValueError:  # an invalid header value; its text would show the value (a credential)
+            self.discard(request.url)
+            raise TransferError(
+                f"{request.method} {request.url.split('?', 1)[0]}: a header (credentials?) holds an invalid "
+                "character such as a newline; check the keys for stray whitespace",
+                transient=False,
+            ) from None
 
     def close(self) -> None:
         """Close the calling thread's connections."""
@@ -204,19 +212,20 @@ def with_retries(
     A 401 makes the store refresh its credentials (an expired token) and counts as transient once.
     """
     refreshed = False
-    for attempt in range(1, policy.attempts + 1):
+    attempt = 1
+    while True:
         try:
             return action()
         except TransferError as err:
-            if err.status == 401 and not refreshed:
+            if err.status == 401 and not refreshed:  # an expired token: renew it, not counted as a try
                 store.refresh_credentials()
                 refreshed = True
                 continue
-            if not err.transient or attempt == policy.attempts:
+            if not err.transient or attempt >= policy.attempts:
                 raise
             on_retry(err)
             time.sleep(policy.delay(attempt))
-    raise AssertionError("unreachable")  # pragma: no cover
+            attempt += 1
 
 
 class _Get:
@@ -228,19 +237,43 @@ class _Get:
     :param size: the object's size from the listing.
     :param offset: where the range starts.
     :param length: the range's length (``size`` for the whole object).
+    :param etag: the listed ETag: the store answers 412 if the object has changed since (no mix of versions).
     """
 
     def __init__(
-        self, client: HttpClient, store: ObjectStore, key: str, *, size: int, offset: int, length: int
+        self,
+        client: HttpClient,
+        store: ObjectStore,
+        key: str,
+        *,
+        size: int,
+        offset: int,
+        length: int,
+        etag: str | None = None,
     ) -> None:
         self.client, self.store, self.key, self.length = client, store, key, length
         headers: dict[str, str] = {}
         self.whole = offset == 0 and length == size
         if not self.whole:
             headers["range"] = f"bytes={offset}-{offset + length - 1}"
+        if etag:
+            headers["if-match"] = f'"{etag}"'
         self.request = store.sign("GET", key, headers=headers)
         self.response = client.send(self.request)
-        if self.response.status not in (200, 206) or (not self.whole and self.response.status != 206):
+        if not self.whole and self.response.status == 200:  # don't read a whole object we did not ask for
+            client.discard(self.request.url)
+            raise TransferError(
+                f"GET {store.describe(key)}: the store ignored the Range header", transient=False
+            )
+        if self.response.status == 412:
+            self.response.read()
+            raise TransferError(
+                f"GET {store.describe(key)}: the object changed while it was staged "
+                f"(its ETag is no longer {etag}); stage again",
+                transient=False,
+                status=412,
+            )
+        if self.response.status not in (200, 206):
             raise _status_error(store, key, self.response, "GET")
         # Objects encrypted with SSE-KMS or customer keys have ETags that are not their MD5.
         self.md5_etag = not (
@@ -282,16 +315,17 @@ def download_to_fd(
     md5: str | None,
     offset: int = 0,
     length: int | None = None,
+    etag: str | None = None,
 ) -> None:
     """GET an object (or the byte range ``offset``..``offset+length``) into an open file, verified.
 
     :param size: the object's size from the listing; a whole-object body must have exactly this size.
     :param md5: the expected MD5 of the whole object, or ``None`` when the ETag is not one.
+    :param etag: the listed ETag, sent as ``If-Match``.
     :raises TransferError: on any failure; ``transient`` when another try may succeed.
     """
-    get = _Get(
-        client, store, key, size=size, offset=offset, length=size - offset if length is None else length
-    )
+    length = size - offset if length is None else length
+    get = _Get(client, store, key, size=size, offset=offset, length=length, etag=etag)
     digest = hashlib.md5(usedforsecurity=False) if md5 and get.whole and get.md5_etag else None
     buffer = client.buffer()
     received = 0
@@ -315,26 +349,42 @@ def download_to_fd(
 
 
 def download_to_memory(
-    client: HttpClient, store: ObjectStore, key: str, view: memoryview, *, size: int, offset: int
-) -> None:
+    client: HttpClient,
+    store: ObjectStore,
+    key: str,
+    view: memoryview,
+    *,
+    size: int,
+    offset: int,
+    etag: str | None = None,
+) -> bool:
     """GET the byte range ``offset``..``offset+len(view)`` of an object straight into ``view``.
 
     With ``view`` a slice of a memory-mapped file this is the cheapest download there is: the kernel
     copies the socket's bytes into the file's pages once, with no write call (how large objects are
     fetched in ranges).  No MD5 here: the caller hashes the whole object, in order.
 
+    :param etag: the listed ETag, sent as ``If-Match``.
+    :returns: whether the object's ETag can be its MD5 (not for SSE-KMS or customer-key encryption).
     :raises TransferError: on any failure; ``transient`` when another try may succeed.
     """
-    get = _Get(client, store, key, size=size, offset=offset, length=len(view))
+    get = _Get(client, store, key, size=size, offset=offset, length=len(view), etag=etag)
     received = 0
     while received < get.length:
-        n = get.read_into(view[received:])
+        with view[received:] as rest:  # released at once: a live slice would pin the mapped file
+            n = get.read_into(rest)
         if not n:
             break
         received += n
-    if received == get.length and get.response.read(1):
-        received += 1  # the store sent more than asked for
+    if received == get.length:
+        try:
+            extra = get.response.read(1)
+        except (OSError, http.client.HTTPException):
+            extra = b""
+            get.client.discard(get.request.url)
+        received += len(extra)  # the store sent more than asked for
     get.check(received)
+    return get.md5_etag
 
 
 def upload_from_fd(

@@ -121,7 +121,11 @@ class _Uploader:
                     self.store.http, request, self.store, key, stream.fileno(), offset=offset, length=length
                 )
             etag = headers.get("etag", "").strip('"').lower()
-            if etag != md5:
+            # With SSE-KMS or customer keys the ETag is not the MD5 (the store checked Content-MD5 itself).
+            encrypted = headers.get("x-amz-server-side-encryption", "").startswith("aws:kms") or bool(
+                headers.get("x-amz-server-side-encryption-customer-algorithm")
+            )
+            if etag != md5 and not encrypted:
                 raise TransferError(
                     f"PUT {self.store.describe(key)}: the store computed MD5 {etag or '(none)'}, "
                     f"the file has {md5}",
@@ -241,7 +245,10 @@ def upload_tree(
         files, skipped = _files(root, log)
     else:
         raise ResultsStoreError(f"nothing to upload: {root} does not exist")
-    store.check_bucket(field="training_results_reference.target.bucket")
+    try:
+        store.check_bucket(field="training_results_reference.target.bucket")
+    except TransferError as err:
+        raise ResultsStoreError(f"cannot reach {store.describe()}: {err}") from None
     total = sum(size for _, _, size in files)
     log.info(
         "Uploading %d files, %s from %s to %s", len(files), megabytes(total), root, store.describe(prefix)

@@ -692,3 +692,17 @@ def test_progress_lines_and_summary_without_credentials(
     assert_no_secret(everything, *secrets)
     for marker in ("Signature=", "Credential=", "AUTH_tk"):  # an S3 signature, a tempauth token
         assert marker not in everything
+
+
+def test_an_object_changed_after_the_listing_is_refused(
+    bucket: str, s3_client: Any, creds: dict[str, str], tmp_path: Path
+) -> None:
+    """GETs carry If-Match with the listed ETag: a version that changed meanwhile is never mixed in."""
+    s3_client.put_object(Bucket=bucket, Key="data.bin", Body=b"version one")
+    with open_store(data_reference("s3", bucket, creds)) as store:
+        listed = list(store.list_objects())
+        s3_client.put_object(Bucket=bucket, Key="data.bin", Body=b"version two")
+        store.list_objects = lambda prefix="": iter(listed)  # type: ignore[method-assign]
+        with pytest.raises(DataLoadError, match="changed while it was staged"):
+            stage(store, tmp_path / "dest", cache=None, workers=2)
+    assert not (tmp_path / "dest" / "data.bin").exists()

@@ -223,3 +223,52 @@ def test_staging_summary() -> None:
     assert result.summary() == (
         "staged 3 files, 3.0 MB in 2.0 s (1.5 MB/s): 1 from the cache, 2 fetched (2.0 MB)"
     )
+
+
+class _FakeStore:
+    def __init__(self) -> None:
+        self.refreshed = 0
+
+    def refresh_credentials(self) -> None:
+        self.refreshed += 1
+
+
+def test_a_401_on_the_last_try_renews_the_token_and_tries_again() -> None:
+    from airflow_wmltrain.storage.transfer import TransferError, with_retries
+
+    store = _FakeStore()
+    answers = [
+        TransferError("x", transient=True, status=503),
+        TransferError("expired", transient=False, status=401),
+    ]
+
+    def action() -> str:
+        if answers:
+            raise answers.pop(0)
+        return "ok"
+
+    policy = RetryPolicy(attempts=2, base_delay=0.0)
+    assert with_retries(store, policy, action, on_retry=lambda err: None) == "ok"  # type: ignore[arg-type]
+    assert store.refreshed == 1
+
+
+def test_permanent_errors_are_not_retried() -> None:
+    from airflow_wmltrain.storage.transfer import TransferError, with_retries
+
+    calls = []
+
+    def action() -> None:
+        calls.append(1)
+        raise TransferError("gone", transient=False, status=404)
+
+    with pytest.raises(TransferError, match="gone"):
+        with_retries(_FakeStore(), RetryPolicy(attempts=5, base_delay=0.0), action, on_retry=lambda e: None)  # type: ignore[arg-type]
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "url"), [("http://minio:80", "http://minio/b/k"), ("https://cos:443/", "https://cos/b/k")]
+)
+def test_default_ports_are_not_signed(endpoint: str, url: str) -> None:
+    """http.client leaves a default port out of the Host header; the signature must match what is sent."""
+    assert _store(endpoint, bucket="b").sign("GET", "k").url == url
