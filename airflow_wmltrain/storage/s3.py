@@ -14,10 +14,10 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
-from urllib.parse import unquote_plus, urlencode, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from airflow_wmltrain.storage.base import ObjectInfo, ObjectStore, SignedRequest, UploadedPart
-from airflow_wmltrain.storage.sigv4 import Credentials, SigV4Signer, quote_path
+from airflow_wmltrain.storage.sigv4 import Credentials, SigV4Signer, canonical_query, quote_path
 from airflow_wmltrain.storage.transfer import (
     HttpClient,
     RetryPolicy,
@@ -139,7 +139,7 @@ class S3Store(ObjectStore):
         signed = self._signer.sign(self.credentials(), method, self._host, path, query=query, headers=headers)
         url = f"{self._scheme}://{self._host}{path}"
         if query:
-            url += "?" + urlencode(sorted(query.items()), safe="~")
+            url += "?" + canonical_query(query)  # the very string that was signed
         return SignedRequest(method, url, signed)
 
     def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:

@@ -193,3 +193,9 @@ def segments_cleanup(bucket: str, swift_connection: swiftclient.Connection) -> I
                 with contextlib.suppress(swiftclient.ClientException):
                     swift_connection.delete_object(container, obj["name"])
             swift_connection.delete_container(container)
+
+
+@pytest.fixture
+def creds(store_credentials: dict[str, str]) -> dict[str, str]:
+    """The store's user and key (shared by the staging and upload tests)."""
+    return store_credentials

@@ -83,11 +83,6 @@ def bucket(bucket: str, s3_client: Any) -> Iterator[str]:
     empty_bucket(s3_client, bucket)
 
 
-@pytest.fixture
-def creds(store_credentials: dict[str, str]) -> dict[str, str]:
-    return store_credentials
-
-
 def objects_of(count: int, size: int, prefix: str = "") -> dict[str, bytes]:
     return {f"{prefix}obj-{i:04d}.bin": os.urandom(size) for i in range(count)}
 

@@ -41,11 +41,6 @@ def bucket(segments_cleanup: str, s3_client: Any) -> Iterator[str]:
     empty_bucket(s3_client, segments_cleanup)
 
 
-@pytest.fixture
-def creds(store_credentials: dict[str, str]) -> dict[str, str]:
-    return store_credentials
-
-
 def read_other_api(kind: str, bucket: str, key: str, s3_client: Any, swift: swiftclient.Connection) -> bytes:
     """An object's bytes through the API that did not write it."""
     if kind == "s3":
