@@ -87,3 +87,27 @@ class ResultsStoreError(ServerError):
     """Writing results, logs or the status document failed (``S303``)."""
 
     code = "S303"
+
+
+class TrainingFailedError(ClientError):
+    """The training process exited with a non-zero status, or was killed (``C201``)."""
+
+    code = "C201"
+
+
+class GpuCapacityError(ServerError):
+    """The Docker host has no free GPU for the run now, or no NVIDIA runtime at all (``S100``)."""
+
+    code = "S100"
+
+
+class ImageMissingError(ServerError):
+    """The framework's container image is neither on the Docker host nor pullable (``S103``)."""
+
+    code = "S103"
+
+
+class RunHaltedError(WmlTrainError):
+    """The run was halted (the task was marked failed or cleared, or ``wmltrain halt``)."""
+
+    code = "C200"

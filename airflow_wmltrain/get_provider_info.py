@@ -186,6 +186,65 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "10000",
                         "default": "10000",
                     },
+                    "gpu_ids": {
+                        "description": "The GPUs of the Docker host that training runs may use, as the "
+                        "ids the NVIDIA runtime knows (``0,1,2,3``), or ``auto``: the Docker daemon's label "
+                        "``wmltrain.gpus`` (``dockerd --label wmltrain.gpus=0,1,2,3``) when it has one, else "
+                        "the GPUs ``nvidia-smi`` lists in a probe container of the run's image.\n",
+                        "type": "string",
+                        "version_added": "0.1.0",
+                        "example": "0,1,2,3",
+                        "default": "auto",
+                    },
+                    "gpu_wait": {
+                        "description": "What a run does when the Docker host has no free GPU for it: "
+                        "``wait`` polls in the worker until GPUs free up (up to ``gpu_wait_timeout``), "
+                        "``reschedule`` gives the worker slot back and tries again after "
+                        "``gpu_poll_interval`` (the task shows as up for reschedule).\n",
+                        "type": "string",
+                        "version_added": "0.1.0",
+                        "example": "reschedule",
+                        "default": "wait",
+                    },
+                    "gpu_wait_timeout": {
+                        "description": "Seconds a run waits for free GPUs before it fails with S100.\n",
+                        "type": "integer",
+                        "version_added": "0.1.0",
+                        "example": "3600",
+                        "default": "86400",
+                    },
+                    "gpu_poll_interval": {
+                        "description": "Seconds between two looks for free GPUs.\n",
+                        "type": "integer",
+                        "version_added": "0.1.0",
+                        "example": "30",
+                        "default": "5",
+                    },
+                    "cpu_fallback": {
+                        "description": "Run on the CPU when the Docker host has no NVIDIA runtime (the "
+                        "task log says so loudly). Off by default: a run that asked for GPUs fails with "
+                        "S100 instead.\n",
+                        "type": "boolean",
+                        "version_added": "0.1.0",
+                        "example": "True",
+                        "default": "False",
+                    },
+                    "halt_grace_period": {
+                        "description": "Seconds a halted training container gets between SIGTERM and "
+                        "SIGKILL.\n",
+                        "type": "integer",
+                        "version_added": "0.1.0",
+                        "example": "60",
+                        "default": "30",
+                    },
+                    "poll_interval": {
+                        "description": "Seconds between two looks at a training container while a "
+                        "deferred run waits in the triggerer.\n",
+                        "type": "integer",
+                        "version_added": "0.1.0",
+                        "example": "30",
+                        "default": "10",
+                    },
                 },
             }
         },

@@ -59,6 +59,13 @@ class Settings:
     :param transfer_workers: concurrent transfers of a staging or an upload.
     :param part_size: multipart upload part size.
     :param multipart_threshold: files of at least this size are uploaded in parts.
+    :param gpu_ids: the GPUs runs may use on the Docker host, or ``auto`` (detected).
+    :param gpu_wait: ``wait`` or ``reschedule`` when no GPU is free.
+    :param gpu_wait_timeout: seconds to wait for free GPUs before failing with S100.
+    :param gpu_poll_interval: seconds between two looks for free GPUs.
+    :param cpu_fallback: run without GPUs on a host without an NVIDIA runtime.
+    :param halt_grace_period: seconds between SIGTERM and SIGKILL when a run is halted.
+    :param poll_interval: seconds between two looks at a container from the triggerer.
     """
 
     resource_classes: Mapping[str, int] = field(
@@ -73,6 +80,13 @@ class Settings:
     transfer_workers: int = int(_DEFAULTS["transfer_workers"])
     part_size: int = int(_DEFAULTS["part_size"])
     multipart_threshold: int = int(_DEFAULTS["multipart_threshold"])
+    gpu_ids: str = _DEFAULTS["gpu_ids"]
+    gpu_wait: str = _DEFAULTS["gpu_wait"]
+    gpu_wait_timeout: int = int(_DEFAULTS["gpu_wait_timeout"])
+    gpu_poll_interval: int = int(_DEFAULTS["gpu_poll_interval"])
+    cpu_fallback: bool = _DEFAULTS["cpu_fallback"] == "True"
+    halt_grace_period: int = int(_DEFAULTS["halt_grace_period"])
+    poll_interval: int = int(_DEFAULTS["poll_interval"])
 
     @property
     def cache_dir(self) -> str:
@@ -100,6 +114,34 @@ class Settings:
                 raise ConfigurationError(f"must be positive, got {value}", field=f"[{SECTION}] {option}")
             return value
 
+        def get_choice(option: str, choices: tuple[str, ...]) -> str:
+            value = (get(option) or "").strip().lower()
+            if value not in choices:
+                raise ConfigurationError(
+                    f"'{value}' is not one of {', '.join(choices)}", field=f"[{SECTION}] {option}"
+                )
+            return value
+
+        def get_bool(option: str) -> bool:
+            value = (get(option) or "").strip().lower()
+            if value in ("true", "1", "yes", "on"):
+                return True
+            if value in ("false", "0", "no", "off", ""):
+                return False
+            raise ConfigurationError(f"'{value}' is not True or False", field=f"[{SECTION}] {option}")
+
+        def get_gpu_ids() -> str:
+            value = (get("gpu_ids") or "auto").strip()
+            if value.lower() == "auto":
+                return "auto"
+            ids = [item.strip() for item in value.split(",")]
+            if not all(ids) or len(set(ids)) != len(ids):
+                raise ConfigurationError(
+                    f"'{value}' is not a list of distinct GPU ids; write e.g. 0,1,2,3 or auto",
+                    field=f"[{SECTION}] gpu_ids",
+                )
+            return ",".join(ids)
+
         return cls(
             resource_classes=parse_resource_classes(get("resource_classes") or ""),
             frameworks_file=get("frameworks_file"),
@@ -111,4 +153,11 @@ class Settings:
             transfer_workers=get_int("transfer_workers"),
             part_size=get_int("part_size"),
             multipart_threshold=get_int("multipart_threshold"),
+            gpu_ids=get_gpu_ids(),
+            gpu_wait=get_choice("gpu_wait", ("wait", "reschedule")),
+            gpu_wait_timeout=get_int("gpu_wait_timeout"),
+            gpu_poll_interval=get_int("gpu_poll_interval"),
+            cpu_fallback=get_bool("cpu_fallback"),
+            halt_grace_period=get_int("halt_grace_period"),
+            poll_interval=get_int("poll_interval"),
         )
