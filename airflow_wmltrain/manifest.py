@@ -419,6 +419,42 @@ def redact_manifest(manifest: Any) -> Any:
     return manifest
 
 
+def secret_values_of(source: Any) -> list[str]:
+    """Every secret value in a manifest source (path, YAML text, mapping; valid or not), for maskers.
+
+    Unlike :meth:`TrainingManifest.secret_values` this needs no validation, so it can run before it
+    (e.g. right after Airflow renders a templated manifest); an unreadable source has no secrets.
+    """
+    if isinstance(source, TrainingManifest):
+        return source.secret_values()
+    try:
+        data = source if isinstance(source, Mapping) else read_manifest_source(source)[0]
+    except (ManifestError, OSError, TypeError, ValueError):
+        return []
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                if (
+                    isinstance(key, str)
+                    and key in SECRET_KEYS
+                    and isinstance(value, str | int)
+                    and value != ""
+                ):
+                    found.append(str(value))
+                elif isinstance(value, SecretStr) and value.get_secret_value():
+                    found.append(value.get_secret_value())
+                else:
+                    walk(value)
+        elif isinstance(node, list | tuple):
+            for item in node:
+                walk(item)
+
+    walk(data)
+    return found
+
+
 # --- loading ------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,91 @@
+"""A run's directories on the Docker host, and where the training container sees them.
+
+``<[wmltrain] staging_dir>/runs/<training-id>/`` holds ``data`` (the staged bucket, mounted read-only:
+its files are hard links of the host's staging cache), ``model`` (the extracted model definition),
+``results``, ``logs`` and ``checkpoints``.  The staging directory must be a path that the worker and the
+Docker daemon both see (SPEC §4); when a worker resumes a run it cannot see there (another machine), the
+results are read through the Docker API instead (:func:`airflow_wmltrain.runtime.container.copy_out`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from docker.types import Mount
+
+#: Where the container sees each directory, and the environment variable naming it.
+CONTAINER_DIRS = {
+    "DATA_DIR": "/mnt/data",
+    "RESULT_DIR": "/mnt/results",
+    "MODEL_DIR": "/job/model-code",
+    "LOG_DIR": "/job/logs",
+    "CHECKPOINT_DIR": "/mnt/checkpoints",
+}
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The directories of one run.
+
+    :param root: ``<staging_dir>/runs/<training-id>``.
+    """
+
+    root: Path
+
+    @classmethod
+    def for_run(cls, staging_dir: str, training_id: str) -> Workspace:
+        return cls(Path(staging_dir) / "runs" / training_id)
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def create(self) -> None:
+        """Make the directories (not ``model``: the zip is extracted there atomically).
+
+        The writable ones are open to any container user.
+        """
+        self.data.mkdir(parents=True, exist_ok=True)
+        for path in (self.results, self.logs, self.checkpoints):
+            path.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, 0o777)  # noqa: S103 - the training image's user is not known; the run owns it
+
+    def exists(self) -> bool:
+        return self.results.is_dir()
+
+    def mounts(self) -> list[Mount]:
+        """Bind mounts for the training container (the data read-only)."""
+        paths = {
+            "DATA_DIR": self.data,
+            "RESULT_DIR": self.results,
+            "MODEL_DIR": self.model,
+            "LOG_DIR": self.logs,
+            "CHECKPOINT_DIR": self.checkpoints,
+        }
+        return [
+            Mount(CONTAINER_DIRS[name], str(path.resolve()), type="bind", read_only=name == "DATA_DIR")
+            for name, path in paths.items()
+        ]
+
+    def remove(self) -> None:
+        """Delete the run's directories (the cache entries the data links to stay)."""
+        shutil.rmtree(self.root, ignore_errors=True)
