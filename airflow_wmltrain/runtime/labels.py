@@ -16,6 +16,8 @@ PREFIX = "wmltrain"
 ROLE = "wmltrain.role"
 ROLE_RUN = "run"
 ROLE_GPU_LEASE = "gpu-lease"
+#: A short-lived container that probes the host's NVIDIA runtime or lists its GPUs (removed after).
+ROLE_GPU_PROBE = "gpu-probe"
 #: The training id the container belongs to.
 TRAINING_ID = "wmltrain.training-id"
 #: Comma-separated GPU ids given to the run (empty for a CPU run); on a lease, the one GPU it guards.

@@ -1,0 +1,767 @@
+"""GPU allocation on a Docker host: explicit device ids, never shared by two concurrent runs.
+
+Docker does no GPU scheduling (``DeviceRequest(count=N)`` gives every container the same first N GPUs),
+so each run gets explicit ``device_ids``.  The Docker daemon is the only source of truth, shared by
+every worker (process or machine) that talks to it:
+
+* a GPU is **busy** when a run container (label :data:`~airflow_wmltrain.runtime.labels.ROLE` =
+  ``run``) in state created/running/restarting/paused (or being removed) names it in its
+  :data:`~airflow_wmltrain.runtime.labels.GPUS` label, or when its **lease** exists: a container named
+  :func:`~airflow_wmltrain.runtime.labels.gpu_lease_name` (created, never started; labels ROLE =
+  ``gpu-lease``, TRAINING_ID, GPUS = that one GPU).  Exited and dead run containers hold no GPU.
+* to allocate N GPUs for a training id, :func:`try_allocate_gpus` lists our containers, creates the
+  leases of free GPUs (a container name is unique per daemon, so the daemon answers ``409 Conflict`` to
+  all but one of several workers creating the same lease: that is the atomic step), then lists again
+  and drops any lease whose GPU a run container took meanwhile (a run that created its container and
+  dropped its lease between our listing and our lease).  With fewer than N leases it releases them all
+  (no worker holds some GPUs while waiting for more, so no two can block each other) and says who
+  holds what.
+* the caller creates its run container with ``GPUS=<ids>`` and :func:`gpu_device_request`, then calls
+  :func:`release_leases`.  A lease whose training id already has a run container, or older than
+  ``stale_after`` seconds (the worker died between lease and container), is stale: the next
+  allocation removes it and says so in the log.
+
+A training id that already has a run container keeps its GPUs (the operator re-attaches and does not
+allocate); the leases of a training id never count against that training id, so allocating again for it
+reuses them.
+
+The GPUs a host offers come from the ``[wmltrain] gpu_ids`` setting or, for ``auto``, from the
+daemon's label ``wmltrain.gpus`` or ``nvidia-smi`` in a probe container (:func:`gpu_inventory`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from docker.errors import APIError, ImageNotFound, NotFound
+from docker.types import DeviceRequest
+
+from airflow_wmltrain.errors import GpuCapacityError, ImageMissingError
+from airflow_wmltrain.runtime import labels
+
+if TYPE_CHECKING:
+    from docker import APIClient
+
+__all__ = [
+    "BUSY_STATES",
+    "DEFAULT_STALE_AFTER",
+    "GpuAllocation",
+    "NoNvidiaRuntimeError",
+    "check_capacity",
+    "clear_caches",
+    "docker_host_url",
+    "gpu_device_request",
+    "gpu_inventory",
+    "gpu_wait_timeout_error",
+    "has_nvidia_runtime",
+    "is_no_driver_error",
+    "no_nvidia_runtime_error",
+    "parse_gpu_ids",
+    "release_leases",
+    "sort_gpu_ids",
+    "try_allocate_gpus",
+    "wait_for_gpus",
+]
+
+_LOG = logging.getLogger(__name__)
+
+#: Seconds after which a lease whose training id has no run container is taken as abandoned.
+DEFAULT_STALE_AFTER = 120.0
+#: States in which a run container holds the GPUs of its ``GPUS`` label.
+BUSY_STATES = frozenset({"created", "running", "restarting", "paused", "removing"})
+#: What dockerd answers to a GPU device request when it has no NVIDIA runtime.
+NO_DRIVER_TEXT = "could not select device driver"
+#: How often :func:`wait_for_gpus` says who holds the GPUs while it waits.
+REPORT_EVERY = 60.0
+#: Seconds a probe container may take.
+PROBE_TIMEOUT = 120
+
+# One allocation lists, leases, lists again (confirm) and may try the GPUs left a second time.
+_ROUNDS = 3
+
+_cache_lock = threading.Lock()
+_inventory_cache: dict[str, tuple[str, ...]] = {}
+_runtime_cache: dict[str, bool] = {}
+
+
+class LogLike(Protocol):
+    """What this module needs of a logger (``logging.Logger``, an Airflow task's ``self.log``)."""
+
+    def info(self, msg: str, *args: Any) -> Any: ...
+
+    def warning(self, msg: str, *args: Any) -> Any: ...
+
+
+class NoNvidiaRuntimeError(GpuCapacityError):
+    """The Docker host has no NVIDIA runtime: it refuses GPU device requests (``S100``).
+
+    :param docker_url: the Docker host, for the message.
+    """
+
+    def __init__(self, docker_url: str) -> None:
+        self.docker_url = docker_url
+        super().__init__(
+            f"the Docker host {docker_url} has no NVIDIA runtime: install the NVIDIA Container Toolkit "
+            "there, or set [wmltrain] cpu_fallback = True to run without GPUs"
+        )
+
+
+# --- small helpers ------------------------------------------------------------------------------------------
+
+
+def _gpu_sort_key(gpu_id: str) -> tuple[int, int, str]:
+    return (0, int(gpu_id), "") if gpu_id.isdigit() else (1, 0, gpu_id)
+
+
+def sort_gpu_ids(gpu_ids: Iterable[str]) -> list[str]:
+    """GPU ids in order: numeric ids by value (``2`` before ``10``), then the others (UUIDs) by name.
+
+    :param gpu_ids: the ids.
+    :return: a new, sorted list.
+    """
+    return sorted(gpu_ids, key=_gpu_sort_key)
+
+
+def parse_gpu_ids(text: str) -> list[str]:
+    """The distinct GPU ids of a comma-separated list (``"0, 1,2"``), in numeric order.
+
+    :param text: the list, e.g. a :data:`~airflow_wmltrain.runtime.labels.GPUS` label or ``gpu_ids``.
+    :return: the ids, without blanks and duplicates.
+    """
+    return sort_gpu_ids({item.strip() for item in text.split(",") if item.strip()})
+
+
+def gpu_device_request(gpu_ids: Sequence[str]) -> DeviceRequest:
+    """The device request that gives a run container exactly these GPUs.
+
+    :param gpu_ids: the ids :func:`try_allocate_gpus` or :func:`wait_for_gpus` returned.
+    :return: ``DeviceRequest(device_ids=[...], capabilities=[["gpu"]])``.
+    """
+    return DeviceRequest(device_ids=list(gpu_ids), capabilities=[["gpu"]])
+
+
+def docker_host_url(client: APIClient) -> str:
+    """The URL of the daemon a client talks to, for messages and as the key of the per-host caches.
+
+    ``APIClient.base_url`` is ``http+docker://localhost`` for every Unix socket; the socket's path is on
+    the client's transport adapter.
+
+    :param client: a low-level Docker client.
+    :return: e.g. ``unix:///var/run/docker.sock`` or ``https://gpu-host:2376``.
+    """
+    adapter = getattr(client, "_custom_adapter", None)
+    socket_path = getattr(adapter, "socket_path", None)
+    if isinstance(socket_path, str) and socket_path:
+        return f"unix://{socket_path}"
+    npipe_path = getattr(adapter, "npipe_path", None)
+    if isinstance(npipe_path, str) and npipe_path:
+        return f"npipe://{npipe_path}"
+    ssh_params = getattr(adapter, "ssh_params", None)
+    if isinstance(ssh_params, dict) and ssh_params.get("hostname"):
+        port = f":{ssh_params['port']}" if ssh_params.get("port") else ""
+        return f"ssh://{ssh_params['hostname']}{port}"
+    return str(getattr(client, "base_url", "") or "the Docker host")
+
+
+def is_no_driver_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is dockerd refusing a GPU device request for want of an NVIDIA runtime.
+
+    The daemon answers ``could not select device driver "" with capabilities: [[gpu]]``.
+
+    :param exc: any exception (usually a ``docker.errors.APIError``).
+    :return: ``True`` for that refusal.
+    """
+    if not isinstance(exc, APIError):
+        return False
+    texts = [str(exc), str(getattr(exc, "explanation", "") or "")]
+    return any(NO_DRIVER_TEXT in text for text in texts)
+
+
+def no_nvidia_runtime_error(docker_url: str) -> NoNvidiaRuntimeError:
+    """The error (``S100``) for a Docker host without NVIDIA runtime, naming both ways out.
+
+    :param docker_url: the Docker host.
+    :return: the exception, to raise (``raise no_nvidia_runtime_error(url) from exc``).
+    """
+    return NoNvidiaRuntimeError(docker_url)
+
+
+def clear_caches() -> None:
+    """Forget the detected inventories and runtime probes of every host (tests; a changed host)."""
+    with _cache_lock:
+        _inventory_cache.clear()
+        _runtime_cache.clear()
+
+
+def _is_conflict(exc: APIError) -> bool:
+    return getattr(exc, "status_code", None) == 409
+
+
+def _remove(client: APIClient, container_id: str) -> None:
+    """Remove a container, taking "already gone" and "removal in progress" as done."""
+    try:
+        client.remove_container(container_id, force=True)
+    except NotFound:
+        pass
+    except APIError as exc:
+        if not _is_conflict(exc):
+            raise
+
+
+# --- inventory and runtime probes ---------------------------------------------------------------------------
+
+
+def _daemon_label(info: Mapping[str, Any], key: str) -> str | None:
+    for item in info.get("Labels") or []:
+        name, sep, value = str(item).partition("=")
+        if sep and name.strip() == key:
+            return value.strip()
+    return None
+
+
+def _run_probe(client: APIClient, image: str, command: list[str], capabilities: list[str]) -> tuple[int, str]:
+    """Create, start and remove a container asking for all GPUs; its exit code and output."""
+    host_config = client.create_host_config(
+        device_requests=[DeviceRequest(count=-1, capabilities=[capabilities])], network_mode="none"
+    )
+    try:
+        container = client.create_container(
+            image,
+            command=command,
+            labels={labels.ROLE: labels.ROLE_GPU_PROBE},
+            host_config=host_config,
+        )
+    except ImageNotFound as exc:
+        raise ImageMissingError(
+            f"the image {image} is not on the Docker host {docker_host_url(client)}; pull it first"
+        ) from exc
+    container_id = container["Id"]
+    try:
+        client.start(container_id)
+        status = client.wait(container_id, timeout=PROBE_TIMEOUT)
+        output = client.logs(container_id, stdout=True, stderr=True)
+    finally:
+        _remove(client, container_id)
+    text = output.decode("utf-8", "replace") if isinstance(output, bytes) else str(output)
+    return int(status.get("StatusCode", -1)), text
+
+
+def has_nvidia_runtime(client: APIClient, image: str, *, docker_url: str | None = None) -> bool:
+    """Whether the Docker host accepts GPU device requests (it has an NVIDIA runtime).
+
+    Probes once per host and process: a container of ``image`` asking for all GPUs runs ``true`` and is
+    removed.  Only the daemon's refusal (:func:`is_no_driver_error`) means ``False``; any other failure
+    is raised and not remembered.
+
+    :param client: a low-level Docker client of the host.
+    :param image: an image present on the host that has ``true`` (the run's image).
+    :param docker_url: the host's URL (cache key); derived from ``client`` when omitted.
+    :return: ``True`` when the host has an NVIDIA runtime.
+    :raises ImageMissingError: ``image`` is not on the host.
+    :raises docker.errors.APIError: the probe failed for another reason.
+    """
+    url = docker_url or docker_host_url(client)
+    with _cache_lock:
+        known = _runtime_cache.get(url)
+    if known is not None:
+        return known
+    try:
+        _run_probe(client, image, ["true"], ["gpu"])
+        found = True
+    except APIError as exc:
+        if not is_no_driver_error(exc):
+            raise
+        found = False
+    with _cache_lock:
+        _runtime_cache[url] = found
+    return found
+
+
+def gpu_inventory(client: APIClient, setting: str, *, image: str, docker_url: str | None = None) -> list[str]:
+    """The GPUs of the Docker host that runs may use.
+
+    ``setting`` is ``[wmltrain] gpu_ids``: a list (``0,1,2,3``) is taken as it is; ``auto`` asks the
+    host, once per host and process: the daemon's label ``wmltrain.gpus=0,1,2,3`` when it has one, else
+    ``nvidia-smi --query-gpu=index --format=csv,noheader`` in a probe container of ``image`` given all
+    GPUs.
+
+    :param client: a low-level Docker client of the host.
+    :param setting: ``auto`` or a comma-separated list of GPU ids.
+    :param image: an image present on the host, with ``nvidia-smi`` (the run's image); used only when
+        ``auto`` finds no daemon label.
+    :param docker_url: the host's URL (cache key and messages); derived from ``client`` when omitted.
+    :return: the GPU ids in numeric order (empty when the daemon label is empty).
+    :raises NoNvidiaRuntimeError: the host refuses GPU device requests (``S100``).
+    :raises GpuCapacityError: ``nvidia-smi`` failed or listed nothing usable (``S100``).
+    :raises ImageMissingError: ``image`` is not on the host (``S103``).
+    """
+    if setting.strip().lower() != "auto":
+        return parse_gpu_ids(setting)
+    url = docker_url or docker_host_url(client)
+    with _cache_lock:
+        cached = _inventory_cache.get(url)
+    if cached is not None:
+        return list(cached)
+    label = _daemon_label(client.info(), labels.DAEMON_GPUS)
+    found = parse_gpu_ids(label) if label is not None else _probe_inventory(client, image, url)
+    with _cache_lock:
+        _inventory_cache[url] = tuple(found)
+    return list(found)
+
+
+def _probe_inventory(client: APIClient, image: str, url: str) -> list[str]:
+    fix = (
+        f"set [wmltrain] gpu_ids to the host's GPU ids (e.g. 0,1,2,3), or start its dockerd with "
+        f"--label {labels.DAEMON_GPUS}=0,1,2,3"
+    )
+    try:
+        code, output = _run_probe(
+            client, image, ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], ["gpu", "utility"]
+        )
+    except APIError as exc:
+        if is_no_driver_error(exc):
+            raise no_nvidia_runtime_error(url) from exc
+        raise GpuCapacityError(
+            f"could not list the GPUs of the Docker host {url} with nvidia-smi in {image} "
+            f"({exc.explanation or exc}): {fix}"
+        ) from exc
+    ids = [line.strip() for line in output.splitlines() if line.strip()]
+    if code != 0 or not ids or not all(item.isdigit() for item in ids):
+        shown = " ".join(output.split())[:200] or "no output"
+        raise GpuCapacityError(
+            f"could not list the GPUs of the Docker host {url}: nvidia-smi in {image} exited with {code} "
+            f"({shown}): {fix}"
+        )
+    return sort_gpu_ids(set(ids))
+
+
+# --- what the daemon says -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Lease:
+    container_id: str
+    name: str
+    gpu: str
+    training_id: str
+    created: float
+
+
+@dataclass
+class _Snapshot:
+    #: busy GPU -> (training id, state) of the run container holding it
+    run_gpus: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: training ids that have a run container, in any state
+    run_ids: set[str] = field(default_factory=set)
+    leases: list[_Lease] = field(default_factory=list)
+
+
+def _snapshot(client: APIClient) -> _Snapshot:
+    snap = _Snapshot()
+    for container in client.containers(all=True, filters={"label": labels.ROLE}) or []:
+        container_labels = container.get("Labels") or {}
+        role = container_labels.get(labels.ROLE)
+        training_id = container_labels.get(labels.TRAINING_ID, "")
+        gpus = labels.parse_gpus(container_labels.get(labels.GPUS))
+        if role == labels.ROLE_RUN:
+            snap.run_ids.add(training_id)
+            state = str(container.get("State") or "").lower()
+            if state in BUSY_STATES:
+                for gpu in gpus:
+                    snap.run_gpus[gpu] = (training_id, state)
+        elif role == labels.ROLE_GPU_LEASE and gpus:
+            names = container.get("Names") or [""]
+            snap.leases.append(
+                _Lease(
+                    container_id=str(container["Id"]),
+                    name=str(names[0]).lstrip("/"),
+                    gpu=gpus[0],
+                    training_id=training_id,
+                    created=float(container.get("Created") or 0),
+                )
+            )
+    return snap
+
+
+_RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?$")
+
+
+def _parse_rfc3339(text: str) -> float | None:
+    """Seconds since the epoch of a timestamp as dockerd writes it (nanoseconds, ``Z`` or offset)."""
+    match = _RFC3339.match(text.strip())
+    if not match:
+        return None
+    base, fraction, zone = match.groups()
+    zone = "+00:00" if zone in (None, "Z") else zone
+    stamp = datetime.fromisoformat(f"{base}.{(fraction or '0')[:6].ljust(6, '0')}{zone}")
+    return stamp.astimezone(timezone.utc).timestamp()
+
+
+def _daemon_now(client: APIClient) -> float:
+    """The daemon's clock (a lease's ``Created`` is on it, and the worker's may differ)."""
+    try:
+        parsed = _parse_rfc3339(str(client.info().get("SystemTime") or ""))
+    except APIError:
+        parsed = None
+    return parsed if parsed is not None else time.time()
+
+
+def _stale_reason(lease: _Lease, snap: _Snapshot, now: float | None, stale_after: float) -> str | None:
+    if lease.training_id in snap.run_ids:
+        return f"training {lease.training_id} already has its run container"
+    if now is not None and now - lease.created > stale_after:
+        return (
+            f"created {now - lease.created:.0f} s ago (more than {stale_after:.0f} s) and training "
+            f"{lease.training_id} has no run container: its worker is gone"
+        )
+    return None
+
+
+# --- allocation ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuAllocation:
+    """The outcome of one allocation attempt.
+
+    :param training_id: the training id GPUs were asked for.
+    :param requested: how many GPUs were asked for.
+    :param gpu_ids: the GPUs leased to ``training_id``, in numeric order; empty unless granted.
+    :param inventory: the GPUs of the host.
+    :param holders: each busy GPU (not granted to ``training_id``) -> who holds it, e.g.
+        ``"run train-1 (running)"`` or ``"lease of train-2"``.
+    :param docker_url: the host.
+    """
+
+    training_id: str
+    requested: int
+    gpu_ids: tuple[str, ...]
+    inventory: tuple[str, ...]
+    holders: Mapping[str, str]
+    docker_url: str
+
+    @property
+    def granted(self) -> bool:
+        """Whether ``training_id`` now holds the leases of :attr:`gpu_ids` (all it asked for)."""
+        return len(self.gpu_ids) == self.requested
+
+    @property
+    def free(self) -> tuple[str, ...]:
+        """The GPUs of the inventory that neither ``training_id`` nor anybody else held."""
+        return tuple(g for g in self.inventory if g not in self.holders and g not in self.gpu_ids)
+
+    def describe(self) -> str:
+        """Who holds what, for the log: ``GPU 0: run t1 (running); GPU 1: lease of t2; GPU 2: free``."""
+        parts = []
+        for gpu in self.inventory:
+            if gpu in self.gpu_ids:
+                parts.append(f"GPU {gpu}: leased to {self.training_id}")
+            else:
+                parts.append(f"GPU {gpu}: {self.holders.get(gpu, 'free')}")
+        return "; ".join(parts) if parts else "no GPUs"
+
+
+def _capacity_message(count: int, inventory: Sequence[str], resource_class: str | None, url: str) -> str:
+    what = f"resource class '{resource_class}' needs" if resource_class else "the run needs"
+    offers = f"only {len(inventory)} (GPUs {','.join(inventory)})" if inventory else "no GPUs"
+    return (
+        f"{what} {count} GPU(s) but the Docker host {url} offers {offers}: choose a resource class "
+        f"with at most {len(inventory)} GPU(s), or run on a host with more GPUs ([wmltrain] gpu_ids, or "
+        f"the daemon label {labels.DAEMON_GPUS}, lists the GPUs runs may use)"
+    )
+
+
+def check_capacity(
+    count: int, inventory: Sequence[str], *, resource_class: str | None = None, docker_url: str = ""
+) -> None:
+    """Refuse at once a run that asks for more GPUs than the host has at all.
+
+    :param count: GPUs asked for.
+    :param inventory: the host's GPUs (:func:`gpu_inventory`).
+    :param resource_class: the run's resource class, for the message.
+    :param docker_url: the host, for the message.
+    :raises GpuCapacityError: ``count`` exceeds the inventory (``S100``); waiting would not help.
+    """
+    if count < 0:
+        raise ValueError(f"a GPU count cannot be negative: {count}")
+    if count > len(inventory):
+        raise GpuCapacityError(
+            _capacity_message(count, list(inventory), resource_class, docker_url or "the Docker host")
+        )
+
+
+def _create_lease(client: APIClient, gpu: str, training_id: str, image: str, url: str) -> str | None:
+    """Create the lease of ``gpu``; its container id, or ``None`` when someone else holds it."""
+    try:
+        container = client.create_container(
+            image,
+            command=["true"],
+            name=labels.gpu_lease_name(gpu),
+            labels={
+                labels.ROLE: labels.ROLE_GPU_LEASE,
+                labels.TRAINING_ID: training_id,
+                labels.GPUS: gpu,
+            },
+            host_config=client.create_host_config(network_mode="none"),
+        )
+    except ImageNotFound as exc:
+        raise ImageMissingError(f"the image {image} is not on the Docker host {url}; pull it first") from exc
+    except APIError as exc:
+        if _is_conflict(exc):
+            return None
+        raise
+    return str(container["Id"])
+
+
+def try_allocate_gpus(
+    client: APIClient,
+    training_id: str,
+    count: int,
+    *,
+    inventory: Sequence[str],
+    image: str,
+    resource_class: str | None = None,
+    docker_url: str | None = None,
+    stale_after: float = DEFAULT_STALE_AFTER,
+    log: LogLike | None = None,
+) -> GpuAllocation:
+    """Try once to lease ``count`` free GPUs of the host for ``training_id``.
+
+    Atomic against concurrent allocations on the same host by any worker (see the module's doc).  On
+    success the caller creates its run container at once (label ``GPUS=",".join(gpu_ids)``,
+    :func:`gpu_device_request`) and then calls :func:`release_leases`; leases older than
+    ``stale_after`` whose training id has no run container are taken as abandoned by other workers, so
+    pull the image *before* allocating.  The leases ``training_id`` already holds are reused.  Stale
+    leases are removed (logged as warnings).
+
+    :param client: a low-level Docker client of the host.
+    :param training_id: the run's training id (label of its leases and run container).
+    :param count: GPUs wanted (``0``: granted at once with none).
+    :param inventory: the host's GPUs (:func:`gpu_inventory`).
+    :param image: an image present on the host (the run's image): leases are created, never started,
+        containers of it.
+    :param resource_class: the run's resource class, for messages.
+    :param docker_url: the host's URL, for messages; derived from ``client`` when omitted.
+    :param stale_after: seconds after which a lease without a run container is abandoned.
+    :param log: where to log (default: this module's logger).
+    :return: the outcome; :attr:`GpuAllocation.granted` says whether ``training_id`` now holds
+        :attr:`GpuAllocation.gpu_ids`; when not, it holds no lease and :attr:`GpuAllocation.holders`
+        says who holds what.
+    :raises GpuCapacityError: ``count`` exceeds the inventory (``S100``: waiting would not help).
+    :raises ImageMissingError: ``image`` is not on the host (``S103``).
+    :raises docker.errors.APIError: the daemon failed otherwise.
+    """
+    log = log or _LOG
+    url = docker_url or docker_host_url(client)
+    inv = tuple(sort_gpu_ids(dict.fromkeys(inventory)))
+    check_capacity(count, inv, resource_class=resource_class, docker_url=url)
+    if count == 0:
+        return GpuAllocation(training_id, 0, (), inv, MappingProxyType({}), url)
+
+    held: dict[str, str] = {}  # our leases: GPU -> lease container id
+    holders: dict[str, str] = {}
+    try:
+        for attempt in range(_ROUNDS):
+            snap = _snapshot(client)
+            held, holders = _reconcile(
+                client, snap, training_id, inventory=inv, stale_after=stale_after, log=log
+            )
+            if len(held) >= count:
+                keep = sort_gpu_ids(held)[:count]
+                for gpu in sort_gpu_ids(held)[count:]:
+                    _remove(client, held.pop(gpu))
+                log.info("leased GPU(s) %s on %s for training %s", ",".join(keep), url, training_id)
+                return GpuAllocation(training_id, count, tuple(keep), inv, MappingProxyType(holders), url)
+            if attempt == _ROUNDS - 1:
+                break
+            candidates = [gpu for gpu in inv if gpu not in held and gpu not in holders]
+            created = False
+            for gpu in candidates:
+                if len(held) >= count:
+                    break
+                lease_id = _create_lease(client, gpu, training_id, image, url)
+                if lease_id is None:
+                    holders[gpu] = "lease of a concurrent allocation"
+                else:
+                    held[gpu] = lease_id
+                    created = True
+            # Not enough, and nothing new to confirm: give up now (a later try looks again).
+            if not created and len(held) < count:
+                break
+    except BaseException:
+        for lease_id in held.values():
+            _remove_quietly(client, lease_id)
+        raise
+    for lease_id in held.values():
+        _remove(client, lease_id)
+    holders = {gpu: who for gpu, who in holders.items() if gpu in inv}
+    return GpuAllocation(training_id, count, (), inv, MappingProxyType(holders), url)
+
+
+def _remove_quietly(client: APIClient, container_id: str) -> None:
+    try:
+        _remove(client, container_id)
+    except Exception:  # best effort while another error propagates
+        _LOG.warning("could not remove the GPU lease %s", container_id, exc_info=True)
+
+
+def _reconcile(
+    client: APIClient,
+    snap: _Snapshot,
+    training_id: str,
+    *,
+    inventory: Sequence[str],
+    stale_after: float,
+    log: LogLike,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Remove stale leases and our own leases that a run took; our leases and the other holders."""
+    holders: dict[str, str] = {}
+    for gpu, (owner, state) in snap.run_gpus.items():
+        if owner != training_id:
+            holders[gpu] = f"run {owner} ({state})"
+    foreign = [lease for lease in snap.leases if lease.training_id != training_id]
+    now = _daemon_now(client) if any(lease.training_id not in snap.run_ids for lease in foreign) else None
+    for lease in foreign:
+        reason = _stale_reason(lease, snap, now, stale_after)
+        if reason is None:
+            holders.setdefault(lease.gpu, f"lease of {lease.training_id}")
+            continue
+        log.warning(
+            "removing the stale GPU lease %s (GPU %s, training %s): %s",
+            lease.name,
+            lease.gpu,
+            lease.training_id,
+            reason,
+        )
+        _remove(client, lease.container_id)
+    held: dict[str, str] = {}
+    for lease in snap.leases:
+        if lease.training_id != training_id:
+            continue
+        if lease.gpu in holders or lease.gpu not in inventory:
+            # A run took this GPU between our listing and our lease, or it is no longer offered.
+            _remove(client, lease.container_id)
+            continue
+        held[lease.gpu] = lease.container_id
+    return held, holders
+
+
+def release_leases(client: APIClient, training_id: str) -> list[str]:
+    """Remove the GPU leases of a training id: call it once its run container exists (or on failure).
+
+    :param client: a low-level Docker client of the host.
+    :param training_id: the run's training id.
+    :return: the GPUs whose leases were removed, in numeric order.
+    """
+    found = client.containers(
+        all=True,
+        filters={"label": [f"{labels.ROLE}={labels.ROLE_GPU_LEASE}", f"{labels.TRAINING_ID}={training_id}"]},
+    )
+    released: list[str] = []
+    for container in found or []:
+        _remove(client, str(container["Id"]))
+        released.extend(labels.parse_gpus((container.get("Labels") or {}).get(labels.GPUS)))
+    return sort_gpu_ids(released)
+
+
+def gpu_wait_timeout_error(
+    allocation: GpuAllocation, waited: float, *, resource_class: str | None = None
+) -> GpuCapacityError:
+    """The error (``S100``) for a run that waited ``waited`` seconds for GPUs in vain.
+
+    :param allocation: the last, not granted, attempt.
+    :param waited: seconds waited.
+    :param resource_class: the run's resource class, for the message.
+    :return: the exception, to raise.
+    """
+    what = f"resource class '{resource_class}'" if resource_class else f"training {allocation.training_id}"
+    return GpuCapacityError(
+        f"no {allocation.requested} free GPU(s) for {what} on the Docker host {allocation.docker_url} "
+        f"after waiting {waited:.0f} s ({allocation.describe()}): try again later, or raise "
+        "[wmltrain] gpu_wait_timeout"
+    )
+
+
+def wait_for_gpus(
+    client: APIClient,
+    training_id: str,
+    count: int,
+    *,
+    inventory: Sequence[str],
+    image: str,
+    timeout: float,
+    poll_interval: float,
+    log: LogLike,
+    resource_class: str | None = None,
+    docker_url: str | None = None,
+    stale_after: float = DEFAULT_STALE_AFTER,
+    report_every: float = REPORT_EVERY,
+    sleep: Callable[[float], object] = time.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> list[str]:
+    """Lease ``count`` GPUs for ``training_id``, waiting up to ``timeout`` seconds for them to free up.
+
+    Tries :func:`try_allocate_gpus` every ``poll_interval`` seconds, and says who holds the GPUs at the
+    first wait and then at most every ``report_every`` seconds.  The caller then creates its run
+    container and calls :func:`release_leases`, as after :func:`try_allocate_gpus`.
+
+    :param client: a low-level Docker client of the host.
+    :param training_id: the run's training id.
+    :param count: GPUs wanted.
+    :param inventory: the host's GPUs (:func:`gpu_inventory`).
+    :param image: an image present on the host (the run's image).
+    :param timeout: seconds to wait (``[wmltrain] gpu_wait_timeout``).
+    :param poll_interval: seconds between tries (``[wmltrain] gpu_poll_interval``).
+    :param log: the task's logger.
+    :param resource_class: the run's resource class, for messages.
+    :param docker_url: the host's URL, for messages; derived from ``client`` when omitted.
+    :param stale_after: see :func:`try_allocate_gpus`.
+    :param report_every: seconds between two "still waiting" lines.
+    :param sleep: the sleep function (tests).
+    :param monotonic: the clock (tests).
+    :return: the leased GPU ids, in numeric order.
+    :raises GpuCapacityError: the host has fewer GPUs than ``count`` (at once), or none freed up in
+        ``timeout`` seconds (``S100``).
+    :raises ImageMissingError: ``image`` is not on the host (``S103``).
+    """
+    start = monotonic()
+    last_report: float | None = None
+    while True:
+        allocation = try_allocate_gpus(
+            client,
+            training_id,
+            count,
+            inventory=inventory,
+            image=image,
+            resource_class=resource_class,
+            docker_url=docker_url,
+            stale_after=stale_after,
+            log=log,
+        )
+        now = monotonic()
+        if allocation.granted:
+            if last_report is not None:
+                log.info("got GPU(s) %s after waiting %.0f s", ",".join(allocation.gpu_ids), now - start)
+            return list(allocation.gpu_ids)
+        waited = now - start
+        if waited >= timeout:
+            raise gpu_wait_timeout_error(allocation, waited, resource_class=resource_class)
+        if last_report is None or now - last_report >= report_every:
+            log.info(
+                "waiting for %d free GPU(s) on %s (%.0f of %.0f s waited): %s",
+                count,
+                allocation.docker_url,
+                waited,
+                timeout,
+                allocation.describe(),
+            )
+            last_report = now
+        sleep(max(0.0, min(poll_interval, timeout - waited)))
