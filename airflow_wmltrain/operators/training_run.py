@@ -223,9 +223,10 @@ class TrainingRunOperator(DockerOperator):
         )
         try:
             run.record(RunState.DOWNLOADING)
-            run.download(submission.model_definition)
             self._ensure_image(manifest)
-            container_id, gpu_ids = self._start_container(context, run, submission, settings)
+            inventory = self._gpu_inventory(run, settings)  # before staging: fail fast on a host without GPUs
+            run.download(submission.model_definition)
+            container_id, gpu_ids = self._start_container(context, run, submission, settings, inventory)
         except AirflowRescheduleException:
             raise
         except WmlTrainError as err:
@@ -280,12 +281,16 @@ class TrainingRunOperator(DockerOperator):
                 field="model_definition.framework",
             ) from None
 
-    def _gpu_ids(self, run: TrainingRun, settings: Settings) -> list[str]:
-        """Lease the run's GPUs on the host (or none: a CPU run, or the explicit CPU fallback)."""
+    def _gpu_inventory(self, run: TrainingRun, settings: Settings) -> list[str] | None:
+        """The host's GPUs, or ``None`` for a run without GPUs (a CPU run, or the explicit CPU fallback).
+
+        :raises GpuCapacityError: the host has no NVIDIA runtime (and no CPU fallback), or fewer GPUs
+            than the run needs at all.
+        """
         manifest = run.manifest
         count = manifest.gpus
         if count == 0:
-            return []
+            return None
         image = str(self.image)
         url = self.docker_host.docker_url
         if not gpus.has_nvidia_runtime(self.cli, image, docker_url=url):
@@ -300,9 +305,19 @@ class TrainingRunOperator(DockerOperator):
                 count,
             )
             self.log.warning("!" * 78)
-            return []
+            return None
         inventory = gpus.gpu_inventory(self.cli, settings.gpu_ids, image=image, docker_url=url)
         gpus.check_capacity(count, inventory, resource_class=manifest.resource, docker_url=url)
+        return inventory
+
+    def _lease_gpus(self, run: TrainingRun, settings: Settings, inventory: list[str] | None) -> list[str]:
+        """Lease the run's GPUs on the host: wait for them, or reschedule the task, as configured."""
+        if inventory is None:
+            return []
+        manifest = run.manifest
+        count = manifest.gpus
+        image = str(self.image)
+        url = self.docker_host.docker_url
         if settings.gpu_wait == "reschedule":
             allocation = gpus.try_allocate_gpus(
                 self.cli,
@@ -342,13 +357,18 @@ class TrainingRunOperator(DockerOperator):
         )
 
     def _start_container(
-        self, context: Context, run: TrainingRun, submission: Submission, settings: Settings
+        self,
+        context: Context,
+        run: TrainingRun,
+        submission: Submission,
+        settings: Settings,
+        inventory: list[str] | None,
     ) -> tuple[str, list[str]]:
         from airflow_wmltrain.command import render_command
 
         if self._halted:
             raise RunHaltedError("the run was halted before its container started")
-        gpu_ids = self._gpu_ids(run, settings)
+        gpu_ids = self._lease_gpus(run, settings, inventory)
         command = render_command(
             submission.manifest.command,
             data_dir=CONTAINER_DIRS["DATA_DIR"],

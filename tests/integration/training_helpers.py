@@ -91,8 +91,7 @@ class AirflowRunner:
             + textwrap.dedent(
                 """
                 if __name__ == "__main__":
-                    run_id = sys.argv[1] if len(sys.argv) > 1 else None
-                    dr = dag.test(run_id=run_id) if run_id else dag.test()
+                    dr = dag.test()  # its run id (manual__<time>) differs from one process to the next
                     states = {ti.task_id + ("" if ti.map_index < 0 else f"[{ti.map_index}]"): str(ti.state)
                               for ti in dr.get_task_instances()}
                     print("STATES=" + json.dumps(states), flush=True)
@@ -101,21 +100,34 @@ class AirflowRunner:
         )
         return path
 
-    def popen(self, dag_file: Path, *, home: str, run_id: str | None = None, env: dict[str, str] | None = None,
-              log: Path | None = None) -> subprocess.Popen[bytes]:
+    def popen(
+        self,
+        dag_file: Path,
+        *,
+        home: str,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+    ) -> subprocess.Popen[bytes]:
         environment = {**os.environ, **self.env, **(env or {})}
         environment["AIRFLOW_HOME"] = str(self.home(home))
         environment["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{self.home(home)}/airflow.db"
         out = (log or self.work / f"{home}.log").open("wb")
-        args = [sys.executable, str(dag_file), *([run_id] if run_id else [])]
-        return subprocess.Popen(args, env=environment, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                start_new_session=True)
+        args = [sys.executable, str(dag_file)]
+        return subprocess.Popen(
+            args, env=environment, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True
+        )
 
-    def run(self, dag_file: Path, *, home: str, run_id: str | None = None, env: dict[str, str] | None = None,
-            timeout: float = 300) -> tuple[dict[str, str], str]:
+    def run(
+        self,
+        dag_file: Path,
+        *,
+        home: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 300,
+    ) -> tuple[dict[str, str], str]:
         """Run the DAG to its end; the task states and the output."""
         log = self.work / f"{home}.log"
-        proc = self.popen(dag_file, home=home, run_id=run_id, env=env, log=log)
+        proc = self.popen(dag_file, home=home, env=env, log=log)
         proc.wait(timeout=timeout)
         output = log.read_text(errors="replace")
         return parse_states(output), output
@@ -124,5 +136,5 @@ class AirflowRunner:
 def parse_states(output: str) -> dict[str, str]:
     for line in output.splitlines():
         if line.startswith("STATES="):
-            return {k: v.rsplit(".", 1)[-1].lower() for k, v in json.loads(line[len("STATES="):]).items()}
+            return {k: v.rsplit(".", 1)[-1].lower() for k, v in json.loads(line[len("STATES=") :]).items()}
     return {}

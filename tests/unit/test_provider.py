@@ -51,5 +51,12 @@ def test_provider_info_declares_every_setting_with_a_description() -> None:
         "transfer_workers",
         "part_size",
         "multipart_threshold",
+        "gpu_ids",
+        "gpu_wait",
+        "gpu_wait_timeout",
+        "gpu_poll_interval",
+        "cpu_fallback",
+        "halt_grace_period",
+        "poll_interval",
     }
     assert all(spec["description"].strip() and "default" in spec for spec in options.values())
