@@ -29,7 +29,7 @@ $(BUILD)/mnist-model.zip: $(wildcard examples/mnist/model/*.py) | venv
 # runs it before submitting; it becomes a real training run through Airflow with the operator.
 demo: venv $(BUILD)/mnist-model.zip
 	AIRFLOW__WMLTRAIN__FRAMEWORKS_FILE=examples/frameworks-local.yaml \
-		$(BIN)/wmltrain validate $(BUILD)/mnist-model.zip examples/mnist/manifest.yml
+		$(BIN)/wmltrain validate $(BUILD)/mnist-model.zip examples/mnist/manifest.yaml
 
 lint: venv
 	$(BIN)/ruff check .

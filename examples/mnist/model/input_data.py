@@ -29,12 +29,12 @@ def read_idx(path: str | Path) -> tuple[tuple[int, ...], bytes]:
     return shape, data
 
 
-def read_images(path: str | Path) -> tuple[int, int, bytes]:
-    """Images as ``(count, pixels per image, bytes)``."""
+def read_images(path: str | Path) -> tuple[int, int, int, bytes]:
+    """Images as ``(count, rows, cols, bytes)`` (row-major, one unsigned byte per pixel)."""
     shape, data = read_idx(path)
     if len(shape) != 3:
         raise ValueError(f"{path}: images must have 3 dimensions, got {len(shape)}")
-    return shape[0], shape[1] * shape[2], data
+    return shape[0], shape[1], shape[2], data
 
 
 def read_labels(path: str | Path) -> bytes:
