@@ -88,13 +88,18 @@ def main() -> int:
     from airflow_wmltrain.runtime import gpus
     from airflow_wmltrain.runtime.docker_host import DockerHost
     from airflow_wmltrain.storage import open_store
+    from airflow_wmltrain.storage.transfer import TransferError
     from airflow_wmltrain.storage.upload import upload_tree
 
     step(f"Uploading the example data into bucket '{DATA_BUCKET}'; results go to '{RESULTS_BUCKET}'")
     for bucket in (DATA_BUCKET, RESULTS_BUCKET):
         ref = StoreReference(type="s3", bucket=bucket, connection=ConnectionId(conn_id=CONN_ID))
         with open_store(ref) as store:
-            status, _headers, _body = store.request("PUT", "", missing_ok=True)
+            try:
+                store.request("PUT", "")  # create the bucket
+            except TransferError as err:
+                if err.status != 409:  # 409: it exists already
+                    raise
             if bucket == DATA_BUCKET:
                 print(upload_tree(store, DATA, "").summary())
 
@@ -110,7 +115,11 @@ def main() -> int:
 
     step("Checking the submission: wmltrain validate")
     run([str(BIN / "wmltrain"), "validate", str(MODEL_ZIP), str(MANIFEST)], env=env)
+    run_dag(env)
+    return show_results()
 
+
+def run_dag(env: dict[str, str]) -> None:
     step("Preparing Airflow (SQLite) and running the mnist_training DAG: airflow dags test mnist_training")
     run([str(BIN / "airflow"), "db", "migrate"], env=env, capture=True)
     log_path = ROOT / "build" / "demo-airflow.log"
@@ -129,6 +138,11 @@ def main() -> int:
             print("   " + line[:220])
     if proc.returncode != 0:
         sys.exit(f"demo: the DAG run failed; the whole Airflow log is in {log_path}")
+
+
+def show_results() -> int:
+    from airflow_wmltrain.manifest import ConnectionId, StoreReference
+    from airflow_wmltrain.storage import open_store
 
     step(f"The results in bucket '{RESULTS_BUCKET}'")
     ref = StoreReference(type="s3", bucket=RESULTS_BUCKET, connection=ConnectionId(conn_id=CONN_ID))

@@ -221,14 +221,17 @@ def test_a_run_completes_with_the_results_layout(
     assert f"TRAINING_ID={training_id}" in log
     assert "GPU_COUNT=1" in log
     assert "args: --lr 0.02" in log  # the hyperparameter override reached the command
-    assert "data is read-only" in log and "DATA WRITABLE" not in log
+    assert "data is read-only" in log
+    assert "DATA WRITABLE" not in log
     assert "staged 1 files" in files[f"{training_id}/learner-1/load-data.log"].decode()
     status = json.loads(files[f"{training_id}/_status.json"])
     assert [h["state"] for h in status["history"]] == ["DOWNLOADING", "PROCESSING", "STORING", "COMPLETED"]
     assert status["metrics"] == {"accuracy": 0.75, "loss": 0.5}
-    assert len(status["gpus"]) == 1 and f"GPUS={status['gpus'][0]} " in log
+    assert len(status["gpus"]) == 1
+    assert f"GPUS={status['gpus'][0]} " in log
     assert status["results_location"] == f"s3://{results}/{training_id}/"
-    assert status["error"] is None and status["exit_code"] == 0
+    assert status["error"] is None
+    assert status["exit_code"] == 0
     # The training log also reached the task log, and the container is gone.
     assert "args: --lr 0.02" in output
     cli = docker.APIClient(base_url=services["WMLTRAIN_GPU_DOCKER_HOST"])
@@ -334,7 +337,8 @@ def test_a_retried_task_reattaches_to_its_container(
     assert states == {"train": "success"}, output[-6000:]
     assert "Re-attaching to the container" in output
     status = _status(s3_client, results, training_id)
-    assert status is not None and status["state"] == "COMPLETED"
+    assert status is not None
+    assert status["state"] == "COMPLETED"
     log = next(iter(_objects(s3_client, results, f"{training_id}/learner-1/training-log.txt").values()))
     assert b"finished sleeping" in log
     created = [
@@ -380,7 +384,8 @@ def test_a_deferred_run_on_swift_completes(
         assert "DEFERRED" in output
         training_id = _training_id(output)
         files = _objects(s3_client, results, f"{training_id}/")
-        assert f"{training_id}/copy.txt" in files and f"{training_id}/learner-1/training-log.txt" in files
+        assert f"{training_id}/copy.txt" in files
+        assert f"{training_id}/learner-1/training-log.txt" in files
         assert json.loads(files[f"{training_id}/_status.json"])["state"] == "COMPLETED"
         # deferrable mode shows the training log in the task log when the task resumes
         assert f"TRAINING_ID={training_id}" in output
@@ -419,7 +424,8 @@ def test_six_concurrent_small_runs_never_share_a_gpu_and_large_gets_four(
         assert states == {"train": "success"}, output[-6000:]
         training_id = _training_id(output)
         status = _status(s3_client, results, training_id)
-        assert status is not None and len(status["gpus"]) == 1
+        assert status is not None
+        assert len(status["gpus"]) == 1
         times = (
             s3_client.get_object(Bucket=results, Key=f"{training_id}/times.txt")["Body"]
             .read()
@@ -480,7 +486,9 @@ def test_a_host_without_nvidia_runtime_is_refused_clearly_unless_cpu_fallback(
     assert "could not select device driver" not in output
     training_id = _training_id(output)
     status = _status(s3_client, results, training_id)
-    assert status is not None and status["state"] == "FAILED" and status["error"]["code"] == "S100"
+    assert status is not None
+    assert status["state"] == "FAILED"
+    assert status["error"]["code"] == "S100"
     assert [h["state"] for h in status["history"]] == ["DOWNLOADING", "STORING", "FAILED"]
 
     states, output = airflow_runner.run(
@@ -489,7 +497,9 @@ def test_a_host_without_nvidia_runtime_is_refused_clearly_unless_cpu_fallback(
     assert states == {"train": "success"}, output[-6000:]
     assert "NO GPU" in output
     status = _status(s3_client, results, _training_id(output))
-    assert status is not None and status["state"] == "COMPLETED" and status["gpus"] == []
+    assert status is not None
+    assert status["state"] == "COMPLETED"
+    assert status["gpus"] == []
 
 
 def test_no_secret_reaches_the_bucket_or_the_task_log(
