@@ -23,6 +23,13 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "hooks": [{"integration-name": "WML Train", "python-modules": ["airflow_wmltrain.hooks.swift"]}],
+        "sensors": [
+            {"integration-name": "WML Train", "python-modules": ["airflow_wmltrain.sensors.training_run"]}
+        ],
+        "triggers": [
+            {"integration-name": "WML Train", "python-modules": ["airflow_wmltrain.triggers.training_run"]}
+        ],
+        "extra-links": ["airflow_wmltrain.links.training_run.TrainingResultsLink"],
         "connection-types": [
             {
                 "hook-class-name": "airflow_wmltrain.hooks.swift.SwiftHook",
