@@ -25,6 +25,11 @@ LOAD_DATA_LOG = "learner-1/load-data.log"
 STATUS_VERSION = 1
 
 
+def results_location(store_type: str, bucket: str, training_id: str) -> str:
+    """Where a run's files are: ``s3://bucket/training-id/`` or ``swift://container/training-id/``."""
+    return f"{store_type}://{bucket}/{training_id}/"
+
+
 class RunState(str, Enum):
     """A training run's state, in lifecycle order."""
 

@@ -26,6 +26,7 @@ from airflow_wmltrain.lifecycle import (
     TRAINING_LOG,
     RunState,
     RunStatus,
+    results_location,
 )
 from airflow_wmltrain.runtime import container
 from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS, Workspace
@@ -49,11 +50,6 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 _MAX_METRICS_BYTES = 64 * 1024
 HALTED_CODE = "C200"
-
-
-def results_location(manifest: TrainingManifest, training_id: str) -> str:
-    """``s3://bucket/training-id/`` or ``swift://container/training-id/``."""
-    return f"{manifest.results.type}://{manifest.results.bucket}/{training_id}/"
 
 
 def read_metrics(path: Path) -> dict[str, Any]:
@@ -114,7 +110,7 @@ class TrainingRun:
         self.status = status or RunStatus(
             training_id=training_id,
             name=manifest.name,
-            results_location=results_location(manifest, training_id),
+            results_location=results_location(manifest.results.type, manifest.results.bucket, training_id),
             image=manifest.framework.image,
         )
 
@@ -130,7 +126,7 @@ class TrainingRun:
 
     @property
     def location(self) -> str:
-        return results_location(self.manifest, self.training_id)
+        return results_location(self.manifest.results.type, self.manifest.results.bucket, self.training_id)
 
     def read_status(self) -> RunStatus | None:
         """The status document in the bucket, or ``None`` when the run has not written one."""

@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue, conf
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
-from airflow_wmltrain.lifecycle import RunState, RunStatus
+from airflow_wmltrain.lifecycle import RunState, RunStatus, results_location
 from airflow_wmltrain.links.training_run import TrainingResultsLink
 from airflow_wmltrain.triggers.training_run import (
     StatusDocumentError,
     TrainingStatusTrigger,
     read_status,
-    results_location,
     results_reference,
 )
 

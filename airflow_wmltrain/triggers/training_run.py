@@ -27,7 +27,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from docker.errors import APIError, DockerException, NotFound
 
 from airflow_wmltrain.errors import WmlTrainError
-from airflow_wmltrain.lifecycle import STATUS_FILE, RunState, RunStatus
+from airflow_wmltrain.lifecycle import STATUS_FILE, RunState, RunStatus, results_location
 from airflow_wmltrain.manifest import ConnectionId, StoreReference, StoreType
 from airflow_wmltrain.runtime.docker_host import DockerHost
 from airflow_wmltrain.storage.transfer import TransferError
@@ -40,7 +40,6 @@ __all__ = [
     "TrainingRunTrigger",
     "TrainingStatusTrigger",
     "read_status",
-    "results_location",
     "results_reference",
 ]
 
@@ -75,11 +74,6 @@ def results_reference(type_: str, bucket: str, conn_id: str) -> StoreReference:
         raise ValueError("the results connection id is empty; give an Airflow connection id")
     kind: StoreType = "s3" if type_ == "s3" else "swift"
     return StoreReference(type=kind, bucket=bucket, connection=ConnectionId(conn_id=conn_id))
-
-
-def results_location(type_: str, bucket: str, training_id: str) -> str:
-    """Where a run's files are: ``s3://bucket/training-id/`` or ``swift://container/training-id/``."""
-    return f"{type_}://{bucket}/{training_id}/"
 
 
 class StatusDocumentError(ValueError):

@@ -17,6 +17,7 @@ import pytest
 from airflow.sdk.module_loading import import_string
 from airflow.sdk.serde import deserialize, serialize
 
+from airflow_wmltrain.lifecycle import results_location
 from airflow_wmltrain.links.training_run import (
     RESULTS_CONSOLE_URL_KEY,
     RESULTS_LOCATION_KEY,
@@ -29,7 +30,6 @@ from airflow_wmltrain.triggers import training_run as triggers
 from airflow_wmltrain.triggers.training_run import (
     TrainingRunTrigger,
     TrainingStatusTrigger,
-    results_location,
     results_reference,
 )
 
