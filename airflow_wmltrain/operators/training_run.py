@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -37,7 +37,7 @@ from airflow_wmltrain.lifecycle import RunState, RunStatus
 from airflow_wmltrain.links.training_run import TrainingResultsLink
 from airflow_wmltrain.runtime import container, gpus, labels
 from airflow_wmltrain.runtime.docker_host import DockerHost
-from airflow_wmltrain.runtime.run import TrainingRun
+from airflow_wmltrain.runtime.run import STATUS_XCOM_KEY, TrainingRun
 from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS
 from airflow_wmltrain.settings import Settings
 from airflow_wmltrain.training_id import check_training_id, derive_training_id
@@ -60,7 +60,9 @@ class TrainingRunOperator(DockerOperator):
     image and the command come from the manifest.
 
     :param manifest: the training manifest: a path, YAML text or a mapping. (templated)
-    :param model_definition: path of the model-definition zip. (templated)
+    :param model_definition: the model-definition zip: a path, ``base64:<data>``, or the URL of an
+        object (``s3://bucket/key``, ``swift://container/key``) read with the manifest's credentials.
+        (templated)
     :param hyperparameters: ``{"learningRate": 0.01}`` overrides of the command's options. (templated)
     :param training_id: the run's id (``training-...``); derived from the dag, run, task and map index
         when empty, so that it is the same for every try of the task instance. (templated)
@@ -97,7 +99,7 @@ class TrainingRunOperator(DockerOperator):
         self,
         *,
         manifest: str | os.PathLike[str] | Mapping[str, Any],
-        model_definition: str | os.PathLike[str],
+        model_definition: str | os.PathLike[str] | bytes,
         hyperparameters: Mapping[str, Any] | None = None,
         training_id: str | None = None,
         image: str | None = None,
@@ -159,6 +161,16 @@ class TrainingRunOperator(DockerOperator):
         )
 
     @staticmethod
+    def _publisher(context: Context) -> Callable[[dict[str, Any]], None]:
+        """Publishes each status document as an XCom, so the REST API (``wmltrain list``) sees it."""
+        ti = context["ti"]
+
+        def publish(document: dict[str, Any]) -> None:
+            ti.xcom_push(key=STATUS_XCOM_KEY, value=document)
+
+        return publish
+
+    @staticmethod
     def _airflow_info(context: Context) -> dict[str, Any]:
         ti = context["ti"]
         return {
@@ -186,13 +198,19 @@ class TrainingRunOperator(DockerOperator):
     # --- execute --------------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> dict[str, Any]:  # type: ignore[override]
+        from airflow_wmltrain.manifest import load_manifest
+        from airflow_wmltrain.model_source import resolve_model_definition
         from airflow_wmltrain.submission import check_submission
 
         settings = self._settings()
-        submission = check_submission(
-            self.model_definition, self.manifest, hyperparameters=self.hyperparameters, settings=settings
+        manifest = load_manifest(self.manifest, settings=settings)
+        _mask_secrets(manifest.secret_values())
+        model_definition = resolve_model_definition(
+            self.model_definition, manifest, max_bytes=settings.model_definition_max_bytes
         )
-        manifest = submission.manifest
+        submission = check_submission(
+            model_definition, manifest, hyperparameters=self.hyperparameters, settings=settings
+        )
         _mask_secrets(manifest.secret_values())
         training_id = self._training_id(context)
         self.image = self.image or manifest.framework.image

@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 _MAX_METRICS_BYTES = 64 * 1024
 HALTED_CODE = "C200"
+#: The XCom key under which a task publishes its run's status document (``wmltrain list`` reads it).
+STATUS_XCOM_KEY = "wmltrain_status"
 
 
 def read_metrics(path: Path) -> dict[str, Any]:
@@ -91,6 +93,8 @@ class TrainingRun:
     :param settings: the ``[wmltrain]`` settings.
     :param log: the task's logger.
     :param status: the status so far (read from the bucket on a resume); a fresh one when ``None``.
+    :param on_status: called with the status document after each write (the operator publishes it as the
+        XCom :data:`STATUS_XCOM_KEY`, which ``wmltrain list``/``show`` read through the REST API).
     """
 
     def __init__(
@@ -101,8 +105,10 @@ class TrainingRun:
         settings: Settings,
         log: logging.Logger | Any = None,
         status: RunStatus | None = None,
+        on_status: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.training_id = training_id
+        self.on_status = on_status
         self.manifest = manifest
         self.settings = settings
         self.log = log or logger
@@ -156,12 +162,15 @@ class TrainingRun:
         return self.status
 
     def _write_status(self) -> None:
+        document = self.status.to_dict()
         try:
-            self.results_store.put_json(self.prefix + STATUS_FILE, self.status.to_dict())
+            self.results_store.put_json(self.prefix + STATUS_FILE, document)
         except TransferError as err:
             raise ResultsStoreError(
                 f"cannot write {self.results_store.describe(self.prefix + STATUS_FILE)}: {err}"
             ) from None
+        if self.on_status is not None:
+            self.on_status(document)
 
     # --- DOWNLOADING ---------------------------------------------------------------------------------
 
