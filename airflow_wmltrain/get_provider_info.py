@@ -244,6 +244,14 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "60",
                         "default": "30",
                     },
+                    "retention_days": {
+                        "description": "Days a training run's history is kept in Airflow (the "
+                        "wmltrain_retention DAG removes older ended runs; the files in the buckets stay).\n",
+                        "type": "float",
+                        "version_added": "0.1.0",
+                        "example": "30",
+                        "default": "7",
+                    },
                     "poll_interval": {
                         "description": "Seconds between two looks at a training container while a "
                         "deferred run waits in the triggerer.\n",

@@ -89,6 +89,7 @@ class RunStatus:
     :param name: the manifest's ``model_definition.name``.
     :param history: every state entered, with its time.
     :param results_location: where the run's files are (``s3://bucket/training-id/`` ...).
+    :param data_location: where its data comes from (a description without secrets).
     :param image: the framework's container image.
     :param command: the command the container runs (hyperparameters applied, no secret).
     :param gpus: the GPU ids given to the run (empty on CPU).
@@ -103,6 +104,7 @@ class RunStatus:
     name: str = ""
     history: tuple[Transition, ...] = ()
     results_location: str = ""
+    data_location: str = ""
     image: str = ""
     command: str = ""
     gpus: tuple[str, ...] = ()
@@ -162,6 +164,7 @@ class RunStatus:
             "updated_at": self.history[-1].at if self.history else None,
             "history": [t.to_dict() for t in self.history],
             "results_location": self.results_location,
+            "data_location": self.data_location,
             "image": self.image,
             "command": self.command,
             "gpus": list(self.gpus),
@@ -189,6 +192,7 @@ class RunStatus:
                 name=str(document.get("name") or ""),
                 history=history,
                 results_location=str(document.get("results_location") or ""),
+                data_location=str(document.get("data_location") or ""),
                 image=str(document.get("image") or ""),
                 command=str(document.get("command") or ""),
                 gpus=tuple(str(g) for g in document.get("gpus") or ()),

@@ -10,8 +10,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from airflow_wmltrain import __version__
-from airflow_wmltrain.cli import stage, validate
+from airflow_wmltrain.cli import runs, stage, train, validate
 from airflow_wmltrain.errors import ClientError, WmlTrainError
+from airflow_wmltrain.service.api import ApiError, ApiNotFoundError
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_SERVER_ERROR = 0, 1, 2, 3
 
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     validate.register(commands)
     stage.register(commands)
+    train.register(commands)
+    runs.register(commands)
     return parser
 
 
@@ -38,6 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WmlTrainError as err:
         print(f"error {err.code}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT if isinstance(err, ClientError) else EXIT_SERVER_ERROR
+    except ApiNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ApiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SERVER_ERROR
     except KeyboardInterrupt:
         return 130
 

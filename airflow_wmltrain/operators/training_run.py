@@ -28,6 +28,7 @@ from docker.types import LogConfig
 
 from airflow_wmltrain.errors import (
     ImageMissingError,
+    ManifestError,
     RunHaltedError,
     ServerError,
     TrainingFailedError,
@@ -37,7 +38,7 @@ from airflow_wmltrain.lifecycle import RunState, RunStatus
 from airflow_wmltrain.links.training_run import TrainingResultsLink
 from airflow_wmltrain.runtime import container, gpus, labels
 from airflow_wmltrain.runtime.docker_host import DockerHost
-from airflow_wmltrain.runtime.run import STATUS_XCOM_KEY, TrainingRun
+from airflow_wmltrain.runtime.run import RUN_XCOM_PREFIX, STATUS_XCOM_KEY, TrainingRun
 from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS
 from airflow_wmltrain.settings import Settings
 from airflow_wmltrain.training_id import check_training_id, derive_training_id
@@ -100,7 +101,7 @@ class TrainingRunOperator(DockerOperator):
         *,
         manifest: str | os.PathLike[str] | Mapping[str, Any],
         model_definition: str | os.PathLike[str] | bytes,
-        hyperparameters: Mapping[str, Any] | None = None,
+        hyperparameters: Mapping[str, Any] | str | None = None,
         training_id: str | None = None,
         image: str | None = None,
         deferrable: bool = _DEFERRABLE_DEFAULT,
@@ -203,21 +204,33 @@ class TrainingRunOperator(DockerOperator):
         from airflow_wmltrain.submission import check_submission
 
         settings = self._settings()
-        manifest = load_manifest(self.manifest, settings=settings)
-        _mask_secrets(manifest.secret_values())
-        model_definition = resolve_model_definition(
-            self.model_definition, manifest, max_bytes=settings.model_definition_max_bytes
-        )
-        submission = check_submission(
-            model_definition, manifest, hyperparameters=self.hyperparameters, settings=settings
-        )
-        _mask_secrets(manifest.secret_values())
         training_id = self._training_id(context)
+        try:
+            manifest = load_manifest(self.manifest, settings=settings)
+            _mask_secrets(manifest.secret_values())
+            model_definition = resolve_model_definition(
+                self.model_definition, manifest, max_bytes=settings.model_definition_max_bytes
+            )
+            submission = check_submission(
+                model_definition,
+                manifest,
+                hyperparameters=_hyperparameters(self.hyperparameters),
+                settings=settings,
+            )
+        except WmlTrainError as err:  # refused before anything started; listed as failed, with the reason
+            self._publisher(context)(_refused(training_id, err, self._airflow_info(context)))
+            context["ti"].xcom_push(key=RUN_XCOM_PREFIX + training_id, value="")
+            raise
         self.image = self.image or manifest.framework.image
         run = self._run = TrainingRun(
-            training_id=training_id, manifest=manifest, settings=settings, log=self.log
+            training_id=training_id,
+            manifest=manifest,
+            settings=settings,
+            log=self.log,
+            on_status=self._publisher(context),
         )
         context["ti"].xcom_push(key="training_id", value=training_id)
+        context["ti"].xcom_push(key=RUN_XCOM_PREFIX + training_id, value=run.location)
         TrainingResultsLink.persist(context, run.location)
         self.log.info(
             "Training run %s (%s): %s on %s, results in %s",
@@ -235,6 +248,7 @@ class TrainingRunOperator(DockerOperator):
             training_id=training_id,
             name=manifest.name,
             results_location=run.location,
+            data_location=manifest.data.describe(),
             image=str(self.image),
             command=submission.command,
             airflow=self._airflow_info(context),
@@ -503,7 +517,11 @@ class TrainingRunOperator(DockerOperator):
         _mask_secrets(manifest.secret_values())
         training_id = str(event.get("training_id") or self._training_id(context))
         run = self._run = TrainingRun(
-            training_id=training_id, manifest=manifest, settings=settings, log=self.log
+            training_id=training_id,
+            manifest=manifest,
+            settings=settings,
+            log=self.log,
+            on_status=self._publisher(context),
         )
         run.status = run.read_status() or run.status
         container_id = str(event.get("container_id", ""))
@@ -566,6 +584,30 @@ class TrainingRunOperator(DockerOperator):
             params["grace"],
         )
         spawn_halter(params, Path(settings.staging_dir) / "halts" / f"{run.training_id}.log")
+
+
+def _hyperparameters(value: Mapping[str, Any] | str | None) -> Mapping[str, Any] | None:
+    """The hyperparameters, also when a template rendered them as JSON text."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return None
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        raise ManifestError(
+            'is text that is not a JSON object; give a mapping such as {"learningRate": 0.01}',
+            field="hyperparameters",
+        ) from None
+    if not isinstance(parsed, dict):
+        raise ManifestError("must be a mapping of option name to value", field="hyperparameters")
+    return parsed
+
+
+def _refused(training_id: str, error: WmlTrainError, airflow: dict[str, Any]) -> dict[str, Any]:
+    """The status document of a run refused at validation (it is published, not written to a bucket)."""
+    status = RunStatus(training_id=training_id, airflow=airflow)
+    return status.fail(RunState.FAILED, error.code, str(error)).to_dict()
 
 
 def spawn_halter(params: Mapping[str, Any], log_path: Path) -> None:

@@ -52,6 +52,8 @@ _MAX_METRICS_BYTES = 64 * 1024
 HALTED_CODE = "C200"
 #: The XCom key under which a task publishes its run's status document (``wmltrain list`` reads it).
 STATUS_XCOM_KEY = "wmltrain_status"
+#: The XCom key ``wmltrain_run_<training-id>``: finds a run's task by its id with one REST call.
+RUN_XCOM_PREFIX = "wmltrain_run_"
 
 
 def read_metrics(path: Path) -> dict[str, Any]:

@@ -58,5 +58,6 @@ def test_provider_info_declares_every_setting_with_a_description() -> None:
         "cpu_fallback",
         "halt_grace_period",
         "poll_interval",
+        "retention_days",
     }
     assert all(spec["description"].strip() and "default" in spec for spec in options.values())

@@ -1,0 +1,201 @@
+"""``wmltrain list | show | delete | logs | halt``: training runs as Airflow knows them (REST API v2).
+
+``list`` shows every run — the bundled DAG's and those of ``TrainingRunOperator`` tasks in any DAG,
+failed and halted ones included, with their reason —, in the seed service's columns plus the DAG.
+These commands import nothing of Airflow, so they start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from airflow_wmltrain.cli.server import add_server_options, api_from_args
+from airflow_wmltrain.service.api import AirflowApi, quote
+from airflow_wmltrain.service.runs import (
+    TrainingRunRecord,
+    delete_run,
+    find_run,
+    halt_run,
+    list_runs,
+    log_lines,
+)
+
+NOUNS = ("trained-models", "training-runs", "models", "runs")
+EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def register(commands: Any) -> None:
+    listing = commands.add_parser("list", help="list the training runs (failed and halted ones included)")
+    listing.add_argument("noun", nargs="?", choices=NOUNS, help=argparse.SUPPRESS)
+    listing.add_argument("--state", help="only runs in this state (COMPLETED, FAILED, HALTED, PROCESSING...)")
+    listing.add_argument("--limit", type=int, help="at most this many (newest first)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    add_server_options(listing)
+    listing.set_defaults(handler=run_list)
+
+    for name, helptext, handler in (
+        ("show", "show a training run's details", run_show),
+        ("delete", "remove a run's history from Airflow (the files in the bucket stay)", run_delete),
+        ("logs", "print a run's training log", run_logs),
+        ("halt", "stop a run (it ends HALTED, its logs stored)", run_halt),
+    ):
+        parser = commands.add_parser(name, help=helptext)
+        parser.add_argument("args", nargs="+", metavar="ID", help="the training id (training-...)")
+        if name == "show":
+            parser.add_argument("--json", action="store_true", help="print JSON")
+        if name == "delete":
+            parser.add_argument(
+                "--halt", action="store_true", help="halt the run first if it is still active"
+            )
+        if name == "logs":
+            parser.add_argument(
+                "--follow", "-f", action="store_true", help="follow the log until the run ends"
+            )
+        add_server_options(parser)
+        parser.set_defaults(handler=handler)
+
+
+def _training_id(args: argparse.Namespace) -> str:
+    words = [w for w in args.args if w not in NOUNS]
+    if len(words) != 1:
+        raise SystemExit(
+            f"wmltrain {args.command}: give one training id, e.g. wmltrain {args.command} training-abc"
+        )
+    return str(words[0])
+
+
+def _ui_url(api: AirflowApi, record: TrainingRunRecord) -> str:
+    url = f"{api.url}/dags/{quote(record.dag_id)}/runs/{quote(record.run_id)}"
+    if record.task_id:
+        url += f"/tasks/{quote(record.task_id)}"
+        if record.map_index >= 0:
+            url += f"/mapped/{record.map_index}"
+    return url
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    api = api_from_args(args)
+    records = list_runs(api, state=args.state, limit=args.limit)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in records], indent=2))
+        return EXIT_OK
+    rows = []
+    for number, record in enumerate(records, 1):
+        reason = ""
+        if record.error and record.state in ("FAILED", "HALTED"):
+            reason = f"{record.error.get('code', '')} {record.error.get('message', '').splitlines()[0][:70]}"
+        where = record.dag_id + (f"[{record.map_index}]" if record.map_index >= 0 else "")
+        rows.append(
+            [str(number), record.name, record.training_id, record.state, record.submitted, where, reason]
+        )
+    print(_table(rows, ["#", "name", "id", "status", "submitted-at", "dag", "reason"]))
+    return EXIT_OK
+
+
+def run_show(args: argparse.Namespace) -> int:
+    api = api_from_args(args)
+    record = find_run(api, _training_id(args))
+    document = {**record.to_dict(), "url": _ui_url(api, record)}
+    if args.json:
+        print(json.dumps(document, indent=2))
+        return EXIT_OK
+    rows = [
+        ("id", record.training_id),
+        ("url", document["url"]),
+        ("name", record.name),
+        ("state", record.state),
+        ("submitted-at", record.submitted),
+    ]
+    rows += [(f"  {h['state'].lower()}", h["at"]) for h in document["history"]]
+    rows += [
+        (
+            "dag",
+            f"{record.dag_id} / {record.run_id} / {record.task_id or '-'}"
+            + (f"[{record.map_index}]" if record.map_index >= 0 else ""),
+        ),
+        ("gpus", ",".join(document["gpus"]) or "none"),
+        ("image", document["image"] or ""),
+        ("command", document["command"] or ""),
+        ("data", document["data_location"] or ""),
+        ("results", document["results_location"] or ""),
+    ]
+    if record.error:
+        rows.append(("error", f"{record.error.get('code', '')} {record.error.get('message', '')}"))
+    if document["metrics"]:
+        rows.append(("metrics", json.dumps(document["metrics"], sort_keys=True)))
+    for label, value in rows:
+        print(f"{label:<14} {value}")
+    return EXIT_OK
+
+
+def _wait_not_running(api: AirflowApi, training_id: str, timeout: float = 120) -> TrainingRunRecord:
+    deadline = time.monotonic() + timeout
+    while True:
+        record = find_run(api, training_id)
+        if (
+            record.ti_state not in ("running", "deferred", "queued", "scheduled")
+            or time.monotonic() > deadline
+        ):
+            return record
+        time.sleep(1)
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    api = api_from_args(args)
+    record = find_run(api, _training_id(args))
+    if record.active:
+        if not args.halt:
+            print(
+                f"error: {record.training_id} is {record.state}; halt it first (wmltrain halt "
+                f"{record.training_id}) or delete it with --halt",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
+        halt_run(api, record)
+        record = _wait_not_running(api, record.training_id)
+    removed = delete_run(api, record)
+    _delete_moved_connections(api, record.training_id)
+    where = record.status.get("results_location") or "the results bucket"
+    print(f"Deleted {record.training_id}: {removed} removed from Airflow; its files in {where} stay")
+    return EXIT_OK
+
+
+def _delete_moved_connections(api: AirflowApi, training_id: str) -> None:
+    """The connections ``wmltrain train`` made of a manifest's inline credentials."""
+    from airflow_wmltrain.service.api import ApiNotFoundError
+
+    for role in ("data", "results"):
+        try:
+            api.call("DELETE", f"/connections/wmltrain_{training_id.replace('-', '_')}_{role}")
+        except ApiNotFoundError:
+            continue
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    api = api_from_args(args)
+    record = find_run(api, _training_id(args))
+    for line in log_lines(api, record, follow=args.follow):
+        print(line, flush=True)
+    return EXIT_OK
+
+
+def run_halt(args: argparse.Namespace) -> int:
+    api = api_from_args(args)
+    record = find_run(api, _training_id(args))
+    if not record.active:
+        print(f"{record.training_id} is already {record.state}")
+        return EXIT_OK
+    halt_run(api, record)
+    print(f"Halting {record.training_id}: its container is stopped and its logs are stored; it ends HALTED")
+    return EXIT_OK
