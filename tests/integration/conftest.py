@@ -76,6 +76,11 @@ def services() -> dict[str, str]:
         "WMLTRAIN_SWIFT_AUTH_URL",
         "WMLTRAIN_STORE_USER",
         "WMLTRAIN_STORE_KEY",
+        "WMLTRAIN_AIRFLOW_URL",
+        "WMLTRAIN_AIRFLOW_USER",
+        "WMLTRAIN_AIRFLOW_PASSWORD",
+        "WMLTRAIN_AIRFLOW_HOME",
+        "WMLTRAIN_AIRFLOW_TEST_DAGS",
     )
     missing = [name for name in required if not env.get(name)]
     if missing:
