@@ -545,3 +545,86 @@ def test_derived_training_ids_are_stable_per_task_instance() -> None:
     assert first != derive_training_id("dag", "manual__1", "train", 4)
     assert first != derive_training_id("dag", "manual__2", "train", 3)
     assert PATTERN.match(first)
+
+
+def test_an_oom_killed_run_is_named_as_such(
+    airflow_runner: AirflowRunner,
+    buckets: tuple[str, str],
+    s3_client: Any,
+    tmp_path: Path,
+    services: dict[str, str],
+) -> None:
+    data, results = buckets
+    hog = 'echo "allocating"; x=$(head -c 200000000 /dev/zero | tr "\\0" a); echo "survived ${#x}"\n'
+    zip_path = model_zip(tmp_path / "model.zip", {"hog.sh": hog})
+    man = manifest(command="sh hog.sh", data_bucket=data, results_bucket=results, connection=_conn())
+    dag_file = _dag(
+        airflow_runner,
+        "it_oom",
+        man=man,
+        zip_path=zip_path,
+        mem_limit="32m",
+        docker_url=services["WMLTRAIN_GPU_DOCKER_HOST"],
+    )
+    states, output = airflow_runner.run(dag_file, home="oom", env=_env_for(dag_file))
+    assert states == {"train": "failed"}, output[-6000:]
+    status = _status(s3_client, results, _training_id(output))
+    assert status is not None
+    assert status["state"] == "FAILED"
+    assert status["error"]["code"] == "C201"
+    assert "lack of memory (out of memory (mem_limit 32m))" in status["error"]["message"]
+    assert "allocating" in status["error"]["message"]
+
+
+def test_no_free_gpu_reschedules_the_task_when_configured(
+    airflow_runner: AirflowRunner,
+    buckets: tuple[str, str],
+    s3_client: Any,
+    tmp_path: Path,
+    services: dict[str, str],
+) -> None:
+    """Every GPU is held (by leases of another allocation); the task gives its slot back and comes back."""
+    import threading
+
+    data, results = buckets
+    cli = docker.APIClient(base_url=services["WMLTRAIN_GPU_DOCKER_HOST"])
+    holder = f"training-holder{uuid.uuid4().hex[:6]}"
+    leases = [
+        cli.create_container(
+            services["WMLTRAIN_TEST_IMAGE"],
+            command=["true"],
+            name=labels.gpu_lease_name(gpu),
+            labels={labels.ROLE: labels.ROLE_GPU_LEASE, labels.TRAINING_ID: holder, labels.GPUS: gpu},
+            host_config=cli.create_host_config(network_mode="none"),
+        )["Id"]
+        for gpu in ("0", "1", "2", "3")
+    ]
+
+    def free_the_gpus() -> None:
+        time.sleep(12)
+        for lease in leases:
+            cli.remove_container(lease, force=True)
+
+    zip_path = model_zip(tmp_path / "model.zip", {"train.sh": TRAIN_SH})
+    man = manifest(command="sh train.sh", data_bucket=data, results_bucket=results, connection=_conn())
+    dag_file = _dag(
+        airflow_runner,
+        "it_resched",
+        man=man,
+        zip_path=zip_path,
+        docker_url=services["WMLTRAIN_GPU_DOCKER_HOST"],
+    )
+    freer = threading.Thread(target=free_the_gpus)
+    freer.start()
+    try:
+        states, output = airflow_runner.run(
+            dag_file, home="resched", env={**_env_for(dag_file), "AIRFLOW__WMLTRAIN__GPU_WAIT": "reschedule"}
+        )
+    finally:
+        freer.join()
+    assert states == {"train": "success"}, output[-6000:]
+    assert "trying again in 1 s" in output
+    assert "UP_FOR_RESCHEDULE" in output.upper().replace(" ", "_") or "reschedul" in output.lower()
+    status = _status(s3_client, results, _training_id(output))
+    assert status is not None
+    assert status["state"] == "COMPLETED"
