@@ -161,6 +161,17 @@ class TrainingRunOperator(DockerOperator):
             ti.dag_id, ti.run_id, ti.task_id, -1 if ti.map_index is None else ti.map_index
         )
 
+    def _new_run(
+        self, context: Context, training_id: str, manifest: TrainingManifest, settings: Settings
+    ) -> TrainingRun:
+        return TrainingRun(
+            training_id=training_id,
+            manifest=manifest,
+            settings=settings,
+            log=self.log,
+            on_status=self._publisher(context),
+        )
+
     @staticmethod
     def _publisher(context: Context) -> Callable[[dict[str, Any]], None]:
         """Publishes each status document as an XCom, so the REST API (``wmltrain list``) sees it."""
@@ -222,13 +233,7 @@ class TrainingRunOperator(DockerOperator):
             context["ti"].xcom_push(key=RUN_XCOM_PREFIX + training_id, value="")
             raise
         self.image = self.image or manifest.framework.image
-        run = self._run = TrainingRun(
-            training_id=training_id,
-            manifest=manifest,
-            settings=settings,
-            log=self.log,
-            on_status=self._publisher(context),
-        )
+        run = self._run = self._new_run(context, training_id, manifest, settings)
         context["ti"].xcom_push(key="training_id", value=training_id)
         context["ti"].xcom_push(key=RUN_XCOM_PREFIX + training_id, value=run.location)
         TrainingResultsLink.persist(context, run.location)
@@ -516,13 +521,7 @@ class TrainingRunOperator(DockerOperator):
         manifest = load_manifest(self.manifest, settings=settings)
         _mask_secrets(manifest.secret_values())
         training_id = str(event.get("training_id") or self._training_id(context))
-        run = self._run = TrainingRun(
-            training_id=training_id,
-            manifest=manifest,
-            settings=settings,
-            log=self.log,
-            on_status=self._publisher(context),
-        )
+        run = self._run = self._new_run(context, training_id, manifest, settings)
         run.status = run.read_status() or run.status
         container_id = str(event.get("container_id", ""))
         if event.get("status") != "exited":
