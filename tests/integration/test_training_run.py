@@ -135,6 +135,30 @@ def _dag(runner: AirflowRunner, name: str, *, man: dict[str, Any], zip_path: Pat
         runner.work = saved
 
 
+def _script_dag(
+    runner: AirflowRunner,
+    tmp_path: Path,
+    name: str,
+    files: dict[str, str],
+    **manifest_args: Any,
+) -> Path:
+    """A DAG running ``manifest_args['command']`` on a zip of ``files``; extra ``_dag`` keywords pass on."""
+    extra = {k: manifest_args.pop(k) for k in list(manifest_args) if k not in _MANIFEST_ARGS}
+    zip_path = model_zip(tmp_path / f"{name}.zip", files)
+    return _dag(runner, name, man=manifest(**manifest_args), zip_path=zip_path, **extra)
+
+
+_MANIFEST_ARGS = {"command", "data_bucket", "results_bucket", "connection", "store_type", "resource", "name"}
+
+
+def _wait_until_no_run_holds_a_gpu(cli: docker.APIClient, timeout: float = 180) -> None:
+    """Other tests' runs (e.g. through the services' Airflow) may still hold GPUs of the shared host."""
+    deadline = time.monotonic() + timeout
+    while cli.containers(filters={"label": f"{labels.ROLE}={labels.ROLE_RUN}", "status": "running"}):
+        assert time.monotonic() < deadline, "the stand-in GPU host never became idle"
+        time.sleep(1)
+
+
 def _env_for(dag_file: Path) -> dict[str, str]:
     return {"AIRFLOW__CORE__DAGS_FOLDER": str(dag_file.parent)}
 
@@ -187,15 +211,15 @@ def test_a_run_completes_with_the_results_layout(
     services: dict[str, str],
 ) -> None:
     data, results = buckets
-    zip_path = model_zip(tmp_path / "model.zip", {"train.sh": TRAIN_SH})
-    man = manifest(
-        command="sh train.sh --lr 0.1", data_bucket=data, results_bucket=results, connection=_conn()
-    )
-    dag_file = _dag(
+    dag_file = _script_dag(
         airflow_runner,
+        tmp_path,
         "it_complete",
-        man=man,
-        zip_path=zip_path,
+        {"train.sh": TRAIN_SH},
+        command="sh train.sh --lr 0.1",
+        data_bucket=data,
+        results_bucket=results,
+        connection=_conn(),
         docker_url=services["WMLTRAIN_GPU_DOCKER_HOST"],
         hyperparameters={"lr": 0.02},
     )
@@ -215,7 +239,7 @@ def test_a_run_completes_with_the_results_layout(
     }
     assert {key.removeprefix(f"{training_id}/") for key in files} == expected
     assert files[f"{training_id}/copy.txt"] == b"the training data\n"
-    assert files[f"{training_id}/_submitted_code/model.zip"] == zip_path.read_bytes()
+    assert files[f"{training_id}/_submitted_code/model.zip"] == (tmp_path / "it_complete.zip").read_bytes()
     assert yaml.safe_load(files[f"{training_id}/_manifest.yml"])["model_definition"]["name"] == "test-run"
     log = files[f"{training_id}/learner-1/training-log.txt"].decode()
     assert f"TRAINING_ID={training_id}" in log
@@ -246,10 +270,16 @@ def test_a_failing_script_ends_failed_c201_with_logs_stored(
     services: dict[str, str],
 ) -> None:
     data, results = buckets
-    zip_path = model_zip(tmp_path / "model.zip", {"fail.sh": FAIL_SH})
-    man = manifest(command="sh fail.sh", data_bucket=data, results_bucket=results, connection=_conn())
-    dag_file = _dag(
-        airflow_runner, "it_fail", man=man, zip_path=zip_path, docker_url=services["WMLTRAIN_GPU_DOCKER_HOST"]
+    dag_file = _script_dag(
+        airflow_runner,
+        tmp_path,
+        "it_fail",
+        {"fail.sh": FAIL_SH},
+        command="sh fail.sh",
+        data_bucket=data,
+        results_bucket=results,
+        connection=_conn(),
+        docker_url=services["WMLTRAIN_GPU_DOCKER_HOST"],
     )
     states, output = airflow_runner.run(dag_file, home="fail", env=_env_for(dag_file))
     assert states == {"train": "failed"}, output[-6000:]
@@ -276,13 +306,15 @@ def test_a_halted_run_ends_halted_with_its_container_gone_and_logs_stored(
 ) -> None:
     data, results = buckets
     training_id = f"training-halt{uuid.uuid4().hex[:8]}"
-    zip_path = model_zip(tmp_path / "model.zip", {"sleep.sh": SLEEP_SH})
-    man = manifest(command="sh sleep.sh 300", data_bucket=data, results_bucket=results, connection=_conn())
-    dag_file = _dag(
+    dag_file = _script_dag(
         airflow_runner,
+        tmp_path,
         "it_halt",
-        man=man,
-        zip_path=zip_path,
+        {"sleep.sh": SLEEP_SH},
+        command="sh sleep.sh 300",
+        data_bucket=data,
+        results_bucket=results,
+        connection=_conn(),
         training_id=training_id,
         docker_url=services["WMLTRAIN_GPU_DOCKER_HOST"],
     )
@@ -314,13 +346,15 @@ def test_a_retried_task_reattaches_to_its_container(
 ) -> None:
     data, results = buckets
     training_id = f"training-retry{uuid.uuid4().hex[:8]}"
-    zip_path = model_zip(tmp_path / "model.zip", {"sleep.sh": SLEEP_SH})
-    man = manifest(command="sh sleep.sh 6", data_bucket=data, results_bucket=results, connection=_conn())
-    dag_file = _dag(
+    dag_file = _script_dag(
         airflow_runner,
+        tmp_path,
         "it_retry",
-        man=man,
-        zip_path=zip_path,
+        {"sleep.sh": SLEEP_SH},
+        command="sh sleep.sh 6",
+        data_bucket=data,
+        results_bucket=results,
+        connection=_conn(),
         training_id=training_id,
         docker_url=services["WMLTRAIN_GPU_DOCKER_HOST"],
     )
@@ -362,19 +396,16 @@ def test_a_deferred_run_on_swift_completes(
         s3_client.create_bucket(Bucket=name)
     s3_client.put_object(Bucket=data, Key="input.txt", Body=b"the training data\n")
     try:
-        zip_path = model_zip(tmp_path / "model.zip", {"train.sh": TRAIN_SH})
-        man = manifest(
+        dag_file = _script_dag(
+            airflow_runner,
+            tmp_path,
+            "it_defer",
+            {"train.sh": TRAIN_SH},
             command="sh train.sh",
             data_bucket=data,
             results_bucket=results,
             connection=_conn(SWIFT_CONN_ID),
             store_type="bluemix_objectstore",
-        )
-        dag_file = _dag(
-            airflow_runner,
-            "it_defer",
-            man=man,
-            zip_path=zip_path,
             deferrable=True,
             poll_interval=1,
             docker_url=services["WMLTRAIN_GPU_DOCKER_HOST"],
@@ -404,15 +435,19 @@ def test_six_concurrent_small_runs_never_share_a_gpu_and_large_gets_four(
     services: dict[str, str],
 ) -> None:
     data, results = buckets
-    zip_path = model_zip(tmp_path / "model.zip", {"times.sh": TIMES_SH})
-    small = manifest(command="sh times.sh 3", data_bucket=data, results_bucket=results, connection=_conn())
-    dag_file = _dag(
+    dag_file = _script_dag(
         airflow_runner,
+        tmp_path,
         "it_grid",
-        man=small,
-        zip_path=zip_path,
+        {"times.sh": TIMES_SH},
+        command="sh times.sh 3",
+        data_bucket=data,
+        results_bucket=results,
+        connection=_conn(),
         docker_url=services["WMLTRAIN_GPU_DOCKER_HOST"],
     )
+
+    _wait_until_no_run_holds_a_gpu(docker.APIClient(base_url=services["WMLTRAIN_GPU_DOCKER_HOST"]))
 
     def one(i: int) -> tuple[dict[str, str], str]:
         return airflow_runner.run(dag_file, home=f"grid-{i}", env=_env_for(dag_file))
@@ -441,18 +476,16 @@ def test_six_concurrent_small_runs_never_share_a_gpu_and_large_gets_four(
                 assert end_a <= start_b or end_b <= start_a, f"GPU {gpu_a} shared: {intervals}"
     assert len({gpu for gpu, _s, _e in intervals}) == 4  # all four GPUs were used
 
-    large = manifest(
+    dag_file = _script_dag(
+        airflow_runner,
+        tmp_path,
+        "it_large",
+        {"times.sh": TIMES_SH},
         command="sh times.sh 0",
         data_bucket=data,
         results_bucket=results,
         connection=_conn(),
         resource="large",
-    )
-    dag_file = _dag(
-        airflow_runner,
-        "it_large",
-        man=large,
-        zip_path=zip_path,
         docker_url=services["WMLTRAIN_GPU_DOCKER_HOST"],
     )
     states, output = airflow_runner.run(dag_file, home="large", env=_env_for(dag_file))
@@ -475,10 +508,16 @@ def test_a_host_without_nvidia_runtime_is_refused_clearly_unless_cpu_fallback(
     services: dict[str, str],
 ) -> None:
     data, results = buckets
-    zip_path = model_zip(tmp_path / "model.zip", {"train.sh": TRAIN_SH})
-    man = manifest(command="sh train.sh", data_bucket=data, results_bucket=results, connection=_conn())
-    dag_file = _dag(
-        airflow_runner, "it_nogpu", man=man, zip_path=zip_path, docker_url=services["DOCKER_HOST"]
+    dag_file = _script_dag(
+        airflow_runner,
+        tmp_path,
+        "it_nogpu",
+        {"train.sh": TRAIN_SH},
+        command="sh train.sh",
+        data_bucket=data,
+        results_bucket=results,
+        connection=_conn(),
+        docker_url=services["DOCKER_HOST"],
     )
     states, output = airflow_runner.run(dag_file, home="nogpu", env=_env_for(dag_file))
     assert states == {"train": "failed"}, output[-6000:]
@@ -512,18 +551,20 @@ def test_no_secret_reaches_the_bucket_or_the_task_log(
 ) -> None:
     data, results = buckets
     secret = store_credentials["key"]
-    zip_path = model_zip(tmp_path / "model.zip", {"train.sh": TRAIN_SH})
     inline = {
         "endpoint_url": services["WMLTRAIN_S3_ENDPOINT"],
         "aws_access_key_id": store_credentials["user"],
         "aws_secret_access_key": secret,
     }
-    man = manifest(command="sh train.sh", data_bucket=data, results_bucket=results, connection=inline)
-    dag_file = _dag(
+    dag_file = _script_dag(
         airflow_runner,
+        tmp_path,
         "it_secret",
-        man=man,
-        zip_path=zip_path,
+        {"train.sh": TRAIN_SH},
+        command="sh train.sh",
+        data_bucket=data,
+        results_bucket=results,
+        connection=inline,
         docker_url=services["WMLTRAIN_GPU_DOCKER_HOST"],
     )
     states, output = airflow_runner.run(dag_file, home="secret", env=_env_for(dag_file))
@@ -556,13 +597,15 @@ def test_an_oom_killed_run_is_named_as_such(
 ) -> None:
     data, results = buckets
     hog = 'echo "allocating"; x=$(head -c 200000000 /dev/zero | tr "\\0" a); echo "survived ${#x}"\n'
-    zip_path = model_zip(tmp_path / "model.zip", {"hog.sh": hog})
-    man = manifest(command="sh hog.sh", data_bucket=data, results_bucket=results, connection=_conn())
-    dag_file = _dag(
+    dag_file = _script_dag(
         airflow_runner,
+        tmp_path,
         "it_oom",
-        man=man,
-        zip_path=zip_path,
+        {"hog.sh": hog},
+        command="sh hog.sh",
+        data_bucket=data,
+        results_bucket=results,
+        connection=_conn(),
         mem_limit="32m",
         docker_url=services["WMLTRAIN_GPU_DOCKER_HOST"],
     )
@@ -605,13 +648,15 @@ def test_no_free_gpu_reschedules_the_task_when_configured(
         for lease in leases:
             cli.remove_container(lease, force=True)
 
-    zip_path = model_zip(tmp_path / "model.zip", {"train.sh": TRAIN_SH})
-    man = manifest(command="sh train.sh", data_bucket=data, results_bucket=results, connection=_conn())
-    dag_file = _dag(
+    dag_file = _script_dag(
         airflow_runner,
+        tmp_path,
         "it_resched",
-        man=man,
-        zip_path=zip_path,
+        {"train.sh": TRAIN_SH},
+        command="sh train.sh",
+        data_bucket=data,
+        results_bucket=results,
+        connection=_conn(),
         docker_url=services["WMLTRAIN_GPU_DOCKER_HOST"],
     )
     freer = threading.Thread(target=free_the_gpus)
