@@ -121,6 +121,7 @@ class TrainingRunOperator(DockerOperator):
         self._run: TrainingRun | None = None
         self._container_id: str | None = None
         self._halted = False
+        self._halt_connections: dict[str, str] = {}
 
     # --- templates: mask the manifest's secrets before Airflow stores the rendered fields -------------
 
@@ -496,6 +497,8 @@ class TrainingRunOperator(DockerOperator):
                 ),
                 method_name="execute_complete",
             )
+        # Read now what a halt would need: on_kill runs in a signal handler, with seconds to live.
+        self._halt_connections = _resolved_connections(run.manifest)
         self.log.info("::group::Training log of %s", run.training_id)
         try:
             container.follow_logs(self.cli, container_id, self.log)
@@ -582,6 +585,7 @@ class TrainingRunOperator(DockerOperator):
             container_id[:12],
             params["grace"],
         )
+        params["connections"] = self._halt_connections
         spawn_halter(params, Path(settings.staging_dir) / "halts" / f"{run.training_id}.log")
 
 
@@ -607,6 +611,20 @@ def _refused(training_id: str, error: WmlTrainError, airflow: dict[str, Any]) ->
     """The status document of a run refused at validation (it is published, not written to a bucket)."""
     status = RunStatus(training_id=training_id, airflow=airflow)
     return status.fail(RunState.FAILED, error.code, str(error)).to_dict()
+
+
+def _resolved_connections(manifest: TrainingManifest) -> dict[str, str]:
+    """The manifest's Airflow connections, read now (the halter runs outside the task: no API to ask)."""
+    from airflow.sdk import BaseHook
+
+    from airflow_wmltrain.manifest import ConnectionId
+
+    resolved = {}
+    for reference in (manifest.results, manifest.data):
+        if isinstance(reference.connection, ConnectionId):
+            conn_id = reference.connection.conn_id
+            resolved[conn_id] = BaseHook.get_connection(conn_id).as_json()
+    return resolved
 
 
 def spawn_halter(params: Mapping[str, Any], log_path: Path) -> None:

@@ -3,19 +3,29 @@
 A task being stopped by Airflow gets a few seconds between SIGTERM and SIGKILL, not enough to stop a
 training container gracefully and store its logs; its ``on_kill`` starts this process (in its own
 session, so it outlives the task) with :func:`~airflow_wmltrain.runtime.run.halt_run`'s parameters as
-JSON on stdin (never on the command line: the manifest may hold credentials).
+JSON on stdin (never on the command line: the manifest may hold credentials), with the Airflow
+connections the manifest names already resolved by the task (this process has no task context to ask
+the API server for them): they become ``AIRFLOW_CONN_<ID>`` variables of this process only.  The task's
+environment blocks the metadata database (``airflow-db-not-allowed:///``); this process needs no
+database, so that setting is dropped before Airflow is imported.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     params = json.load(sys.stdin)
+    for conn_id, connection in (params.pop("connections", None) or {}).items():
+        os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = connection
+    for name in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CORE__SQL_ALCHEMY_CONN"):
+        if os.environ.get(name, "").startswith("airflow-db-not-allowed"):
+            del os.environ[name]
     from airflow_wmltrain.runtime.run import halt_run
 
     try:

@@ -181,15 +181,7 @@ def _queued_bundled_runs(api: AirflowApi, known: set[str]) -> Iterator[TrainingR
         run_id = str(run.get("dag_run_id") or run.get("run_id") or "")
         if not run_id.startswith("training-") or run_id in known:
             continue
-        state = str(run.get("state") or "")
-        record = TrainingRunRecord(
-            training_id=run_id,
-            dag_id=TRAINING_DAG_ID,
-            run_id=run_id,
-            ti_state=state if state in ("failed", "success") else "queued",
-            submitted_at=str(run.get("queued_at") or run.get("run_after") or ""),
-        )
-        yield record
+        yield _bundled_record(run_id, run)
 
 
 def list_runs(
@@ -236,14 +228,41 @@ def find_run(api: AirflowApi, training_id: str) -> TrainingRunRecord:
         raise ApiNotFoundError(
             f"no training run {training_id}; `wmltrain list` shows the runs Airflow knows of"
         ) from None
+    return _bundled_record(training_id, run)
+
+
+def _bundled_record(training_id: str, run: dict[str, Any]) -> TrainingRunRecord:
+    """A bundled DAG run whose task has published nothing yet: its name from the submitted manifest."""
+    import yaml
+
     state = str(run.get("state") or "")
+    name = ""
+    conf = run.get("conf") or {}
+    try:
+        manifest: Any = yaml.safe_load(str(conf.get("manifest") or "")) if isinstance(conf, dict) else {}
+        name = str(manifest["model_definition"]["name"])
+    except (yaml.YAMLError, KeyError, TypeError):
+        pass
     return TrainingRunRecord(
         training_id=training_id,
         dag_id=TRAINING_DAG_ID,
         run_id=training_id,
         ti_state=state if state in ("failed", "success") else "queued",
-        submitted_at=str(run.get("queued_at") or run.get("run_after") or ""),
+        status={"name": name} if name else {},
+        submitted_at=_iso_ms(str(run.get("queued_at") or run.get("run_after") or "")),
     )
+
+
+def _iso_ms(text: str) -> str:
+    """An API timestamp in the status documents' form (UTC, milliseconds, ``Z``)."""
+    from datetime import datetime, timezone
+
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return text
+    moment = moment.astimezone(timezone.utc) if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def submit_run(api: AirflowApi, training_id: str, conf: dict[str, Any], *, note: str | None = None) -> None:
