@@ -99,6 +99,27 @@ with DAG(dag_id={dag_id!r}, schedule=None, start_date=datetime(2026, 1, 1), catc
 """
 GRID = [{"lr": 0.1}, {"lr": 0.01}, {"lr": 0.001}]
 
+DEFERRED_DAG = """\
+import os
+from datetime import datetime
+
+from airflow.sdk import DAG
+
+from airflow_wmltrain.operators.training_run import TrainingRunOperator
+
+with DAG(dag_id={dag_id!r}, schedule=None, start_date=datetime(2026, 1, 1), catchup=False,
+         tags=["wmltrain-it"]):
+    TrainingRunOperator(
+        task_id="train",
+        manifest={manifest!r},
+        model_definition={model!r},
+        docker_url=os.environ["WMLTRAIN_DOCKER_URL"],
+        network_mode="none",
+        deferrable=True,
+        poll_interval=2,
+    )
+"""
+
 
 # --- fixtures -----------------------------------------------------------------------------------------
 
@@ -327,6 +348,68 @@ def test_halt_ends_a_running_run_halted_with_its_logs_stored(
     assert "sleeping 300 s" in read(s3_client, results, log_key)
     assert "woke up" not in read(s3_client, results, log_key)
     assert cli.show(training_id)["task_state"] == "failed"
+
+
+def test_halt_of_a_deferred_run_goes_through_the_triggerer(
+    cli: Cli,
+    services: dict[str, str],
+    api: httpx.Client,
+    model: Path,
+    s3_client: Any,
+    gpu_docker: docker.APIClient,
+) -> None:
+    """While deferred no task process exists: the trigger's on_kill stops the container, stores the logs."""
+    dag_id = f"wmltrain_it_deferred_{uuid.uuid4().hex[:10]}"
+    data, results = make_buckets(s3_client, "data", "res")
+    files = Path(services["WMLTRAIN_AIRFLOW_TEST_DAGS"]).parent / "test-files"
+    files.mkdir(parents=True, exist_ok=True)
+    zip_path = files / f"{dag_id}.zip"
+    zip_path.write_bytes(model.read_bytes())
+    document = manifest(
+        command="sh sleep.sh 300", data_bucket=data, results_bucket=results, connection=STORE_CONN
+    )
+    dag_file = Path(services["WMLTRAIN_AIRFLOW_TEST_DAGS"]) / f"{dag_id}.py"
+    tmp = dag_file.with_suffix(".tmp")
+    tmp.write_text(DEFERRED_DAG.format(dag_id=dag_id, manifest=document, model=str(zip_path)))
+    tmp.rename(dag_file)
+    training_id = ""
+    try:
+        wait_for_dag(api, dag_id, PARSE_TIMEOUT_S)
+        assert api.patch(f"/dags/{dag_id}", json={"is_paused": False}).status_code == 200
+        run_id = trigger(api, dag_id)
+        training_id = derive_training_id(dag_id, run_id, "train", -1)
+        wait_for(
+            "the task to defer while its run trains",
+            RUN_TIMEOUT_S,
+            lambda: (
+                api.get(f"/dags/{dag_id}/dagRuns/{quote(run_id)}/taskInstances/train").json().get("state")
+                == "deferred"
+            ),
+        )
+        assert cli.show(training_id)["state"] == "PROCESSING"
+        cli.ok("halt", training_id)
+        log_key = f"{training_id}/learner-1/training-log.txt"
+        wait_for(
+            "the triggerer to stop the container and store the logs",
+            HALT_TIMEOUT_S,
+            lambda: (
+                not run_containers(gpu_docker, training_id)
+                and log_key in keys(s3_client, results, f"{training_id}/")
+                and json.loads(read(s3_client, results, f"{training_id}/_status.json")).get("state")
+                == "HALTED"
+            ),
+            interval=2,
+        )
+        assert "sleeping 300 s" in read(s3_client, results, log_key)
+        assert cli.show(training_id)["state"] == "HALTED"
+    finally:
+        dag_file.unlink(missing_ok=True)
+        api.delete(f"/dags/{dag_id}")
+        zip_path.unlink(missing_ok=True)
+        if training_id:
+            for info in run_containers(gpu_docker, training_id):
+                gpu_docker.remove_container(info["Id"], force=True)
+        drop_buckets(s3_client, [data, results])
 
 
 # --- the whole life of a run ----------------------------------------------------------------------------
