@@ -99,6 +99,27 @@ with DAG(dag_id={dag_id!r}, schedule=None, start_date=datetime(2026, 1, 1), catc
 """
 GRID = [{"lr": 0.1}, {"lr": 0.01}, {"lr": 0.001}]
 
+RETRIED_DAG = """\
+import os
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG
+
+from airflow_wmltrain.operators.training_run import TrainingRunOperator
+
+with DAG(dag_id={dag_id!r}, schedule=None, start_date=datetime(2026, 1, 1), catchup=False,
+         tags=["wmltrain-it"]):
+    TrainingRunOperator(
+        task_id="train",
+        manifest={manifest!r},
+        model_definition={model!r},
+        docker_url=os.environ["WMLTRAIN_DOCKER_URL"],
+        network_mode="none",
+        retries=1,
+        retry_delay=timedelta(seconds=1),
+    )
+"""
+
 DEFERRED_DAG = """\
 import os
 from datetime import datetime
@@ -402,6 +423,74 @@ def test_halt_of_a_deferred_run_goes_through_the_triggerer(
         )
         assert "sleeping 300 s" in read(s3_client, results, log_key)
         assert cli.show(training_id)["state"] == "HALTED"
+    finally:
+        dag_file.unlink(missing_ok=True)
+        api.delete(f"/dags/{dag_id}")
+        zip_path.unlink(missing_ok=True)
+        if training_id:
+            for info in run_containers(gpu_docker, training_id):
+                gpu_docker.remove_container(info["Id"], force=True)
+        drop_buckets(s3_client, [data, results])
+
+
+def test_an_airflow_retry_reattaches_to_the_running_container(
+    services: dict[str, str],
+    api: httpx.Client,
+    model: Path,
+    s3_client: Any,
+    gpu_docker: docker.APIClient,
+) -> None:
+    """The task's process is killed while its run trains; Airflow retries the task instance, and the
+    retry (same training id) re-attaches to the container instead of starting a second one."""
+    import os
+    import signal
+
+    dag_id = f"wmltrain_it_retry_{uuid.uuid4().hex[:10]}"
+    data, results = make_buckets(s3_client, "data", "res")
+    files = Path(services["WMLTRAIN_AIRFLOW_TEST_DAGS"]).parent / "test-files"
+    files.mkdir(parents=True, exist_ok=True)
+    zip_path = files / f"{dag_id}.zip"
+    zip_path.write_bytes(model.read_bytes())
+    document = manifest(
+        command="sh sleep.sh 15", data_bucket=data, results_bucket=results, connection=STORE_CONN
+    )
+    dag_file = Path(services["WMLTRAIN_AIRFLOW_TEST_DAGS"]) / f"{dag_id}.py"
+    tmp = dag_file.with_suffix(".tmp")
+    tmp.write_text(RETRIED_DAG.format(dag_id=dag_id, manifest=document, model=str(zip_path)))
+    tmp.rename(dag_file)
+    training_id = ""
+    since = int(time.time()) - 1
+    try:
+        wait_for_dag(api, dag_id, PARSE_TIMEOUT_S)
+        assert api.patch(f"/dags/{dag_id}", json={"is_paused": False}).status_code == 200
+        run_id = trigger(api, dag_id)
+        training_id = derive_training_id(dag_id, run_id, "train", -1)
+        ti_path = f"/dags/{dag_id}/dagRuns/{quote(run_id)}/taskInstances/train"
+        wait_for("the run's container", RUN_TIMEOUT_S, lambda: run_containers(gpu_docker, training_id))
+        pid = wait_for("the task's pid", 30, lambda: api.get(ti_path).json().get("pid"))
+        os.kill(int(pid), signal.SIGKILL)  # the worker's task process dies; the container trains on
+        final = wait_for_dag_run(api, dag_id, run_id, RUN_TIMEOUT_S + 60)
+        assert final["state"] == "success", final
+        ti = api.get(ti_path).json()
+        assert ti["try_number"] == 2, ti
+        status = json.loads(read(s3_client, results, f"{training_id}/_status.json"))
+        assert status["state"] == "COMPLETED", status
+        assert "woke up" in read(s3_client, results, f"{training_id}/learner-1/training-log.txt")
+        created = [
+            event
+            for event in gpu_docker.events(
+                since=since,
+                until=int(time.time()) + 1,
+                filters={
+                    "type": "container",
+                    "event": "create",
+                    "label": f"{labels.TRAINING_ID}={training_id}",
+                },
+                decode=True,
+            )
+            if event.get("Actor", {}).get("Attributes", {}).get(labels.ROLE) == labels.ROLE_RUN
+        ]
+        assert len(created) == 1, created
     finally:
         dag_file.unlink(missing_ok=True)
         api.delete(f"/dags/{dag_id}")
