@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -128,6 +128,64 @@ def _backoff(poll_interval: float, failures: int) -> float:
     return float(min(MAX_BACKOFF, max(poll_interval, 0.01) * 2 ** (failures - 1)))
 
 
+class _Retry(Exception):
+    """A look failed in a way worth trying again (the host or the store did not answer)."""
+
+
+class _GiveUp(Exception):
+    """A look failed for good: the trigger ends with this message."""
+
+
+async def _poll(
+    trigger: Any,
+    look: Callable[[], Awaitable[TriggerEvent | str]],
+    *,
+    failing: Callable[[int, str], str],
+    retrying: Callable[[int, float, str], None],
+    still: Callable[[str, float], None],
+    after_failure: Callable[[], None] | None = None,
+) -> AsyncIterator[TriggerEvent]:
+    """The loop both triggers run: look every ``poll_interval`` until an event, backing off on failures.
+
+    :param trigger: the trigger (its ``poll_interval`` and ``_error``).
+    :param look: one look: an event ends the loop, a string says what is awaited (for the reports);
+        raises :class:`_Retry` or :class:`_GiveUp`.
+    :param failing: the message after :data:`MAX_CONSECUTIVE_FAILURES` failures in a row.
+    :param retrying: logs a failure that will be tried again (failures, delay, reason).
+    :param still: logs that the wait goes on (what is awaited, minutes waited), every
+        :data:`STILL_WAITING_EVERY` seconds.
+    :param after_failure: called after each failure (e.g. to drop a client with a dead pool).
+    """
+    started = last_report = time.monotonic()
+    failures = 0
+    while True:
+        try:
+            outcome = await look()
+        except _GiveUp as exc:
+            yield trigger._error(str(exc))
+            return
+        except _Retry as exc:
+            failures += 1
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                yield trigger._error(failing(failures, str(exc)))
+                return
+            delay = _backoff(trigger.poll_interval, failures)
+            retrying(failures, delay, str(exc))
+            if after_failure is not None:
+                after_failure()
+            await asyncio.sleep(delay)
+            continue
+        if isinstance(outcome, TriggerEvent):
+            yield outcome
+            return
+        failures = 0
+        now = time.monotonic()
+        if now - last_report >= STILL_WAITING_EVERY:
+            last_report = now
+            still(outcome, (now - started) // 60)
+        await asyncio.sleep(trigger.poll_interval)
+
+
 # --- the container ------------------------------------------------------------------------------------
 
 
@@ -228,73 +286,59 @@ class TrainingRunTrigger(BaseTrigger):
             self.docker_url,
             self.poll_interval,
         )
-        started = last_report = time.monotonic()
-        failures = 0
-        while True:
+        answered = True
+
+        async def look() -> TriggerEvent | str:
+            nonlocal answered
             try:
                 state = await asyncio.to_thread(self._inspect)
             except NotFound:
-                yield self._error(
+                raise _GiveUp(
                     f"the training container {short_id} of {self.training_id} no longer exists on "
                     f"{self.docker_url}; it was removed before the run ended (docker rm, or the Docker "
                     "host lost its containers)"
-                )
-                return
+                ) from None
             except APIError as exc:
                 if not exc.is_server_error():
-                    yield self._error(
+                    raise _GiveUp(
                         f"the Docker host {self.docker_url} refused to inspect the training container "
                         f"{short_id} of {self.training_id}: {exc}"
-                    )
-                    return
-                failures += 1
-                reason = str(exc)
+                    ) from None
+                answered = False
+                raise _Retry(str(exc)) from None
             except (DockerException, requests.RequestException, OSError, AirflowException) as exc:
-                failures += 1
-                reason = str(exc) or type(exc).__name__
-            else:
-                if failures:
-                    self.log.info("The Docker host %s answers again", self.docker_url)
-                failures = 0
-                status = str(state.get("Status") or "")
-                if status in ("exited", "dead"):
-                    exit_code = int(state.get("ExitCode") or 0)
-                    self.log.info(
-                        "Container %s of training run %s is %s, exit code %d",
-                        short_id,
-                        self.training_id,
-                        status,
-                        exit_code,
-                    )
-                    yield self._event(
-                        "exited",
-                        exit_code=exit_code,
-                        oom_killed=bool(state.get("OOMKilled")),
-                        finished_at=str(state.get("FinishedAt") or ""),
-                        docker_error=str(state.get("Error") or ""),
-                    )
-                    return
-                now = time.monotonic()
-                if now - last_report >= STILL_WAITING_EVERY:
-                    last_report = now
-                    self.log.info(
-                        "Training run %s is still running: container %s is %s (watched for %d min)",
-                        self.training_id,
-                        short_id,
-                        status or "in an unknown state",
-                        (now - started) // 60,
-                    )
-                await asyncio.sleep(self.poll_interval)
-                continue
+                answered = False
+                raise _Retry(str(exc) or type(exc).__name__) from None
+            if not answered:
+                answered = True
+                self.log.info("The Docker host %s answers again", self.docker_url)
+            status = str(state.get("Status") or "")
+            if status not in ("exited", "dead"):
+                return status or "in an unknown state"
+            exit_code = int(state.get("ExitCode") or 0)
+            self.log.info(
+                "Container %s of training run %s is %s, exit code %d",
+                short_id,
+                self.training_id,
+                status,
+                exit_code,
+            )
+            return self._event(
+                "exited",
+                exit_code=exit_code,
+                oom_killed=bool(state.get("OOMKilled")),
+                finished_at=str(state.get("FinishedAt") or ""),
+                docker_error=str(state.get("Error") or ""),
+            )
 
-            if failures >= MAX_CONSECUTIVE_FAILURES:
-                yield self._error(
-                    f"the Docker host {self.docker_url} did not answer about the training container "
-                    f"{short_id} of {self.training_id} in {failures} tries: {reason}"
-                )
-                return
-            delay = _backoff(self.poll_interval, failures)
-            self.log.warning(
+        async for event in _poll(
+            self,
+            look,
+            failing=lambda failures, reason: (
+                f"the Docker host {self.docker_url} did not answer about the training container "
+                f"{short_id} of {self.training_id} in {failures} tries: {reason}"
+            ),
+            retrying=lambda failures, delay, reason: self.log.warning(
                 "Could not inspect container %s on %s (try %d of %d, again in %.1fs): %s",
                 short_id,
                 self.docker_url,
@@ -302,10 +346,18 @@ class TrainingRunTrigger(BaseTrigger):
                 MAX_CONSECUTIVE_FAILURES,
                 delay,
                 reason,
-            )
+            ),
+            still=lambda status, minutes: self.log.info(
+                "Training run %s is still running: container %s is %s (watched for %d min)",
+                self.training_id,
+                short_id,
+                status,
+                minutes,
+            ),
             # A client that failed may hold a dead connection pool: build a new one on the next try.
-            self._drop_client()
-            await asyncio.sleep(delay)
+            after_failure=self._drop_client,
+        ):
+            yield event
 
     def _stop_container(self) -> None:
         from airflow_wmltrain.settings import Settings
@@ -425,76 +477,64 @@ class TrainingStatusTrigger(BaseTrigger):
             STATUS_FILE,
             self.poll_interval,
         )
-        started = last_report = time.monotonic()
-        failures = 0
         last_state: RunState | None = None
         reported_missing = False
-        while True:
+
+        async def look() -> TriggerEvent | str:
+            nonlocal last_state, reported_missing
             try:
                 run = await asyncio.to_thread(read_status, reference, self.training_id)
             except (StatusDocumentError, WmlTrainError) as exc:
-                yield self._error(str(exc))
-                return
+                raise _GiveUp(str(exc)) from None
             except TransferError as exc:
                 if not exc.transient:
-                    yield self._error(f"cannot read the status of {self.training_id}: {exc}")
-                    return
-                failures += 1
-                reason = str(exc)
+                    raise _GiveUp(f"cannot read the status of {self.training_id}: {exc}") from None
+                raise _Retry(str(exc)) from None
             except (requests.RequestException, OSError) as exc:
-                failures += 1
-                reason = str(exc) or type(exc).__name__
-            else:
-                failures = 0
-                if run is None:
-                    if not reported_missing:
-                        reported_missing = True
-                        self.log.info(
-                            "No run with id %s has written a status at %s yet; waiting",
-                            self.training_id,
-                            self.location,
-                        )
-                elif run.terminal:
-                    self.log.info("Training run %s is %s", self.training_id, run.state.value)
-                    yield _trigger_event(
-                        {
-                            "status": _EVENT_STATUS[run.state],
-                            "training_id": self.training_id,
-                            "state": run.state.value,
-                            "error": dict(run.error) if run.error else None,
-                            "results_location": run.results_location or self.location,
-                            "metrics": dict(run.metrics),
-                        }
-                    )
-                    return
-                elif run.state is not last_state:
-                    last_state = run.state
-                    self.log.info("Training run %s is %s", self.training_id, run.state.value)
-                now = time.monotonic()
-                if now - last_report >= STILL_WAITING_EVERY:
-                    last_report = now
+                raise _Retry(str(exc) or type(exc).__name__) from None
+            if run is None:
+                if not reported_missing:
+                    reported_missing = True
                     self.log.info(
-                        "Still waiting for training run %s (%s; %d min)",
+                        "No run with id %s has written a status at %s yet; waiting",
                         self.training_id,
-                        last_state.value if last_state else "no status yet",
-                        (now - started) // 60,
+                        self.location,
                     )
-                await asyncio.sleep(self.poll_interval)
-                continue
-
-            if failures >= MAX_CONSECUTIVE_FAILURES:
-                yield self._error(
-                    f"cannot read the status of {self.training_id} at {self.location} "
-                    f"({failures} tries): {reason}"
+                return "no status yet"
+            if run.terminal:
+                self.log.info("Training run %s is %s", self.training_id, run.state.value)
+                return _trigger_event(
+                    {
+                        "status": _EVENT_STATUS[run.state],
+                        "training_id": self.training_id,
+                        "state": run.state.value,
+                        "error": dict(run.error) if run.error else None,
+                        "results_location": run.results_location or self.location,
+                        "metrics": dict(run.metrics),
+                    }
                 )
-                return
-            delay = _backoff(self.poll_interval, failures)
-            self.log.warning(
+            if run.state is not last_state:
+                last_state = run.state
+                self.log.info("Training run %s is %s", self.training_id, run.state.value)
+            return run.state.value
+
+        async for event in _poll(
+            self,
+            look,
+            failing=lambda failures, reason: (
+                f"cannot read the status of {self.training_id} at {self.location} "
+                f"({failures} tries): {reason}"
+            ),
+            retrying=lambda failures, delay, reason: self.log.warning(
                 "Could not read the status of %s (try %d of %d, again in %.1fs): %s",
                 self.training_id,
                 failures,
                 MAX_CONSECUTIVE_FAILURES,
                 delay,
                 reason,
-            )
-            await asyncio.sleep(delay)
+            ),
+            still=lambda state, minutes: self.log.info(
+                "Still waiting for training run %s (%s; %d min)", self.training_id, state, minutes
+            ),
+        ):
+            yield event
