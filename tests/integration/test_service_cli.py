@@ -10,6 +10,7 @@ fast tests run.  Retention is tested last: it drops every ended run submitted be
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -79,27 +80,7 @@ wait $!
 echo "woke up"
 """
 
-GRID_DAG = """\
-import os
-from datetime import datetime
-
-from airflow.sdk import DAG
-
-from airflow_wmltrain.operators.training_run import TrainingRunOperator
-
-with DAG(dag_id={dag_id!r}, schedule=None, start_date=datetime(2026, 1, 1), catchup=False,
-         tags=["wmltrain-it"]):
-    TrainingRunOperator.partial(
-        task_id="train",
-        manifest={manifest!r},
-        model_definition={model!r},
-        docker_url=os.environ["WMLTRAIN_DOCKER_URL"],
-        network_mode="none",
-    ).expand(hyperparameters={grid!r})
-"""
-GRID = [{"lr": 0.1}, {"lr": 0.01}, {"lr": 0.001}]
-
-RETRIED_DAG = """\
+TEST_DAG = """\
 import os
 from datetime import datetime, timedelta
 
@@ -109,37 +90,65 @@ from airflow_wmltrain.operators.training_run import TrainingRunOperator
 
 with DAG(dag_id={dag_id!r}, schedule=None, start_date=datetime(2026, 1, 1), catchup=False,
          tags=["wmltrain-it"]):
-    TrainingRunOperator(
+    TrainingRunOperator{partial}(
         task_id="train",
         manifest={manifest!r},
         model_definition={model!r},
         docker_url=os.environ["WMLTRAIN_DOCKER_URL"],
         network_mode="none",
-        retries=1,
-        retry_delay=timedelta(seconds=1),
-    )
+        {operator}
+    ){expand}
 """
+GRID = [{"lr": 0.1}, {"lr": 0.01}, {"lr": 0.001}]
 
-DEFERRED_DAG = """\
-import os
-from datetime import datetime
 
-from airflow.sdk import DAG
-
-from airflow_wmltrain.operators.training_run import TrainingRunOperator
-
-with DAG(dag_id={dag_id!r}, schedule=None, start_date=datetime(2026, 1, 1), catchup=False,
-         tags=["wmltrain-it"]):
-    TrainingRunOperator(
-        task_id="train",
-        manifest={manifest!r},
-        model_definition={model!r},
-        docker_url=os.environ["WMLTRAIN_DOCKER_URL"],
-        network_mode="none",
-        deferrable=True,
-        poll_interval=2,
+@contextlib.contextmanager
+def dropped_dag(
+    services: dict[str, str],
+    api: httpx.Client,
+    model: Path,
+    s3_client: Any,
+    *,
+    kind: str,
+    command: str,
+    operator: str = "",
+    grid: list[dict[str, Any]] | None = None,
+) -> Iterator[SimpleNamespace]:
+    """A DAG of one ``TrainingRunOperator`` (mapped over ``grid`` when given) dropped into the services'
+    test bundle, with its own buckets; removed afterwards with everything it made."""
+    dag_id = f"wmltrain_it_{kind}_{uuid.uuid4().hex[:10]}"
+    data, results = make_buckets(s3_client, "data", "res")
+    files = Path(services["WMLTRAIN_AIRFLOW_TEST_DAGS"]).parent / "test-files"  # not a DAG folder
+    files.mkdir(parents=True, exist_ok=True)
+    zip_path = files / f"{dag_id}.zip"
+    zip_path.write_bytes(model.read_bytes())
+    document = manifest(command=command, data_bucket=data, results_bucket=results, connection=STORE_CONN)
+    document["model_definition"]["name"] = f"it-{kind}"
+    dag_file = Path(services["WMLTRAIN_AIRFLOW_TEST_DAGS"]) / f"{dag_id}.py"
+    tmp = dag_file.with_suffix(".tmp")  # written aside, then renamed: never parsed half-written
+    tmp.write_text(
+        TEST_DAG.format(
+            dag_id=dag_id,
+            manifest=document,
+            model=str(zip_path),
+            partial=".partial" if grid else "",
+            operator=operator,
+            expand=f".expand(hyperparameters={grid!r})" if grid else "",
+        )
     )
-"""
+    tmp.rename(dag_file)
+    made = SimpleNamespace(dag_id=dag_id, results=results, training_ids=[])
+    try:
+        yield made
+    finally:
+        dag_file.unlink(missing_ok=True)
+        api.delete(f"/dags/{dag_id}")
+        zip_path.unlink(missing_ok=True)
+        gpu = docker.APIClient(base_url=services["WMLTRAIN_GPU_DOCKER_HOST"], timeout=60)
+        for training_id in made.training_ids:
+            for info in run_containers(gpu, training_id):
+                gpu.remove_container(info["Id"], force=True)
+        drop_buckets(s3_client, [data, results])
 
 
 # --- fixtures -----------------------------------------------------------------------------------------
@@ -230,25 +239,10 @@ def grid_dag(
     services: dict[str, str], api: httpx.Client, model: Path, s3_client: Any
 ) -> Iterator[SimpleNamespace]:
     """A DAG of a mapped ``TrainingRunOperator`` (3 hyperparameter sets) dropped into the test bundle."""
-    dag_id = f"wmltrain_it_grid_{uuid.uuid4().hex[:10]}"
-    data, results = make_buckets(s3_client, "data", "res")
-    files = Path(services["WMLTRAIN_AIRFLOW_TEST_DAGS"]).parent / "test-files"  # not a DAG folder
-    files.mkdir(parents=True, exist_ok=True)
-    zip_path = files / f"{dag_id}.zip"
-    zip_path.write_bytes(model.read_bytes())
-    document = manifest(
-        command="sh train.sh --lr 1", data_bucket=data, results_bucket=results, connection=STORE_CONN
-    )
-    document["model_definition"]["name"] = "it-grid"
-    dag_file = Path(services["WMLTRAIN_AIRFLOW_TEST_DAGS"]) / f"{dag_id}.py"
-    tmp = dag_file.with_suffix(".tmp")  # written aside, then renamed: never parsed half-written
-    tmp.write_text(GRID_DAG.format(dag_id=dag_id, manifest=document, model=str(zip_path), grid=GRID))
-    tmp.rename(dag_file)
-    yield SimpleNamespace(dag_id=dag_id, results=results)
-    dag_file.unlink(missing_ok=True)
-    api.delete(f"/dags/{dag_id}")
-    zip_path.unlink(missing_ok=True)
-    drop_buckets(s3_client, [data, results])
+    with dropped_dag(
+        services, api, model, s3_client, kind="grid", command="sh train.sh --lr 1", grid=GRID
+    ) as made:
+        yield made
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -380,25 +374,21 @@ def test_halt_of_a_deferred_run_goes_through_the_triggerer(
     gpu_docker: docker.APIClient,
 ) -> None:
     """While deferred no task process exists: the trigger's on_kill stops the container, stores the logs."""
-    dag_id = f"wmltrain_it_deferred_{uuid.uuid4().hex[:10]}"
-    data, results = make_buckets(s3_client, "data", "res")
-    files = Path(services["WMLTRAIN_AIRFLOW_TEST_DAGS"]).parent / "test-files"
-    files.mkdir(parents=True, exist_ok=True)
-    zip_path = files / f"{dag_id}.zip"
-    zip_path.write_bytes(model.read_bytes())
-    document = manifest(
-        command="sh sleep.sh 300", data_bucket=data, results_bucket=results, connection=STORE_CONN
-    )
-    dag_file = Path(services["WMLTRAIN_AIRFLOW_TEST_DAGS"]) / f"{dag_id}.py"
-    tmp = dag_file.with_suffix(".tmp")
-    tmp.write_text(DEFERRED_DAG.format(dag_id=dag_id, manifest=document, model=str(zip_path)))
-    tmp.rename(dag_file)
-    training_id = ""
-    try:
+    with dropped_dag(
+        services,
+        api,
+        model,
+        s3_client,
+        kind="deferred",
+        command="sh sleep.sh 300",
+        operator="deferrable=True, poll_interval=2,",
+    ) as made:
+        dag_id, results = made.dag_id, made.results
         wait_for_dag(api, dag_id, PARSE_TIMEOUT_S)
         assert api.patch(f"/dags/{dag_id}", json={"is_paused": False}).status_code == 200
         run_id = trigger(api, dag_id)
         training_id = derive_training_id(dag_id, run_id, "train", -1)
+        made.training_ids.append(training_id)
         wait_for(
             "the task to defer while its run trains",
             RUN_TIMEOUT_S,
@@ -423,14 +413,6 @@ def test_halt_of_a_deferred_run_goes_through_the_triggerer(
         )
         assert "sleeping 300 s" in read(s3_client, results, log_key)
         assert cli.show(training_id)["state"] == "HALTED"
-    finally:
-        dag_file.unlink(missing_ok=True)
-        api.delete(f"/dags/{dag_id}")
-        zip_path.unlink(missing_ok=True)
-        if training_id:
-            for info in run_containers(gpu_docker, training_id):
-                gpu_docker.remove_container(info["Id"], force=True)
-        drop_buckets(s3_client, [data, results])
 
 
 def test_an_airflow_retry_reattaches_to_the_running_container(
@@ -445,26 +427,22 @@ def test_an_airflow_retry_reattaches_to_the_running_container(
     import os
     import signal
 
-    dag_id = f"wmltrain_it_retry_{uuid.uuid4().hex[:10]}"
-    data, results = make_buckets(s3_client, "data", "res")
-    files = Path(services["WMLTRAIN_AIRFLOW_TEST_DAGS"]).parent / "test-files"
-    files.mkdir(parents=True, exist_ok=True)
-    zip_path = files / f"{dag_id}.zip"
-    zip_path.write_bytes(model.read_bytes())
-    document = manifest(
-        command="sh sleep.sh 15", data_bucket=data, results_bucket=results, connection=STORE_CONN
-    )
-    dag_file = Path(services["WMLTRAIN_AIRFLOW_TEST_DAGS"]) / f"{dag_id}.py"
-    tmp = dag_file.with_suffix(".tmp")
-    tmp.write_text(RETRIED_DAG.format(dag_id=dag_id, manifest=document, model=str(zip_path)))
-    tmp.rename(dag_file)
-    training_id = ""
     since = int(time.time()) - 1
-    try:
+    with dropped_dag(
+        services,
+        api,
+        model,
+        s3_client,
+        kind="retry",
+        command="sh sleep.sh 15",
+        operator="retries=1, retry_delay=timedelta(seconds=1),",
+    ) as made:
+        dag_id, results = made.dag_id, made.results
         wait_for_dag(api, dag_id, PARSE_TIMEOUT_S)
         assert api.patch(f"/dags/{dag_id}", json={"is_paused": False}).status_code == 200
         run_id = trigger(api, dag_id)
         training_id = derive_training_id(dag_id, run_id, "train", -1)
+        made.training_ids.append(training_id)
         ti_path = f"/dags/{dag_id}/dagRuns/{quote(run_id)}/taskInstances/train"
         wait_for("the run's container", RUN_TIMEOUT_S, lambda: run_containers(gpu_docker, training_id))
         pid = wait_for("the task's pid", 30, lambda: api.get(ti_path).json().get("pid"))
@@ -491,14 +469,6 @@ def test_an_airflow_retry_reattaches_to_the_running_container(
             if event.get("Actor", {}).get("Attributes", {}).get(labels.ROLE) == labels.ROLE_RUN
         ]
         assert len(created) == 1, created
-    finally:
-        dag_file.unlink(missing_ok=True)
-        api.delete(f"/dags/{dag_id}")
-        zip_path.unlink(missing_ok=True)
-        if training_id:
-            for info in run_containers(gpu_docker, training_id):
-                gpu_docker.remove_container(info["Id"], force=True)
-        drop_buckets(s3_client, [data, results])
 
 
 # --- the whole life of a run ----------------------------------------------------------------------------
