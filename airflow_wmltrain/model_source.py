@@ -66,12 +66,16 @@ def _fetch(store_type: str, bucket: str, key: str, manifest: TrainingManifest, m
     url = f"{store_type}://{bucket}/{key}"
     with open_store(reference) as store:
         try:
-            status, headers, body = store.request("GET", key, missing_ok=True)
+            status, headers, _ = store.request("HEAD", key, missing_ok=True)
+            if status == 404:
+                raise ModelDefinitionError(f"{url} does not exist; upload the zip there first", field=FIELD)
+            size = int(headers.get("content-length") or 0)
+            if size > max_bytes:  # checked before reading it: a data file named by mistake is not read
+                raise ModelDefinitionError(
+                    f"{url} is {size:,} bytes, more than [wmltrain] model_definition_max_bytes "
+                    f"({max_bytes:,}); is it the model zip?",
+                    field=FIELD,
+                )
+            return store.get_bytes(key)
         except TransferError as err:
             raise ModelDefinitionError(f"{url} cannot be read: {err}", field=FIELD) from None
-    if status == 404:
-        raise ModelDefinitionError(f"{url} does not exist; upload the zip there first", field=FIELD)
-    if len(body) > max_bytes:
-        raise ModelDefinitionError(f"{url} is larger than {max_bytes} bytes", field=FIELD)
-    del headers
-    return body

@@ -17,6 +17,7 @@ from airflow_wmltrain.cli.server import add_server_options, api_from_args
 from airflow_wmltrain.service.api import AirflowApi, quote
 from airflow_wmltrain.service.runs import (
     TrainingRunRecord,
+    delete_moved_connections,
     delete_run,
     find_run,
     halt_run,
@@ -164,22 +165,17 @@ def run_delete(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
         halt_run(api, record)
         record = _wait_not_running(api, record.training_id)
+        halted = True
+    else:
+        halted = False
     removed = delete_run(api, record)
-    _delete_moved_connections(api, record.training_id)
     where = record.status.get("results_location") or "the results bucket"
     print(f"Deleted {record.training_id}: {removed} removed from Airflow; its files in {where} stay")
+    if halted:  # the halt may still need them to store the logs: the retention DAG removes them later
+        print("note: connections made from the run's inline credentials are removed by wmltrain_retention")
+    else:
+        delete_moved_connections(api, record.training_id)
     return EXIT_OK
-
-
-def _delete_moved_connections(api: AirflowApi, training_id: str) -> None:
-    """The connections ``wmltrain train`` made of a manifest's inline credentials."""
-    from airflow_wmltrain.service.api import ApiNotFoundError
-
-    for role in ("data", "results"):
-        try:
-            api.call("DELETE", f"/connections/wmltrain_{training_id.replace('-', '_')}_{role}")
-        except ApiNotFoundError:
-            continue
 
 
 def run_logs(args: argparse.Namespace) -> int:
@@ -197,5 +193,13 @@ def run_halt(args: argparse.Namespace) -> int:
         print(f"{record.training_id} is already {record.state}")
         return EXIT_OK
     halt_run(api, record)
-    print(f"Halting {record.training_id}: its container is stopped and its logs are stored; it ends HALTED")
+    if record.ti_state in ("running", "deferred"):
+        print(
+            f"Halting {record.training_id}: its container is stopped and its logs are stored; it ends HALTED"
+        )
+    else:
+        print(
+            f"Halted {record.training_id}: its task was {record.ti_state or 'not started'}, so no "
+            "training was under way; it is marked failed and will not start"
+        )
     return EXIT_OK

@@ -24,7 +24,13 @@ from airflow_wmltrain.cli.validate import parse_hyperparameters
 from airflow_wmltrain.errors import ModelDefinitionError
 from airflow_wmltrain.manifest import ConnectionId, S3Connection, StoreReference, SwiftConnection
 from airflow_wmltrain.service.api import AirflowApi
-from airflow_wmltrain.service.runs import TrainingRunRecord, submit_run, wait_until_over
+from airflow_wmltrain.service.runs import (
+    TrainingRunRecord,
+    delete_moved_connections,
+    moved_connection_id,
+    submit_run,
+    wait_until_over,
+)
 from airflow_wmltrain.training_id import new_training_id
 
 #: The largest zip sent inside a run's conf (base64 makes it a third larger).
@@ -104,7 +110,7 @@ def move_credentials(api: AirflowApi, training_id: str, document: dict[str, Any]
     ):
         if isinstance(ref.connection, ConnectionId):
             continue
-        conn_id = f"wmltrain_{training_id.replace('-', '_')}_{role}"
+        conn_id = moved_connection_id(training_id, role)
         body = _connection_body(conn_id, ref)
         api.call("POST", "/connections", body={k: v for k, v in body.items() if v is not None})
         holder["connection"] = {"conn_id": conn_id}
@@ -156,7 +162,12 @@ def run(args: argparse.Namespace) -> int:
         "model_definition": model_definition,
         "hyperparameters": hyperparameters,
     }
-    submit_run(api, training_id, conf, note=f"wmltrain train: {args.name or manifest.name}")
+    try:
+        submit_run(api, training_id, conf, note=f"wmltrain train: {args.name or manifest.name}")
+    except Exception:
+        if moved:
+            delete_moved_connections(api, training_id)
+        raise
     if moved:
         print(
             f"note: inline credentials were stored as Airflow connections {', '.join(moved)}", file=sys.stderr

@@ -162,6 +162,13 @@ class TrainingRunOperator(DockerOperator):
             ti.dag_id, ti.run_id, ti.task_id, -1 if ti.map_index is None else ti.map_index
         )
 
+    def _same_task(self, status: RunStatus, context: Context) -> bool:
+        """Whether ``status`` was written by a try of this very task instance."""
+        mine = self._airflow_info(context)
+        return all(
+            status.airflow.get(key) == mine[key] for key in ("dag_id", "run_id", "task_id", "map_index")
+        )
+
     def _new_run(
         self, context: Context, training_id: str, manifest: TrainingManifest, settings: Settings
     ) -> TrainingRun:
@@ -250,6 +257,12 @@ class TrainingRunOperator(DockerOperator):
         existing = container.find_run_container(self.cli, training_id)
         if existing is not None:
             return self._reattach(context, run, existing)
+        prior = run.read_status()
+        if prior is not None and prior.state is RunState.COMPLETED and self._same_task(prior, context):
+            # An earlier try of this task instance completed the run, then died before telling Airflow.
+            self.log.info("Training run %s was COMPLETED by an earlier try; not training again", training_id)
+            run.status = prior
+            return self._result(run)
         run.status = RunStatus(
             training_id=training_id,
             name=manifest.name,
@@ -270,6 +283,10 @@ class TrainingRunOperator(DockerOperator):
         except WmlTrainError as err:
             if not run.status.terminal:
                 run.end_without_container(RunState.FAILED, err)
+            raise
+        except Exception as err:  # a Docker API error, a bad mount...: the run still ends, with the reason
+            if not run.status.terminal:
+                run.end_without_container(RunState.FAILED, ServerError(f"{type(err).__name__}: {err}"))
             raise
         self._container_id = container_id
         run.record(
@@ -406,7 +423,11 @@ class TrainingRunOperator(DockerOperator):
 
         if self._halted:
             raise RunHaltedError("the run was halted before its container started")
+        self._normalize_mounts()
         gpu_ids = self._lease_gpus(run, settings, inventory)
+        if self._halted:  # halted while it waited for GPUs
+            gpus.release_leases(self.cli, run.training_id)
+            raise RunHaltedError("the run was halted before its container started")
         command = render_command(
             submission.manifest.command,
             data_dir=CONTAINER_DIRS["DATA_DIR"],
@@ -429,7 +450,6 @@ class TrainingRunOperator(DockerOperator):
             log_config["max-size"] = self.log_opts_max_size
         if self.log_opts_max_file is not None:
             log_config["max-file"] = self.log_opts_max_file
-        self._normalize_mounts()
         try:
             created = self.cli.create_container(
                 image=self.image,
@@ -527,10 +547,12 @@ class TrainingRunOperator(DockerOperator):
         run = self._run = self._new_run(context, training_id, manifest, settings)
         run.status = run.read_status() or run.status
         container_id = str(event.get("container_id", ""))
+        self._container_id = container_id or None
         if event.get("status") != "exited":
             error = ServerError(str(event.get("message") or f"the wait for {training_id} failed: {event}"))
-            if not run.status.terminal:
-                run.end_without_container(RunState.FAILED, error)
+            if container.find_run_container(self.cli, training_id) is None and not run.status.terminal:
+                run.end_without_container(RunState.FAILED, error)  # the container is gone: the run is over
+            # Else the container may still train (the host did not answer): a retry re-attaches to it.
             raise error
         self.log.info("::group::Training log of %s", training_id)
         try:
@@ -543,7 +565,9 @@ class TrainingRunOperator(DockerOperator):
     def _finish(self, run: TrainingRun, container_id: str) -> dict[str, Any]:
         if self._halted:
             raise RunHaltedError(f"training run {run.training_id} was halted")
-        if run.status.terminal:  # ended by a halt while this task was away
+        if run.status.terminal:  # ended (e.g. by a halt) while this task was away; tidy what is left
+            container.remove(self.cli, container_id)
+            run.workspace.remove()
             return self._result(run)
         run.store(self.cli, container_id, mem_limit=self.mem_limit)
         return self._result(run)
@@ -568,15 +592,22 @@ class TrainingRunOperator(DockerOperator):
         Airflow's supervisor kills the task process a few seconds after asking it to stop, so the halt
         (SIGTERM, the grace period, SIGKILL, storing the logs) is done by a detached process.
         """
-        self._halted = True
         run, container_id = self._run, self._container_id
-        if run is None or container_id is None or run.status.terminal:
-            self.log.info("Halting: no training container was started")
-            if run is not None and not run.status.terminal:
-                run.end_without_container(
-                    RunState.HALTED, RunHaltedError("the run was halted before it started")
-                )
+        if run is None or run.status.terminal:
             return
+        if container_id is None:
+            self._halted = True
+            self.log.info("Halting: no training container was started")
+            run.end_without_container(RunState.HALTED, RunHaltedError("the run was halted before it started"))
+            return
+        try:
+            finished = not container.inspect(self.cli, container_id).running
+        except Exception:  # unknown: halt it
+            finished = False
+        if finished:  # the training is over and this task is storing it: let it (a retry finishes it)
+            self.log.info("Training run %s is being stored; not halting it", run.training_id)
+            return
+        self._halted = True
         settings = run.settings
         params = self._halt_params(run, container_id, settings)
         self.log.info(

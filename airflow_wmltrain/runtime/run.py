@@ -17,6 +17,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from docker.errors import NotFound
+
 from airflow_wmltrain.errors import ResultsStoreError, WmlTrainError
 from airflow_wmltrain.lifecycle import (
     LOAD_DATA_LOG,
@@ -155,7 +157,15 @@ class TrainingRun:
         return self.status
 
     def record_end(self, state: RunState, error: WmlTrainError | None = None, **changes: Any) -> RunStatus:
-        """End the run: ``COMPLETED``, or ``FAILED``/``HALTED`` with the error's code and message."""
+        """End the run: ``COMPLETED``, or ``FAILED``/``HALTED`` with the error's code and message.
+
+        An end written meanwhile by another process (a halt racing with the task's own finish) stands:
+        terminal states are final.
+        """
+        current = self.read_status()
+        if current is not None and current.terminal and current.history[:1] == self.status.history[:1]:
+            self.status = current
+            return current
         if error is None:
             return self.record(state, **changes)
         self.status = self.status.fail(state, error.code, str(error), **changes)
@@ -363,7 +373,15 @@ def halt_run(
     run.status = run.read_status() or run.status
     if run.status.terminal:
         return run.result()
-    logger.info("Halting training run %s: stopping container %s", training_id, container_id[:12])
-    container.stop(cli, container_id, grace=grace)
-    run.store(cli, container_id, halted=True)
+    try:
+        training = container.inspect(cli, container_id).running
+    except NotFound:
+        logger.info("Training run %s has no container any more: nothing to halt", training_id)
+        return run.result()
+    if training:
+        logger.info("Halting training run %s: stopping container %s", training_id, container_id[:12])
+        container.stop(cli, container_id, grace=grace)
+    else:
+        logger.info("Training run %s had already ended; storing it as it ended", training_id)
+    run.store(cli, container_id, halted=training)
     return run.result()

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from airflow_wmltrain.service.api import AirflowApi
-from airflow_wmltrain.service.runs import TrainingRunRecord, delete_run, list_runs
+from airflow_wmltrain.service.runs import TrainingRunRecord, delete_run, list_runs, sweep_moved_connections
 
 RETENTION_DAG_ID = "wmltrain_retention"
 API_CONN_ID = "wmltrain_api"
@@ -61,6 +61,9 @@ def drop_expired_runs(
         )
         removed.append(record.training_id)
     log.info("Retention (%s days, as of %s): %d run(s) removed", days, now.isoformat(), len(removed))
+    swept = sweep_moved_connections(api, {record.training_id for record in list_runs(api)})
+    if swept:
+        log.info("Removed the connections of runs no longer listed: %s", ", ".join(swept))
     return removed
 
 

@@ -332,6 +332,47 @@ def delete_run(api: AirflowApi, record: TrainingRunRecord) -> str:
     )
 
 
+def moved_connection_id(training_id: str, role: str) -> str:
+    """The Airflow connection ``wmltrain train`` made of a manifest's inline credentials (data/results)."""
+    return f"{MOVED_CONNECTION_PREFIX}{training_id.replace('-', '_')}_{role}"
+
+
+MOVED_CONNECTION_PREFIX = "wmltrain_"
+_MOVED_ROLES = ("data", "results")
+
+
+def delete_moved_connections(api: AirflowApi, training_id: str) -> list[str]:
+    """Remove the connections made of a run's inline credentials; the ids removed."""
+    removed = []
+    for role in _MOVED_ROLES:
+        conn_id = moved_connection_id(training_id, role)
+        try:
+            api.call("DELETE", f"/connections/{quote(conn_id)}")
+        except ApiNotFoundError:
+            continue
+        removed.append(conn_id)
+    return removed
+
+
+def sweep_moved_connections(api: AirflowApi, live: set[str]) -> list[str]:
+    """Remove the moved-credential connections of runs Airflow no longer lists (``live``: their ids)."""
+    keep = {moved_connection_id(training_id, role) for training_id in live for role in _MOVED_ROLES}
+    removed = []
+    for connection in list(api.paginate("/connections", "connections")):
+        conn_id = str(connection.get("connection_id") or "")
+        if (
+            conn_id.startswith(MOVED_CONNECTION_PREFIX + "training_")
+            and conn_id.endswith(tuple(f"_{role}" for role in _MOVED_ROLES))
+            and conn_id not in keep
+        ):
+            try:
+                api.call("DELETE", f"/connections/{quote(conn_id)}")
+            except ApiNotFoundError:
+                continue
+            removed.append(conn_id)
+    return removed
+
+
 def wait_until_over(
     api: AirflowApi,
     training_id: str,

@@ -673,3 +673,34 @@ def test_no_free_gpu_reschedules_the_task_when_configured(
     status = _status(s3_client, results, _training_id(output))
     assert status is not None
     assert status["state"] == "COMPLETED"
+
+
+def test_a_model_definition_given_as_an_s3_url_is_read_with_the_manifests_credentials(
+    airflow_runner: AirflowRunner,
+    buckets: tuple[str, str],
+    s3_client: Any,
+    tmp_path: Path,
+    services: dict[str, str],
+) -> None:
+    data, results = buckets
+    zipped = model_zip(tmp_path / "model.zip", {"train.sh": TRAIN_SH})
+    s3_client.put_object(Bucket=results, Key="submitted/model.zip", Body=zipped.read_bytes())
+    man = manifest(command="sh train.sh", data_bucket=data, results_bucket=results, connection=_conn())
+    url = f"s3://{results}/submitted/model.zip"
+    folder = airflow_runner.work / "dags-it_url"
+    folder.mkdir(exist_ok=True)
+    body = f"""
+    with DAG(dag_id="it_url", schedule=None, start_date=datetime(2026, 1, 1)) as dag:
+        TrainingRunOperator(task_id="train", manifest={man!r}, model_definition={url!r},
+                            network_mode="none", docker_url={services["WMLTRAIN_GPU_DOCKER_HOST"]!r})
+        TrainingRunOperator(task_id="missing", manifest={man!r}, model_definition={url + ".nope"!r},
+                            network_mode="none", docker_url={services["WMLTRAIN_GPU_DOCKER_HOST"]!r})
+    """
+    saved, airflow_runner.work = airflow_runner.work, folder
+    try:
+        dag_file = airflow_runner.write_dag("it_url", body)
+    finally:
+        airflow_runner.work = saved
+    states, output = airflow_runner.run(dag_file, home="url", env=_env_for(dag_file))
+    assert states == {"train": "success", "missing": "failed"}, output[-6000:]
+    assert f"{url}.nope does not exist; upload the zip there first" in output
