@@ -8,14 +8,15 @@ the second bundle, ``wmltrain-tests`` (``WMLTRAIN_AIRFLOW_TEST_DAGS``), and remo
 from __future__ import annotations
 
 import textwrap
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from tests.integration.service_helpers import api_client, wait_for
 
 PARSE_TIMEOUT_S = 120  # the dag-processor looks for new files every 5 s and parses each at most every 5 s
 RUN_TIMEOUT_S = 180
@@ -58,18 +59,6 @@ with DAG(dag_id={dag_id!r}, schedule=None, start_date=datetime(2026, 1, 1), catc
 """
 
 
-def wait_for(what: str, timeout: float, probe: Callable[[], Any], interval: float = 1.0) -> Any:
-    """Call ``probe`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}", pytrace=False)
-        time.sleep(interval)
-
-
 def task_log(api: httpx.Client, dag_id: str, run_id: str, task_id: str) -> str:
     """The last lines of a task instance's first try's log, as the REST API serves it."""
     response = api.get(
@@ -96,24 +85,8 @@ def airflow_url(services: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def api(services: dict[str, str], airflow_url: str) -> Iterator[httpx.Client]:
-    """An httpx client for ``/api/v2`` with the admin's JWT (no proxy: loopback)."""
-    with httpx.Client(base_url=airflow_url, timeout=30, trust_env=False) as anonymous:
-        response = anonymous.post(
-            "/auth/token",
-            json={
-                "username": services["WMLTRAIN_AIRFLOW_USER"],
-                "password": services["WMLTRAIN_AIRFLOW_PASSWORD"],
-            },
-        )
-    assert response.status_code in (200, 201), response.text
-    token = response.json()["access_token"]
-    with httpx.Client(
-        base_url=f"{airflow_url}/api/v2",
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=30,
-        trust_env=False,
-    ) as client:
+def api(services: dict[str, str]) -> Iterator[httpx.Client]:
+    with api_client(services) as client:
         yield client
 
 

@@ -259,6 +259,16 @@ def _start_slow_things_first(request: pytest.FixtureRequest) -> None:
             request.getfixturevalue(name)
 
 
+def start_dropped_dag(api: httpx.Client, made: SimpleNamespace) -> tuple[str, str]:
+    """Wait until a dropped DAG is parsed, unpause and trigger it: its run id and training id."""
+    wait_for_dag(api, made.dag_id, PARSE_TIMEOUT_S)
+    assert api.patch(f"/dags/{made.dag_id}", json={"is_paused": False}).status_code == 200
+    run_id = trigger(api, made.dag_id)
+    training_id = derive_training_id(made.dag_id, run_id, "train", -1)
+    made.training_ids.append(training_id)
+    return run_id, training_id
+
+
 def one_line_error(result: Any) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.describe()
@@ -384,11 +394,7 @@ def test_halt_of_a_deferred_run_goes_through_the_triggerer(
         operator="deferrable=True, poll_interval=2,",
     ) as made:
         dag_id, results = made.dag_id, made.results
-        wait_for_dag(api, dag_id, PARSE_TIMEOUT_S)
-        assert api.patch(f"/dags/{dag_id}", json={"is_paused": False}).status_code == 200
-        run_id = trigger(api, dag_id)
-        training_id = derive_training_id(dag_id, run_id, "train", -1)
-        made.training_ids.append(training_id)
+        run_id, training_id = start_dropped_dag(api, made)
         wait_for(
             "the task to defer while its run trains",
             RUN_TIMEOUT_S,
@@ -438,11 +444,7 @@ def test_an_airflow_retry_reattaches_to_the_running_container(
         operator="retries=1, retry_delay=timedelta(seconds=1),",
     ) as made:
         dag_id, results = made.dag_id, made.results
-        wait_for_dag(api, dag_id, PARSE_TIMEOUT_S)
-        assert api.patch(f"/dags/{dag_id}", json={"is_paused": False}).status_code == 200
-        run_id = trigger(api, dag_id)
-        training_id = derive_training_id(dag_id, run_id, "train", -1)
-        made.training_ids.append(training_id)
+        run_id, training_id = start_dropped_dag(api, made)
         ti_path = f"/dags/{dag_id}/dagRuns/{quote(run_id)}/taskInstances/train"
         wait_for("the run's container", RUN_TIMEOUT_S, lambda: run_containers(gpu_docker, training_id))
         pid = wait_for("the task's pid", 30, lambda: api.get(ti_path).json().get("pid"))
