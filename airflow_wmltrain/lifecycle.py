@@ -23,6 +23,10 @@ TRAINING_LOG = "learner-1/training-log.txt"
 LOAD_DATA_LOG = "learner-1/load-data.log"
 #: Version of the status document's shape.
 STATUS_VERSION = 1
+#: The XCom key under which a task publishes its run's status document (``wmltrain list`` reads it).
+STATUS_XCOM_KEY = "wmltrain_status"
+#: The XCom key ``wmltrain_run_<training-id>``: finds a run's task by its id with one REST call.
+RUN_XCOM_PREFIX = "wmltrain_run_"
 
 
 def results_location(store_type: str, bucket: str, training_id: str) -> str:
@@ -61,9 +65,24 @@ class TransitionError(ValueError):
     """A transition that would move a run backwards or out of a terminal state."""
 
 
+def iso_time(moment: datetime) -> str:
+    """A time as the status documents write it: UTC, ISO 8601 with milliseconds and a ``Z``."""
+    utc = moment.astimezone(timezone.utc) if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def now_iso() -> str:
-    """The current UTC time, ISO 8601 with milliseconds and a ``Z``."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """The current time, as :func:`iso_time` writes it."""
+    return iso_time(datetime.now(timezone.utc))
+
+
+def parse_time(text: str) -> datetime | None:
+    """An ISO 8601 time (``Z`` or an offset; UTC when it has none), or ``None`` when it is not one."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)

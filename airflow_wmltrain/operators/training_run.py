@@ -34,11 +34,11 @@ from airflow_wmltrain.errors import (
     TrainingFailedError,
     WmlTrainError,
 )
-from airflow_wmltrain.lifecycle import RunState, RunStatus
+from airflow_wmltrain.lifecycle import RUN_XCOM_PREFIX, STATUS_XCOM_KEY, RunState, RunStatus
 from airflow_wmltrain.links.training_run import TrainingResultsLink
 from airflow_wmltrain.runtime import container, gpus, labels
 from airflow_wmltrain.runtime.docker_host import DockerHost
-from airflow_wmltrain.runtime.run import RUN_XCOM_PREFIX, STATUS_XCOM_KEY, TrainingRun
+from airflow_wmltrain.runtime.run import TrainingRun
 from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS
 from airflow_wmltrain.settings import Settings
 from airflow_wmltrain.training_id import check_training_id, derive_training_id
@@ -256,7 +256,7 @@ class TrainingRunOperator(DockerOperator):
 
         existing = container.find_run_container(self.cli, training_id)
         if existing is not None:
-            return self._reattach(context, run, existing)
+            return self._reattach(context, run, existing, settings)
         prior = run.read_status()
         if prior is not None and prior.state is RunState.COMPLETED and self._same_task(prior, context):
             # An earlier try of this task instance completed the run, then died before telling Airflow.
@@ -296,7 +296,9 @@ class TrainingRunOperator(DockerOperator):
         )
         return self._wait(context, run, container_id, settings)
 
-    def _reattach(self, context: Context, run: TrainingRun, info: dict[str, Any]) -> dict[str, Any]:
+    def _reattach(
+        self, context: Context, run: TrainingRun, info: dict[str, Any], settings: Settings
+    ) -> dict[str, Any]:
         container_id = str(info["Id"])
         self._container_id = container_id
         outcome = container.ContainerOutcome.from_inspect(info)
@@ -311,7 +313,7 @@ class TrainingRunOperator(DockerOperator):
             self.cli.start(container_id)
         if run.status.state.rank < RunState.PROCESSING.rank:
             run.record(RunState.PROCESSING)
-        return self._wait(context, run, container_id, self._settings())
+        return self._wait(context, run, container_id, settings)
 
     def _ensure_image(self, manifest: TrainingManifest) -> None:
         image = str(self.image)

@@ -51,11 +51,6 @@ logger = logging.getLogger(__name__)
 #: ``$RESULT_DIR/metrics.json``: the final metrics a training script reports (kept when small).
 METRICS_FILE = "metrics.json"
 _MAX_METRICS_BYTES = 64 * 1024
-HALTED_CODE = "C200"
-#: The XCom key under which a task publishes its run's status document (``wmltrain list`` reads it).
-STATUS_XCOM_KEY = "wmltrain_status"
-#: The XCom key ``wmltrain_run_<training-id>``: finds a run's task by its id with one REST call.
-RUN_XCOM_PREFIX = "wmltrain_run_"
 
 
 def read_metrics(path: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from airflow_wmltrain.lifecycle import parse_time
 from airflow_wmltrain.service.api import AirflowApi
 from airflow_wmltrain.service.runs import TrainingRunRecord, delete_run, list_runs, sweep_moved_connections
 
@@ -24,20 +25,12 @@ DEFAULT_RETENTION_DAYS = 7
 logger = logging.getLogger(__name__)
 
 
-def _when(text: str) -> datetime | None:
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
 def expired(records: Iterable[TrainingRunRecord], *, now: datetime, days: float) -> list[TrainingRunRecord]:
     """The ended runs submitted before ``now - days``."""
     cutoff = now - timedelta(days=days)
     old = []
     for record in records:
-        submitted = _when(record.submitted)
+        submitted = parse_time(record.submitted)
         if submitted is not None and submitted < cutoff and not record.active:
             old.append(record)
     return old
@@ -100,7 +93,7 @@ def build_retention_dag(dag_id: str = RETENTION_DAG_ID) -> Any:
             api = AirflowApi(url, connection.login or "", connection.password or "")
             days = conf.getfloat("wmltrain", "retention_days", fallback=DEFAULT_RETENTION_DAYS)
             as_of = (params or {}).get("as_of")
-            now = _when(str(as_of)) if as_of else None
+            now = parse_time(str(as_of)) if as_of else None
             return drop_expired_runs(api, now=now, days=days, log=logging.getLogger("airflow.task"))
 
         run_retention()

@@ -17,12 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_wmltrain.errors import RunHaltedError
+from airflow_wmltrain.lifecycle import RUN_XCOM_PREFIX, STATUS_XCOM_KEY, iso_time, now_iso, parse_time
 from airflow_wmltrain.service.api import AirflowApi, ApiError, ApiNotFoundError, quote
 
 TRAINING_DAG_ID = "wmltrain_training"
-# The same keys as the operator's (airflow_wmltrain.runtime.run), repeated so the CLI imports no Airflow.
-STATUS_XCOM_KEY = "wmltrain_status"
-RUN_XCOM_PREFIX = "wmltrain_run_"
 #: Task-instance states in which the run is not over.
 ACTIVE_TI_STATES = frozenset(
     {
@@ -95,7 +94,10 @@ class TrainingRunRecord:
         if isinstance(error, dict):
             return {str(k): str(v) for k, v in error.items()}
         if self.state == "HALTED" and not error:
-            return {"code": "C200", "message": f"the task ended ({self.ti_state}) while the run was training"}
+            return {
+                "code": RunHaltedError.code,
+                "message": f"the task ended ({self.ti_state}) while the run was training",
+            }
         return None
 
     @property
@@ -254,15 +256,9 @@ def _bundled_record(training_id: str, run: dict[str, Any]) -> TrainingRunRecord:
 
 
 def _iso_ms(text: str) -> str:
-    """An API timestamp in the status documents' form (UTC, milliseconds, ``Z``)."""
-    from datetime import datetime, timezone
-
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return text
-    moment = moment.astimezone(timezone.utc) if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """An API timestamp in the status documents' form (unchanged when it is not a time)."""
+    moment = parse_time(text)
+    return iso_time(moment) if moment is not None else text
 
 
 def submit_run(api: AirflowApi, training_id: str, conf: dict[str, Any], *, note: str | None = None) -> None:
@@ -298,11 +294,11 @@ def halt_run(api: AirflowApi, record: TrainingRunRecord) -> None:
     )
     if record.status:
         document = dict(record.status)
-        history = [*document.get("history", []), {"state": "HALTED", "at": _now()}]
+        history = [*document.get("history", []), {"state": "HALTED", "at": now_iso()}]
         document.update(
             state="HALTED",
             history=history,
-            error={"code": "C200", "message": "the run was halted (wmltrain halt)"},
+            error={"code": RunHaltedError.code, "message": "the run was halted (wmltrain halt)"},
         )
         api.call(
             "PATCH",
@@ -452,9 +448,3 @@ def wait_for_task(api: AirflowApi, training_id: str, *, poll: float = 2.0) -> Tr
         if record.task_id is not None or record.ti_state in ("failed", "success"):
             return record
         time.sleep(poll)
-
-
-def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
