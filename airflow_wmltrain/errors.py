@@ -1,11 +1,30 @@
-"""The exceptions of the training-run contract, each carrying a code from the lifecycle (SPEC §3).
+"""The package's one error tree, each error carrying a code from the lifecycle (SPEC §3).
 
 Every refusal of user input is one of these: a code (``C101`` ...), the path of the field or file at
 fault, and a one-line message that says what was received and how to fix it.  Messages are built by
 this package from field names and non-secret values only; a secret value never reaches ``str(exc)``.
+
+Two questions every caller asks of an error are answered here, once:
+
+* **Can a retry fix it?** :attr:`WmlTrainError.retryable`.  Client errors (bad manifest, bad zip,
+  unknown connection, a training process that failed, a halt) cannot: the operator turns them into
+  ``AirflowFailException`` so that Airflow's ``retries`` do not re-run input that can never pass.  Server
+  errors (no GPU now, an object store that did not answer) can.
+* **What does the command line exit with?** :func:`exit_status` (``0`` ok, ``1`` the run failed, ``2``
+  bad input or usage, ``3`` server or configuration error).
+
+The transfer errors of the storage layer, the REST API client's errors and the status-document errors
+are part of this tree (``storage/transfer.py``, ``service/api.py``, ``lifecycle.py``).
 """
 
 from __future__ import annotations
+
+#: Exit statuses of the ``wmltrain`` command line.
+EXIT_OK = 0
+EXIT_RUN_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_SERVER_ERROR = 3
+EXIT_INTERRUPTED = 130
 
 
 class WmlTrainError(Exception):
@@ -18,6 +37,10 @@ class WmlTrainError(Exception):
     """
 
     code = "S000"
+    #: Whether trying the same thing again may succeed (server-side trouble) or never can (bad input).
+    retryable = True
+    #: What the command line exits with for this error.
+    exit_status = EXIT_SERVER_ERROR
 
     def __init__(self, message: str, *, field: str | None = None, problems: list[str] | None = None) -> None:
         self.message = " ".join(message.split())
@@ -32,9 +55,11 @@ class WmlTrainError(Exception):
 
 
 class ClientError(WmlTrainError):
-    """A problem with what the user submitted (codes ``C1xx``/``C2xx``)."""
+    """A problem with what the user submitted (codes ``C1xx``/``C2xx``): a retry cannot fix it."""
 
     code = "C100"
+    retryable = False
+    exit_status = EXIT_BAD_INPUT
 
 
 class ManifestError(ClientError):
@@ -69,6 +94,7 @@ class ConfigurationError(WmlTrainError):
     """The deployment's ``[wmltrain]`` configuration is invalid (server side, ``S001``)."""
 
     code = "S001"
+    retryable = False
 
 
 class ServerError(WmlTrainError):
@@ -93,6 +119,7 @@ class TrainingFailedError(ClientError):
     """The training process exited with a non-zero status, or was killed (``C201``)."""
 
     code = "C201"
+    exit_status = EXIT_RUN_FAILED
 
 
 class GpuCapacityError(ServerError):
@@ -108,6 +135,17 @@ class ImageMissingError(ServerError):
 
 
 class RunHaltedError(WmlTrainError):
-    """The run was halted (the task was marked failed or cleared, or ``wmltrain halt``)."""
+    """The run was halted (its task was marked failed by a person, ``wmltrain halt``, or a deadline)."""
 
     code = "C200"
+    retryable = False
+    exit_status = EXIT_RUN_FAILED
+
+
+def exit_status(error: BaseException) -> int:
+    """The command line's exit status for an error (the one place that maps errors to exit codes)."""
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(error, WmlTrainError):
+        return error.exit_status
+    return EXIT_SERVER_ERROR

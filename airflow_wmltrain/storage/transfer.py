@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
+from airflow_wmltrain.errors import WmlTrainError
+
 if TYPE_CHECKING:
     from airflow_wmltrain.storage.base import ObjectStore
 
@@ -49,17 +51,20 @@ class SignedRequest:
         return f"SignedRequest({self.method} {self.url.split('?', 1)[0]})"
 
 
-class TransferError(Exception):
-    """A transfer failed.
+class TransferError(WmlTrainError):
+    """A transfer failed (``S300``).
 
     :param message: what failed (object and reason; never a credential).
-    :param transient: whether trying again may succeed.
+    :param transient: whether trying again may succeed (also :attr:`retryable`).
     :param status: the HTTP status, when there was a response.
     """
+
+    code = "S300"
 
     def __init__(self, message: str, *, transient: bool, status: int | None = None) -> None:
         super().__init__(message)
         self.transient = transient
+        self.retryable = transient
         self.status = status
 
 
