@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -71,34 +70,8 @@ def register(commands: Any) -> None:
 
 def _connection_body(conn_id: str, ref: StoreReference) -> dict[str, Any]:
     """An Airflow connection holding a manifest reference's inline credentials."""
-    conn = ref.connection
-    if isinstance(conn, S3Connection):
-        extra = {"endpoint_url": conn.endpoint_url} if conn.endpoint_url else {}
-        return {
-            "connection_id": conn_id,
-            "conn_type": "aws",
-            "login": conn.aws_access_key_id.get_secret_value(),
-            "password": conn.aws_secret_access_key.get_secret_value(),
-            "extra": json.dumps(extra) if extra else None,
-        }
-    assert isinstance(conn, SwiftConnection)
-    extra = {
-        key: value
-        for key, value in (
-            ("region_name", conn.region),
-            ("domain_name", conn.domain_name),
-            ("project_id", conn.project_id),
-        )
-        if value
-    }
-    return {
-        "connection_id": conn_id,
-        "conn_type": "swift",
-        "host": conn.auth_url,
-        "login": conn.user_name,
-        "password": conn.password.get_secret_value(),
-        "extra": json.dumps(extra) if extra else None,
-    }
+    assert isinstance(ref.connection, S3Connection | SwiftConnection)
+    return ref.connection.to_airflow_connection(conn_id)
 
 
 def move_credentials(api: AirflowApi, training_id: str, document: dict[str, Any], manifest: Any) -> list[str]:
