@@ -795,18 +795,22 @@ def wait_not_running(
 
 class _LogFollower:
     """Pages of a task's log; while following, one API call per look: the next page, or — after a page
-    without news — the task instance (has it ended? a new try?)."""
+    without news, or once the server said the try's log is complete — the task instance (has it ended?
+    a new try?)."""
 
     def __init__(self, api: AirflowApi, record: TrainingRunRecord) -> None:
         self.api = api
         self.watch = RunWatch(api, record)
         self.try_number = max(record.try_number, 1)
         self.token: str | None = None
+        self.log_ended = False  # the server sent this try's log to its end (no continuation token)
+        self.seen = 0  # items already handed out of those that follow ``token``
         self.check_task = False
         self.rest = False
         self.over = False
 
     def page(self) -> list[str]:
+        """The try's log from where the last page ended (the whole of it the first time)."""
         record = self.watch.record
         assert record.task_id is not None
         params: dict[str, Any] = {"map_index": record.map_index}
@@ -818,14 +822,21 @@ class _LogFollower:
                 _ti_path(record.dag_id, record.run_id, record.task_id, -1) + f"/logs/{self.try_number}",
                 params=params,
             )
-        except ApiNotFoundError:
-            page = {}
+        except ApiNotFoundError:  # the try has no log yet
+            return []
+        if not isinstance(page, dict):
+            return []
+        items = list(page.get("content") or [])
         lines = []
-        for item in page.get("content", []) if isinstance(page, dict) else []:
+        for item in items[self.seen :]:
             text = item.get("event", "") if isinstance(item, dict) else str(item)
             if text and not str(text).startswith("::"):
                 lines.append(str(text))
-        self.token = (page.get("continuation_token") if isinstance(page, dict) else None) or self.token
+        token = page.get("continuation_token")
+        if token:
+            self.token, self.seen = str(token), 0
+        else:  # the end of the log for now (the task is not running): asking again sends it again
+            self.log_ended, self.seen = True, len(items)
         return lines
 
     def look(self) -> list[str] | None:
@@ -833,14 +844,16 @@ class _LogFollower:
         if self.rest:  # lines were just handed out: wait one interval before the next page
             self.rest = False
             return None
-        if self.check_task:
-            record = self.watch.look_at_task() if self.watch.record.task_id else self.watch.look()
+        if self.check_task or self.log_ended:
             self.check_task = False
+            record = self.watch.look_at_task() if self.watch.record.task_id else self.watch.look()
             if record.try_number > self.try_number:  # a retry: its own log
-                self.try_number, self.token = record.try_number, None
+                self.try_number, self.token, self.log_ended, self.seen = record.try_number, None, False, 0
             if record.settled:
                 self.over = True
-                return self.page()  # the end of the log
+                return [] if self.log_ended else self.page()  # the end of the log
+            if record.ti_state in ("running", "deferred"):  # running again (rescheduled): more to come
+                self.log_ended = False
             return None
         lines = self.page()
         if lines:

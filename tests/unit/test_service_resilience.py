@@ -346,8 +346,8 @@ def test_logs_follow_costs_one_call_per_look_and_ends_with_the_run() -> None:
         {"content": [], "continuation_token": "t1"},
         ApiTimeoutError("did not answer within 30 s"),
         {"content": [{"event": "line 2"}, {"event": "::group::"}], "continuation_token": "t2"},
-        {"content": []},
-        {"content": [{"event": "last line"}]},
+        {"content": [], "continuation_token": "t2"},
+        {"content": [{"event": "last line"}]},  # no token: the end of the log
     ]
     api = FakeApi(
         scripted(
@@ -362,6 +362,59 @@ def test_logs_follow_costs_one_call_per_look_and_ends_with_the_run() -> None:
     lines = list(log_lines(api, record, follow=True, options=fake_options(api)))
     assert lines == ["line 1", "line 2", "last line"]
     one_call_per_look(api, final_calls=3)  # the end: the task, the final document, the last page
+
+
+def test_logs_follow_never_reads_a_complete_log_again() -> None:
+    """Once a page comes without a continuation token the try's log is complete: asking again would
+    send all of it again, so only the task is looked at until it ends (or a retry starts its own log)."""
+    api = FakeApi(
+        scripted(
+            {
+                f"{TI}/logs/1": [{"content": [{"event": "all of try 1"}]}],
+                f"{TI}/logs/2": [
+                    {"content": [{"event": "all of try 2"}], "continuation_token": "u1"},
+                    {"content": []},
+                ],
+                TI: [
+                    {"state": "up_for_retry", "try_number": 1},
+                    {"state": "up_for_retry", "try_number": 1},
+                    {"state": "running", "try_number": 2},
+                    {"state": "success", "try_number": 2},
+                ],
+                XCOM: [{"value": status("training-w", "COMPLETED")}],
+            }
+        )
+    )
+    record = TrainingRunRecord("training-w", "wmltrain_training", "training-w", "train", try_number=1)
+    lines = list(log_lines(api, record, follow=True, options=fake_options(api)))
+    assert lines == ["all of try 1", "all of try 2"]
+    assert api.calls.count(f"GET {TI}/logs/1") == 1
+    assert api.calls.count(f"GET {TI}/logs/2") == 2
+    one_call_per_look(api, final_calls=2)
+
+
+def test_logs_follow_reads_on_after_a_reschedule_without_repeating_lines() -> None:
+    """A rescheduled task (no free GPU) runs again in the same try: its log goes on where it stopped."""
+    api = FakeApi(
+        scripted(
+            {
+                f"{TI}/logs/1": [
+                    {"content": [{"event": "a"}], "continuation_token": "t1"},
+                    {"content": [{"event": "b"}]},  # up for reschedule: the end, for now
+                    {"content": [{"event": "b"}, {"event": "c"}], "continuation_token": "t2"},
+                    {"content": [], "continuation_token": "t2"},
+                ],
+                TI: [
+                    {"state": "up_for_reschedule", "try_number": 1},
+                    {"state": "running", "try_number": 1},
+                    {"state": "success", "try_number": 1},
+                ],
+                XCOM: [{"value": status("training-w", "COMPLETED")}],
+            }
+        )
+    )
+    record = TrainingRunRecord("training-w", "wmltrain_training", "training-w", "train", try_number=1)
+    assert list(log_lines(api, record, follow=True, options=fake_options(api))) == ["a", "b", "c"]
 
 
 # --- list, halt -----------------------------------------------------------------------------------------
