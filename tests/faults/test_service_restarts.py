@@ -27,6 +27,7 @@ from tests.faults.fault_helpers import (
     Relay,
     Scenario,
     alive,
+    cmdline,
     heartbeat_timeout,
     open_gate,
     pid_file,
@@ -111,7 +112,15 @@ def scenario_scheduler_restart(sc: Scenario, env: Env, triggerer_done: threading
     it) and comes back: the next try re-attaches; one container ever; COMPLETED."""
     timeout = heartbeat_timeout(env.services)
     sc.note(f"[scheduler] task_instance_heartbeat_timeout = {timeout}")
-    dag = env.drop(sc, "scheduler", "sh gate.sh 400", operator=RETRY)
+    relay = Relay(env.services["WMLTRAIN_S3_ENDPOINT"])  # counts the results' uploads
+    sc.cleanups.append(relay.close)
+    dag = env.drop(
+        sc,
+        "scheduler",
+        "sh gate.sh 400",
+        operator=RETRY,
+        results_connection=store_connection(env.services, relay.endpoint),
+    )
     tid = env.trigger(sc, dag)
     env.processing(sc, dag)
     ti = wait_ti(env.api, dag, "the task to run", 60, lambda t: t.get("state") == "running" and t.get("pid"))
@@ -123,7 +132,10 @@ def scenario_scheduler_restart(sc: Scenario, env: Env, triggerer_done: threading
     how = _stop(sc, "scheduler", pid_file(env.services, "airflow-scheduler"), second_term_after=3, timeout=30)
     sc.note(f"scheduler {how}; the old task process {'still runs' if alive(task_pid) else 'is gone'}")
     services_up()
-    sc.note("scripts/services up: the scheduler runs again")
+    sc.note(
+        "scripts/services up: the scheduler runs again; the old task process "
+        + ("still runs" if alive(task_pid) else "is gone")
+    )
     ti = wait_ti(
         env.api,
         dag,
@@ -134,15 +146,35 @@ def scenario_scheduler_restart(sc: Scenario, env: Env, triggerer_done: threading
     new_try = int(ti["try_number"])
     attached = wait_for_log(env.api, dag, new_try, "Re-attaching", 90)
     sc.note(f"try {new_try} {'re-attached' if attached else 'logged no re-attach within 90s'}")
+    if alive(task_pid):
+        sc.note(f"the old try's task process {task_pid} ({cmdline(task_pid)[:60]}) runs beside try {new_try}")
     if run_containers(env.gpu, tid):
         open_gate(env.gpu, tid)
         sc.note("gate opened")
     state = wait_dag_run_end(env.api, dag, RUN_END_S, env.events.second_container(tid))
     sc.note(f"the DAG run ended {state}")
-    xcom, _ = env.end_state(dag, "COMPLETED")
+    xcom, stored = env.end_state(dag, "COMPLETED")
     assert xcom.get("exit_code") == 0, f"exit_code {xcom.get('exit_code')}"
     assert "training done" in read(env.s3, dag.results, f"{tid}/learner-1/training-log.txt")
+    history = states_of(stored)
+    assert history.count("STORING") == 1, f"STORING {history.count('STORING')} times: {history}"
+    # The old try's task process, orphaned by its supervisor's death, must not store the run a second time.
+    ended = wait_for_gone(task_pid, 30)
+    sc.note(
+        f"the old try's task process {task_pid} {'ended' if ended else 'still runs 30 s after the run ended'}"
+    )
+    uploads = relay.count("PUT", f"/{tid}/result.txt")
+    assert uploads == 1, f"result.txt was uploaded {uploads} times (the old try's orphaned process too?)"
     assert state == "success"
+
+
+def wait_for_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 @pytest.fixture(scope="module")
