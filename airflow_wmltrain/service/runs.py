@@ -58,8 +58,9 @@ HALT_NOTE = "halted by wmltrain halt"
 DEFAULT_MAX_OUTAGE = 1800.0
 #: The delays between the looks of a wait.
 POLL_BACKOFF = Backoff(interval=2.0, max_interval=30.0)
-#: How many times a submission is sent at most.
+#: How many times a submission is sent at most, and the delays between the tries.
 SUBMIT_TRIES = 5
+SUBMIT_BACKOFF = Backoff(interval=2.0, max_interval=20.0)
 _FETCH_WORKERS = 8
 _BATCH_PAGE = 100
 Notify = Callable[[str], None]
@@ -417,7 +418,7 @@ def submit_run(
     *,
     note: str | None = None,
     tries: int = SUBMIT_TRIES,
-    backoff: Backoff = Backoff(interval=2.0, max_interval=20.0),  # noqa: B008 - frozen
+    backoff: Backoff = SUBMIT_BACKOFF,
     notify: Notify | None = None,
 ) -> None:
     """Start a run of the bundled training DAG whose run id is ``training_id``, safely repeated.

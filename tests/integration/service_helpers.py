@@ -29,6 +29,7 @@ RETENTION_DAG_ID = "wmltrain_retention"
 TRAINING_ID = re.compile(r"^training-[A-Za-z0-9_-]+$")
 MODEL_ID_LINE = re.compile(r"^Model-ID is '(training-[A-Za-z0-9_-]+)'$", re.MULTILINE)
 CLI_TIMEOUT_S = 60
+API_TIMEOUT_S = 90  # one REST call of the tests' own client
 
 
 def wait_for(what: str, timeout: float, probe: Callable[[], Any], interval: float = 1.0) -> Any:
@@ -199,10 +200,12 @@ def api_client(services: dict[str, str]) -> httpx.Client:
         )
     assert response.status_code in (200, 201), response.text
     token = response.json()["access_token"]
+    # Patient, as the command line is: the services are shared, and a busy api-server may take a while.
     return httpx.Client(
         base_url=f"{url}/api/v2",
         headers={"Authorization": f"Bearer {token}"},
-        timeout=30,
+        timeout=httpx.Timeout(API_TIMEOUT_S, connect=10),
+        transport=httpx.HTTPTransport(retries=3),  # connection failures (an api-server restarting)
         trust_env=False,
     )
 
