@@ -48,7 +48,7 @@ def drop_expired_runs(
             "Removed %s (%s, %s, submitted %s): %s",
             record.training_id,
             record.name,
-            record.state,
+            record.state.value,
             record.submitted,
             what,
         )

@@ -704,3 +704,31 @@ def test_no_hand_written_polling_loop_is_left() -> None:
     root = Path(__file__).resolve().parents[2] / "airflow_wmltrain"
     for name in ("service/runs.py", "service/api.py", "cli/runs.py", "cli/train.py"):
         assert not re.search(r"time\.sleep\(", (root / name).read_text()), name
+
+
+def test_retention_logs_the_state_by_its_name() -> None:
+    from datetime import datetime, timezone
+
+    from airflow_wmltrain.service.retention import drop_expired_runs
+
+    entry = {"dag_id": "wmltrain_training", "run_id": "training-old", "task_id": "train", "map_index": -1}
+    ti = {**entry, "dag_run_id": "training-old", "state": "success", "try_number": 1}
+
+    def handler(method: str, path: str, params: dict[str, Any], body: Any) -> Any:
+        if path.endswith("/taskInstances/~/xcomEntries"):
+            return {"xcom_entries": [entry], "total_entries": 1}
+        if path == "/dags/~/dagRuns/~/taskInstances/list":
+            return {"task_instances": [ti], "total_entries": 1}
+        if path.endswith(STATUS_XCOM_KEY):
+            return {"value": status("training-old", "COMPLETED")}
+        return {"dag_runs": [], "connections": [], "total_entries": 0}
+
+    messages: list[str] = []
+
+    class Log:
+        def info(self, message: str, *args: Any) -> None:
+            messages.append(message % args)
+
+    now = datetime(2026, 12, 30, tzinfo=timezone.utc)
+    assert drop_expired_runs(FakeApi(handler), now=now, days=7, log=Log()) == ["training-old"]
+    assert "(n, COMPLETED, submitted 2026-11-30T10:00:00.000Z)" in messages[0], messages
