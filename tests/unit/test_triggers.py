@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -27,6 +25,7 @@ from airflow_wmltrain.triggers.training_run import (
     TrainingStatusTrigger,
     results_reference,
 )
+from tests.unit.fakes import FakeDocker as StandInDocker
 
 CONTAINER = "f" * 64
 RUNNING = {
@@ -66,7 +65,9 @@ def test_training_run_trigger_round_trips() -> None:
     trigger = TrainingRunTrigger(
         training_id="training-abc_1",
         container_id=CONTAINER,
-        docker_host=TrainingDockerHook(docker_url="tcp://gpu-host:2376", tls_verify=True, tls_hostname=False).to_dict(),
+        docker_host=TrainingDockerHook(
+            docker_url="tcp://gpu-host:2376", tls_verify=True, tls_hostname=False
+        ).to_dict(),
         poll_interval=10.0,
         halt={"training_id": "training-abc_1", "grace": 30, "manifest": {"a": [1, 2]}},
     )
@@ -180,59 +181,13 @@ def test_link_persist_pushes_the_location_and_the_link_itself() -> None:
 # --- the container trigger against a stand-in Docker Engine API --------------------------------------------
 
 
-class FakeDocker:
-    """Answers ``/_ping``, and ``GET /containers/<id>/json`` from a script of (status, body) answers (the last
-    one repeats); records ``POST /containers/<id>/stop``."""
+class FakeDocker(StandInDocker):
+    """The stand-in daemon holding one running container, ``CONTAINER``, whose ``GET /containers/<id>/json``
+    is answered from a script of (status, body) answers (the last one repeats)."""
 
     def __init__(self, script: list[tuple[int, dict[str, Any]]]) -> None:
-        self.script = list(script)
-        self.inspects = 0
-        self.stops: list[str] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def reply(self, status: int, body: Any) -> None:
-                data = json.dumps(body).encode() if not isinstance(body, bytes) else body
-                self.send_response(status)
-                self.send_header(
-                    "Content-Type", "application/json" if not isinstance(body, bytes) else "text/plain"
-                )
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                if self.path.endswith("/_ping"):
-                    self.reply(200, b"OK")
-                elif "/containers/" in self.path and self.path.endswith("/json"):
-                    fake.inspects += 1
-                    status, body = fake.script.pop(0) if len(fake.script) > 1 else fake.script[0]
-                    self.reply(status, body)
-                else:
-                    self.reply(404, {"message": f"page not found: {self.path}"})
-
-            def do_POST(self) -> None:
-                if "/stop" in self.path:
-                    fake.stops.append(self.path)
-                    self.send_response(204)
-                    self.end_headers()
-                else:
-                    self.reply(404, {"message": "page not found"})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"tcp://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> FakeDocker:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(inspect_script=script)
+        self.add_container("wmltrain-training-fake", container_labels={}, container_id=CONTAINER)
 
     def trigger(self, **kwargs: Any) -> TrainingRunTrigger:
         return TrainingRunTrigger(
@@ -308,7 +263,9 @@ def test_container_trigger_survives_an_unreachable_host(fast_backoff: None) -> N
     trigger = TrainingRunTrigger(
         training_id="training-x",
         container_id=CONTAINER,
-        docker_host=TrainingDockerHook(docker_url=f"tcp://127.0.0.1:{port}", api_version="1.41", timeout=2).to_dict(),
+        docker_host=TrainingDockerHook(
+            docker_url=f"tcp://127.0.0.1:{port}", api_version="1.41", timeout=2
+        ).to_dict(),
         poll_interval=0.01,
     )
     [event] = run_trigger(trigger)
