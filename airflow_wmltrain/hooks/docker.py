@@ -110,7 +110,13 @@ class ContainerOutcome:
 
     @property
     def running(self) -> bool:
+        """Whether it may still run (created, running, restarting, paused)."""
         return self.status in LIVE_STATES
+
+    @property
+    def ended(self) -> bool:
+        """Whether it has ended for good (exited or dead); a container being removed has neither."""
+        return self.status in ("exited", "dead")
 
     @property
     def gpus(self) -> tuple[str, ...]:

@@ -679,7 +679,18 @@ class TrainingRunOperator(DockerOperator):
             # Read now what a halt would need: on_kill runs in a signal handler, with seconds to live.
             self._halt_connections = _resolved_connections(run.manifest)
             outcome = self._follow(run, hook, outcome.container_id)
+        else:
+            self._show_log(run, hook, outcome.container_id)
         return self._finish(run, hook, outcome)
+
+    def _show_log(self, run: TrainingRun, hook: TrainingDockerHook, container_id: str) -> None:
+        """Copy the whole log of an ended container into the task log."""
+        self.log.info("::group::Training log of %s", run.training_id)
+        try:
+            for line in hook.log_lines(container_id):
+                self.log.info("%s", line)
+        finally:
+            self.log.info("::endgroup::")
 
     def _follow(self, run: TrainingRun, hook: TrainingDockerHook, container_id: str) -> ContainerOutcome:
         """Stream the container's log into the task log until it exits; ride out a Docker host restart."""
@@ -780,12 +791,7 @@ class TrainingRunOperator(DockerOperator):
             except ValueError as err:
                 raise AirflowException(f"{err}: {event!r}") from None
             self._container_id = outcome.container_id
-            self.log.info("::group::Training log of %s", training_id)
-            try:
-                for line in hook.log_lines(outcome.container_id):
-                    self.log.info("%s", line)
-            finally:
-                self.log.info("::endgroup::")
+            self._show_log(run, hook, outcome.container_id)
             return self._finish(run, hook, outcome)
 
     def _finish(

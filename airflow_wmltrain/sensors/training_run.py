@@ -116,7 +116,7 @@ class TrainingRunSensor(BaseSensorOperator):
             if exc.retry:
                 self.log.warning("%s", exc)
                 return None
-            raise AirflowException(str(exc)) from None
+            raise AirflowFailException(str(exc)) from exc.__cause__
         return self._outcome(outcome) if isinstance(outcome, dict) else None
 
     def _outcome(self, event: dict[str, Any]) -> dict[str, Any]:

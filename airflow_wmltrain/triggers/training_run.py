@@ -150,7 +150,7 @@ class TrainingRunTrigger(PollingTrigger):
             raise LookFailed(str(exc), retry=True) from None
         except (DockerException, requests.RequestException, OSError, AirflowException, WmlTrainError) as exc:
             raise LookFailed(str(exc) or type(exc).__name__, retry=True) from None
-        if outcome.running:
+        if not outcome.ended:
             return outcome.status or "in an unknown state"
         self.log.info(
             "Container %s of training run %s is %s, exit code %d",
@@ -251,7 +251,7 @@ class TrainingStatusTrigger(PollingTrigger):
         except WmlTrainError as exc:
             raise LookFailed(
                 f"cannot read the status of {self.training_id}: {exc}", retry=exc.retryable
-            ) from None
+            ) from exc
         except (requests.RequestException, OSError) as exc:
             raise LookFailed(str(exc) or type(exc).__name__, retry=True) from None
         if status is None:
