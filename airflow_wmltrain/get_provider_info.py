@@ -260,6 +260,24 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "30",
                         "default": "10",
                     },
+                    "training_retries": {
+                        "description": "Retries of the bundled wmltrain_training DAG's task: a run whose "
+                        "worker was killed (or that failed on the server side) is re-attached to its "
+                        "container by the retry instead of lost. Failures of the submission itself (bad "
+                        "manifest, training exited non-zero, halted) are never retried.\n",
+                        "type": "integer",
+                        "version_added": "0.1.0",
+                        "example": "0",
+                        "default": "2",
+                    },
+                    "training_retry_delay": {
+                        "description": "Seconds between a failed try of the bundled DAG's task and its "
+                        "retry.\n",
+                        "type": "integer",
+                        "version_added": "0.1.0",
+                        "example": "60",
+                        "default": "30",
+                    },
                 },
             }
         },

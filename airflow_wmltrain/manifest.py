@@ -14,12 +14,13 @@ starts with the field path and never contains a secret value.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -89,15 +90,19 @@ class _ConnectionModel(_Model):
 # --- connections ------------------------------------------------------------------------------------
 
 
+def is_http_url(value: str) -> bool:
+    """Whether ``value`` is an ``http(s)://`` URL with a host name."""
+    try:
+        parts = urlsplit(value)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        return False
+
+
 def _http_url(value: str | None) -> str | None:
     if value is None:
         return None
-    try:
-        parts = urlsplit(value)
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:
-        valid = False
-    if not valid:
+    if not is_http_url(value):
         shown = f"'{value}'" if "@" not in value else "the value"  # user-info may hold a password
         raise PydanticCustomError(
             "wmltrain", "{shown} is not an http(s) URL; write e.g. https://host:443", {"shown": shown}
@@ -120,13 +125,68 @@ class ConnectionId(_ConnectionModel):
     conn_id: NonEmptyStr
 
 
-class S3Connection(_ConnectionModel):
-    """Inline S3 credentials (seed style).
+class _InlineConnection(_ConnectionModel):
+    """Inline credentials, and the Airflow connection that holds the same credentials.
+
+    :attr:`AIRFLOW_FIELDS` is the one mapping between a manifest's credential names and an Airflow
+    connection's fields, used both ways: :meth:`airflow_fields` (and :meth:`to_airflow_connection`)
+    turn inline credentials into a connection, and the Swift hook reads inline credentials through
+    them with the very code that reads a ``swift`` connection.
+    """
+
+    #: The type of the Airflow connection that holds these credentials.
+    AIRFLOW_CONN_TYPE: ClassVar[str]
+    #: Manifest name → Airflow connection field: ``host``, ``login``, ``password`` or ``extra.<key>``.
+    AIRFLOW_FIELDS: ClassVar[Mapping[str, str]]
+
+    def airflow_fields(self) -> dict[str, Any]:
+        """The credentials as an Airflow connection's fields (secrets in clear; unset extras left out).
+
+        :returns: ``{"host"/"login"/"password": ..., "extra": {...}}`` (the fields this type maps).
+        """
+        fields: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for name, target in self.AIRFLOW_FIELDS.items():
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            if target.startswith("extra."):
+                if value:
+                    extra[target.removeprefix("extra.")] = value
+            else:
+                fields[target] = value
+        return {**fields, "extra": extra}
+
+    def to_airflow_connection(self, conn_id: str) -> dict[str, Any]:
+        """An Airflow connection holding these credentials: the body of the REST API's
+        ``POST /connections`` (without ``connection_id`` it is also what ``AIRFLOW_CONN_<ID>`` takes as JSON).
+
+        :param conn_id: the connection id.
+        """
+        fields = self.airflow_fields()
+        extra = fields.pop("extra")
+        return {
+            "connection_id": conn_id,
+            "conn_type": self.AIRFLOW_CONN_TYPE,
+            **fields,
+            "extra": json.dumps(extra) if extra else None,
+        }
+
+
+class S3Connection(_InlineConnection):
+    """Inline S3 credentials (seed style); an Airflow ``aws`` connection holds the same.
 
     :param endpoint_url: the S3 endpoint (IBM COS, MinIO, Ceph, Swift s3api...); AWS when omitted.
     :param aws_access_key_id: access key id.
     :param aws_secret_access_key: secret access key.
     """
+
+    AIRFLOW_CONN_TYPE: ClassVar[str] = "aws"
+    AIRFLOW_FIELDS: ClassVar[Mapping[str, str]] = {
+        "aws_access_key_id": "login",
+        "aws_secret_access_key": "password",
+        "endpoint_url": "extra.endpoint_url",
+    }
 
     endpoint_url: NonEmptyStr | None = None
     aws_access_key_id: SecretStr
@@ -136,8 +196,9 @@ class S3Connection(_ConnectionModel):
     _check_secrets = field_validator("aws_access_key_id", "aws_secret_access_key")(_not_empty_secret)
 
 
-class SwiftConnection(_ConnectionModel):
-    """Inline OpenStack Swift credentials (seed style; console names are mapped before validation).
+class SwiftConnection(_InlineConnection):
+    """Inline OpenStack Swift credentials (seed style; console names are mapped before validation); an
+    Airflow ``swift`` connection holds the same.
 
     :param auth_url: Keystone (``.../v3``) or v1 (``.../auth/v1.0``) authentication URL.
     :param user_name: user name.
@@ -146,6 +207,16 @@ class SwiftConnection(_ConnectionModel):
     :param domain_name: Keystone v3 user/project domain name.
     :param project_id: Keystone v3 project id.
     """
+
+    AIRFLOW_CONN_TYPE: ClassVar[str] = "swift"
+    AIRFLOW_FIELDS: ClassVar[Mapping[str, str]] = {
+        "auth_url": "host",
+        "user_name": "login",
+        "password": "password",
+        "region": "extra.region_name",
+        "domain_name": "extra.domain_name",
+        "project_id": "extra.project_id",
+    }
 
     auth_url: NonEmptyStr
     user_name: NonEmptyStr
@@ -370,25 +441,59 @@ class TrainingManifest:
         return yaml.safe_dump(self.to_dict(redact=True), sort_keys=False, allow_unicode=True)
 
     def secret_values(self) -> list[str]:
-        """Every secret value of the manifest, for log maskers."""
-        values: list[str] = []
-        for ref in (self.data, self.results):
-            for value in ref.connection.model_dump().values():
-                if isinstance(value, SecretStr) and value.get_secret_value():
-                    values.append(value.get_secret_value())
-        return values
+        """Every secret value of the manifest, for log maskers (see :func:`secret_values_of`)."""
+        return secret_values_of(self)
 
 
 # --- redaction ----------------------------------------------------------------------------------------
 
 
-def redact_url(url: str) -> str:
-    """A URL without the password of its user-info part."""
+def _replace_url_password(url: str, replace: Callable[[str], Any]) -> str:
+    """``url`` with the password of its user-info part replaced by ``replace(password)``.
+
+    :raises ValueError: ``url`` is not a valid URL.
+    """
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    netloc = f"{parts.username}:{REDACTED}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    netloc = f"{parts.username}:{replace(parts.password)}@{parts.hostname}" + (
+        f":{parts.port}" if parts.port else ""
+    )
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def redact_url(url: str) -> str:
+    """A URL without the password of its user-info part."""
+    return _replace_url_password(url, lambda _: REDACTED)
+
+
+def _map_secrets(node: Any, secret: Callable[[Any], Any]) -> Any:
+    """``node`` (a manifest in any form) rebuilt with every secret value replaced by ``secret(value)``.
+
+    The one walk over a manifest's secrets, for redaction (:func:`redact_manifest`) and for log maskers
+    (:func:`secret_values_of`): a value of :data:`SECRET_KEYS` at any depth (unless null or empty;
+    ``secret`` gets it whole, a mapping or list included), a :class:`~pydantic.SecretStr` anywhere and
+    the password in a URL's user-info part.  The input is not modified.
+    """
+    if isinstance(node, TrainingManifest):
+        node = node.to_dict(redact=False)
+    if isinstance(node, Mapping):
+        return {
+            key: secret(value)
+            if isinstance(key, str) and key in SECRET_KEYS and value not in (None, "")
+            else _map_secrets(value, secret)
+            for key, value in node.items()
+        }
+    if isinstance(node, list | tuple):
+        return [_map_secrets(item, secret) for item in node]
+    if isinstance(node, SecretStr):
+        return secret(node)
+    if isinstance(node, str) and "://" in node and "@" in node:
+        try:
+            return _replace_url_password(node, secret)
+        except ValueError:
+            return node
+    return node
 
 
 def redact_manifest(manifest: Any) -> Any:
@@ -397,61 +502,32 @@ def redact_manifest(manifest: Any) -> Any:
     This is the one function used wherever a manifest is shown, logged or stored: values of
     :data:`SECRET_KEYS` (at any depth) become ``***`` and passwords inside URLs are removed.
     """
-    if isinstance(manifest, TrainingManifest):
-        return manifest.to_dict(redact=True)
-    if isinstance(manifest, Mapping):
-        redacted: dict[Any, Any] = {}
-        for key, value in manifest.items():
-            if isinstance(key, str) and key in SECRET_KEYS and value not in (None, ""):
-                redacted[key] = REDACTED
-            else:
-                redacted[key] = redact_manifest(value)
-        return redacted
-    if isinstance(manifest, list | tuple):
-        return [redact_manifest(item) for item in manifest]
-    if isinstance(manifest, SecretStr):
-        return REDACTED
-    if isinstance(manifest, str) and "://" in manifest and "@" in manifest:
-        try:
-            return redact_url(manifest)
-        except ValueError:
-            return manifest
-    return manifest
+    return _map_secrets(manifest, lambda _: REDACTED)
 
 
 def secret_values_of(source: Any) -> list[str]:
-    """Every secret value in a manifest source (path, YAML text, mapping; valid or not), for maskers.
+    """Every secret value in a manifest (path, YAML text, mapping, valid or not; a
+    :class:`TrainingManifest`), for log maskers: what :func:`redact_manifest` would replace.
 
-    Unlike :meth:`TrainingManifest.secret_values` this needs no validation, so it can run before it
-    (e.g. right after Airflow renders a templated manifest); an unreadable source has no secrets.
+    This needs no validation, so it can run before it (e.g. right after Airflow renders a templated
+    manifest); an unreadable source has no secrets.
     """
-    if isinstance(source, TrainingManifest):
-        return source.secret_values()
     try:
-        data = source if isinstance(source, Mapping) else read_manifest_source(source)[0]
+        data = source if isinstance(source, Mapping | TrainingManifest) else read_manifest_source(source)[0]
     except (ManifestError, OSError, TypeError, ValueError):
         return []
     found: list[str] = []
 
-    def walk(node: Any) -> None:
-        if isinstance(node, Mapping):
-            for key, value in node.items():
-                if (
-                    isinstance(key, str)
-                    and key in SECRET_KEYS
-                    and isinstance(value, str | int)
-                    and value != ""
-                ):
-                    found.append(str(value))
-                elif isinstance(value, SecretStr) and value.get_secret_value():
-                    found.append(value.get_secret_value())
-                else:
-                    walk(value)
-        elif isinstance(node, list | tuple):
-            for item in node:
-                walk(item)
+    def collect(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str | int) and value != "":
+            found.append(str(value))
+        elif isinstance(value, Mapping | list | tuple):  # e.g. ``token: {password: ...}``
+            _map_secrets(value, collect)
+        return value
 
-    walk(data)
+    _map_secrets(data, collect)
     return found
 
 
@@ -610,36 +686,35 @@ def _store(
             "is empty; give conn_id (an Airflow connection, recommended) or the store's credentials",
             field=field,
         )
-    if "conn_id" in connection:
-        if len(connection) > 1:
-            others = ", ".join(sorted(str(k) for k in connection if k != "conn_id"))
+    model: type[ConnectionId] | type[S3Connection] | type[SwiftConnection]
+    keys = dict(connection)
+    if "conn_id" in keys:
+        if len(keys) > 1:
+            others = ", ".join(sorted(str(k) for k in keys if k != "conn_id"))
             raise CredentialsError(
                 f"conn_id cannot be combined with inline credentials ({others}); keep only conn_id",
                 field=field,
             )
-        try:
-            return store, ConnectionId.model_validate(connection)
-        except ValidationError as err:
-            raise _refusal(err, ConnectionId, connection, (*loc, "connection")) from None
-    keys = dict(connection)
-    if store == "swift":
-        for console, name in SWIFT_CONSOLE_KEYS.items():
-            if console in keys:
-                if name in keys:
-                    raise CredentialsError(
-                        f"give {name} or {console} (the console's name for it), not both", field=field
-                    )
-                keys[name] = keys.pop(console)
-    model = _CONNECTION_MODELS[store]
-    other = _CONNECTION_MODELS["swift" if store == "s3" else "s3"]
-    foreign = set(keys) & (set(other.model_fields) - set(model.model_fields))
-    if foreign:
-        raise CredentialsError(
-            f"{', '.join(sorted(foreign))}: {'Swift' if store == 's3' else 'S3'} key(s) "
-            f"but {kind}.type is '{type_}'; "
-            f"give {', '.join(model.model_fields)} or change {kind}.type",
-            field=field,
-        )
+        model = ConnectionId
+    else:
+        if store == "swift":
+            for console, name in SWIFT_CONSOLE_KEYS.items():
+                if console in keys:
+                    if name in keys:
+                        raise CredentialsError(
+                            f"give {name} or {console} (the console's name for it), not both", field=field
+                        )
+                    keys[name] = keys.pop(console)
+        model = _CONNECTION_MODELS[store]
+        other = _CONNECTION_MODELS["swift" if store == "s3" else "s3"]
+        foreign = set(keys) & (set(other.model_fields) - set(model.model_fields))
+        if foreign:
+            raise CredentialsError(
+                f"{', '.join(sorted(foreign))}: {'Swift' if store == 's3' else 'S3'} key(s) "
+                f"but {kind}.type is '{type_}'; "
+                f"give {', '.join(model.model_fields)} or change {kind}.type",
+                field=field,
+            )
     try:
         return store, model.model_validate(keys)
     except ValidationError as err:
@@ -771,8 +846,10 @@ __all__ = [
     "StoreReference",
     "SwiftConnection",
     "TrainingManifest",
+    "is_http_url",
     "load_manifest",
     "read_manifest_source",
     "redact_manifest",
     "redact_url",
+    "secret_values_of",
 ]

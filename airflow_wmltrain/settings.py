@@ -66,6 +66,8 @@ class Settings:
     :param cpu_fallback: run without GPUs on a host without an NVIDIA runtime.
     :param halt_grace_period: seconds between SIGTERM and SIGKILL when a run is halted.
     :param poll_interval: seconds between two looks at a container from the triggerer.
+    :param training_retries: retries of the bundled training DAG's task (``0``: none).
+    :param training_retry_delay: seconds before such a retry.
     """
 
     resource_classes: Mapping[str, int] = field(
@@ -87,6 +89,8 @@ class Settings:
     cpu_fallback: bool = _DEFAULTS["cpu_fallback"] == "True"
     halt_grace_period: int = int(_DEFAULTS["halt_grace_period"])
     poll_interval: int = int(_DEFAULTS["poll_interval"])
+    training_retries: int = int(_DEFAULTS["training_retries"])
+    training_retry_delay: int = int(_DEFAULTS["training_retry_delay"])
 
     @property
     def cache_dir(self) -> str:
@@ -102,7 +106,7 @@ class Settings:
             value = conf.get(SECTION, option, fallback=_DEFAULTS[option])
             return str(value) if value not in ("", None) else _DEFAULTS[option]
 
-        def get_int(option: str) -> int:
+        def get_int(option: str, *, minimum: int = 1) -> int:
             raw = get(option)
             try:
                 value = int(str(raw))
@@ -110,8 +114,9 @@ class Settings:
                 raise ConfigurationError(
                     f"'{raw}' is not a whole number", field=f"[{SECTION}] {option}"
                 ) from None
-            if value <= 0:
-                raise ConfigurationError(f"must be positive, got {value}", field=f"[{SECTION}] {option}")
+            if value < minimum:
+                what = "positive" if minimum == 1 else f"at least {minimum}"
+                raise ConfigurationError(f"must be {what}, got {value}", field=f"[{SECTION}] {option}")
             return value
 
         def get_choice(option: str, choices: tuple[str, ...]) -> str:
@@ -160,4 +165,6 @@ class Settings:
             cpu_fallback=get_bool("cpu_fallback"),
             halt_grace_period=get_int("halt_grace_period"),
             poll_interval=get_int("poll_interval"),
+            training_retries=get_int("training_retries", minimum=0),
+            training_retry_delay=get_int("training_retry_delay", minimum=0),
         )

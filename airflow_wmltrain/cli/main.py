@@ -1,6 +1,7 @@
 """``wmltrain``: the command line of airflow-wmltrain (also ``python -m airflow_wmltrain``).
 
-Exit codes: 0 ok, 1 the run failed, 2 bad input or usage, 3 server or configuration error.
+Exit codes (:func:`airflow_wmltrain.errors.exit_status`, the one place that maps errors to them): 0 ok,
+1 the run failed, 2 bad input or usage, 3 server or configuration error, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from collections.abc import Callable, Sequence
 
 from airflow_wmltrain import __version__
 from airflow_wmltrain.cli import runs, stage, train, validate
-from airflow_wmltrain.errors import ClientError, WmlTrainError
-from airflow_wmltrain.service.api import ApiError, ApiNotFoundError
-
-EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_SERVER_ERROR = 0, 1, 2, 3
+from airflow_wmltrain.errors import WmlTrainError, exit_status
+from airflow_wmltrain.service.api import ApiError
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -38,17 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: Command = args.handler
     try:
         return command(args)
-    except WmlTrainError as err:
-        print(f"error {err.code}: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT if isinstance(err, ClientError) else EXIT_SERVER_ERROR
-    except ApiNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ApiError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_SERVER_ERROR
-    except KeyboardInterrupt:
-        return 130
+    except WmlTrainError as err:  # the API's errors are shown without a code: their message says it all
+        print(f"error: {err}" if isinstance(err, ApiError) else f"error {err.code}: {err}", file=sys.stderr)
+        return exit_status(err)
+    except KeyboardInterrupt as err:
+        return exit_status(err)
 
 
 if __name__ == "__main__":

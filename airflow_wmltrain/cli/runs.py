@@ -10,23 +10,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
 
-from airflow_wmltrain.cli.server import add_server_options, api_from_args
+from airflow_wmltrain.cli.server import add_server_options, add_wait_options, api_from_args, wait_options
+from airflow_wmltrain.errors import EXIT_BAD_INPUT, EXIT_OK
+from airflow_wmltrain.lifecycle import RunState
 from airflow_wmltrain.service.api import AirflowApi, quote
 from airflow_wmltrain.service.runs import (
     TrainingRunRecord,
+    WaitOptions,
     delete_moved_connections,
     delete_run,
     find_run,
-    halt_run,
     list_runs,
     log_lines,
+    request_halt,
+    wait_not_running,
 )
+from airflow_wmltrain.waiting import WaitTimeoutError
 
 NOUNS = ("trained-models", "training-runs", "models", "runs")
-EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+#: How long ``delete --halt`` waits for the halted task to stop.
+HALT_WAIT_S = 120.0
 
 
 def register(commands: Any) -> None:
@@ -56,6 +61,7 @@ def register(commands: Any) -> None:
             parser.add_argument(
                 "--follow", "-f", action="store_true", help="follow the log until the run ends"
             )
+            add_wait_options(parser)
         add_server_options(parser)
         parser.set_defaults(handler=handler)
 
@@ -94,11 +100,19 @@ def run_list(args: argparse.Namespace) -> int:
     rows = []
     for number, record in enumerate(records, 1):
         reason = ""
-        if record.error and record.state in ("FAILED", "HALTED"):
+        if record.error and record.state in (RunState.FAILED, RunState.HALTED):
             reason = f"{record.error.get('code', '')} {record.error.get('message', '').splitlines()[0][:70]}"
         where = record.dag_id + (f"[{record.map_index}]" if record.map_index >= 0 else "")
         rows.append(
-            [str(number), record.name, record.training_id, record.state, record.submitted, where, reason]
+            [
+                str(number),
+                record.name,
+                record.training_id,
+                record.state.value,
+                record.submitted,
+                where,
+                reason,
+            ]
         )
     print(_table(rows, ["#", "name", "id", "status", "submitted-at", "dag", "reason"]))
     return EXIT_OK
@@ -115,7 +129,7 @@ def run_show(args: argparse.Namespace) -> int:
         ("id", record.training_id),
         ("url", document["url"]),
         ("name", record.name),
-        ("state", record.state),
+        ("state", record.state.value),
         ("submitted-at", record.submitted),
     ]
     rows += [(f"  {h['state'].lower()}", h["at"]) for h in document["history"]]
@@ -140,16 +154,14 @@ def run_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _wait_not_running(api: AirflowApi, training_id: str, timeout: float = 120) -> TrainingRunRecord:
-    deadline = time.monotonic() + timeout
-    while True:
-        record = find_run(api, training_id)
-        if (
-            record.ti_state not in ("running", "deferred", "queued", "scheduled")
-            or time.monotonic() > deadline
-        ):
-            return record
-        time.sleep(1)
+def _wait_not_running(
+    api: AirflowApi, record: TrainingRunRecord, timeout: float = HALT_WAIT_S
+) -> TrainingRunRecord:
+    """The run once its halted task stopped (as it stands after ``timeout`` seconds if it has not)."""
+    try:
+        return wait_not_running(api, record, options=WaitOptions(timeout=timeout, max_outage=timeout))
+    except WaitTimeoutError:
+        return find_run(api, record.training_id)
 
 
 def run_delete(args: argparse.Namespace) -> int:
@@ -158,18 +170,18 @@ def run_delete(args: argparse.Namespace) -> int:
     if record.active:
         if not args.halt:
             print(
-                f"error: {record.training_id} is {record.state}; halt it first (wmltrain halt "
+                f"error: {record.training_id} is {record.state.value}; halt it first (wmltrain halt "
                 f"{record.training_id}) or delete it with --halt",
                 file=sys.stderr,
             )
             return EXIT_BAD_INPUT
-        halt_run(api, record)
-        record = _wait_not_running(api, record.training_id)
+        request_halt(api, record)
+        record = _wait_not_running(api, record)
         halted = True
     else:
         halted = False
     removed = delete_run(api, record)
-    where = record.status.get("results_location") or "the results bucket"
+    where = record.status.results_location or "the results bucket"
     print(f"Deleted {record.training_id}: {removed} removed from Airflow; its files in {where} stay")
     if halted:  # the halt may still need them to store the logs: the retention DAG removes them later
         print("note: connections made from the run's inline credentials are removed by wmltrain_retention")
@@ -181,7 +193,7 @@ def run_delete(args: argparse.Namespace) -> int:
 def run_logs(args: argparse.Namespace) -> int:
     api = api_from_args(args)
     record = find_run(api, _training_id(args))
-    for line in log_lines(api, record, follow=args.follow):
+    for line in log_lines(api, record, follow=args.follow, options=wait_options(args)):
         print(line, flush=True)
     return EXIT_OK
 
@@ -190,9 +202,9 @@ def run_halt(args: argparse.Namespace) -> int:
     api = api_from_args(args)
     record = find_run(api, _training_id(args))
     if not record.active:
-        print(f"{record.training_id} is already {record.state}")
+        print(f"{record.training_id} is already {record.state.value}")
         return EXIT_OK
-    halt_run(api, record)
+    request_halt(api, record)
     if record.ti_state in ("running", "deferred"):
         print(
             f"Halting {record.training_id}: its container is stopped and its logs are stored; it ends HALTED"

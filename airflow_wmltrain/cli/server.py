@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from airflow_wmltrain.errors import ConfigurationError
-from airflow_wmltrain.service.api import AirflowApi
+from airflow_wmltrain.service.api import DEFAULT_TIMEOUT, AirflowApi
+from airflow_wmltrain.service.runs import DEFAULT_MAX_OUTAGE, WaitOptions
 
 DEFAULT_URL = "http://localhost:8080"
 DEFAULT_CONFIG = Path("~/.config/wmltrain/config.yaml")
@@ -27,6 +29,45 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--user", help="Airflow user (WMLTRAIN_USER)")
     group.add_argument("--password", help="their password (WMLTRAIN_PASSWORD; better in the environment)")
     group.add_argument("--config", help="YAML file with api_url, user, password (WMLTRAIN_CONFIG)")
+    group.add_argument(
+        "--api-timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"seconds one API call may take before it is tried again (default {DEFAULT_TIMEOUT:.0f})",
+    )
+
+
+def add_wait_options(parser: argparse.ArgumentParser) -> None:
+    """``--timeout`` and ``--max-outage`` of the commands that wait (``train --wait``, ``logs --follow``)."""
+    group = parser.add_argument_group("waiting")
+    group.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="give up waiting after this long (exit 3; the run goes on); default: as long as the run lasts",
+    )
+    group.add_argument(
+        "--max-outage",
+        type=float,
+        default=DEFAULT_MAX_OUTAGE,
+        metavar="SECONDS",
+        help="how long API time-outs and failures in a row are ridden out before giving up (exit 3; "
+        f"the run goes on); default {DEFAULT_MAX_OUTAGE:.0f}",
+    )
+
+
+def _note(line: str) -> None:
+    print(f"note: {line}", file=sys.stderr, flush=True)
+
+
+def wait_options(args: argparse.Namespace) -> WaitOptions:
+    """How the command waits (its ``--timeout``/``--max-outage``); API failures ridden out are noted on
+    stderr."""
+    return WaitOptions(
+        timeout=getattr(args, "timeout", None),
+        max_outage=getattr(args, "max_outage", DEFAULT_MAX_OUTAGE),
+        notify=_note,
+    )
 
 
 def _config_file(args: argparse.Namespace) -> dict[str, Any]:
@@ -63,4 +104,5 @@ def api_from_args(args: argparse.Namespace) -> AirflowApi:
             f"write them in {DEFAULT_CONFIG}",
             field="--user/--password",
         )
-    return AirflowApi(url, user, password)
+    timeout = getattr(args, "api_timeout", None) or DEFAULT_TIMEOUT
+    return AirflowApi(url, user, password, timeout=timeout)

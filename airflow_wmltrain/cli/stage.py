@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from airflow_wmltrain.cli.output import log_to_stderr
+from airflow_wmltrain.errors import EXIT_OK
 from airflow_wmltrain.manifest import load_manifest
 from airflow_wmltrain.settings import Settings
 from airflow_wmltrain.storage import open_store
@@ -60,4 +61,4 @@ def run(args: argparse.Namespace) -> int:
             range_size=settings.part_size,
         )
     print(json.dumps(dataclasses.asdict(result)) if args.json else result.summary())
-    return 0
+    return EXIT_OK

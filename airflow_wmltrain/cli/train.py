@@ -12,21 +12,23 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from airflow_wmltrain.cli.server import add_server_options, api_from_args
+from airflow_wmltrain.cli.server import add_server_options, add_wait_options, api_from_args, wait_options
 from airflow_wmltrain.cli.validate import parse_hyperparameters
-from airflow_wmltrain.errors import ModelDefinitionError
+from airflow_wmltrain.errors import EXIT_OK, EXIT_RUN_FAILED, ModelDefinitionError
+from airflow_wmltrain.lifecycle import RunState
 from airflow_wmltrain.manifest import ConnectionId, S3Connection, StoreReference, SwiftConnection
-from airflow_wmltrain.service.api import AirflowApi
+from airflow_wmltrain.service.api import AirflowApi, ApiError
 from airflow_wmltrain.service.runs import (
+    SubmissionError,
     TrainingRunRecord,
     delete_moved_connections,
+    ensure_connection,
     moved_connection_id,
     submit_run,
     wait_until_over,
@@ -65,45 +67,24 @@ def register(commands: Any) -> None:
         metavar="BYTES",
         help=f"largest zip sent inside the run's conf (default {DEFAULT_MAX_INLINE})",
     )
+    add_wait_options(parser)
     add_server_options(parser)
     parser.set_defaults(handler=run)
 
 
 def _connection_body(conn_id: str, ref: StoreReference) -> dict[str, Any]:
     """An Airflow connection holding a manifest reference's inline credentials."""
-    conn = ref.connection
-    if isinstance(conn, S3Connection):
-        extra = {"endpoint_url": conn.endpoint_url} if conn.endpoint_url else {}
-        return {
-            "connection_id": conn_id,
-            "conn_type": "aws",
-            "login": conn.aws_access_key_id.get_secret_value(),
-            "password": conn.aws_secret_access_key.get_secret_value(),
-            "extra": json.dumps(extra) if extra else None,
-        }
-    assert isinstance(conn, SwiftConnection)
-    extra = {
-        key: value
-        for key, value in (
-            ("region_name", conn.region),
-            ("domain_name", conn.domain_name),
-            ("project_id", conn.project_id),
-        )
-        if value
-    }
-    return {
-        "connection_id": conn_id,
-        "conn_type": "swift",
-        "host": conn.auth_url,
-        "login": conn.user_name,
-        "password": conn.password.get_secret_value(),
-        "extra": json.dumps(extra) if extra else None,
-    }
+    assert isinstance(ref.connection, S3Connection | SwiftConnection)
+    return ref.connection.to_airflow_connection(conn_id)
 
 
 def move_credentials(api: AirflowApi, training_id: str, document: dict[str, Any], manifest: Any) -> list[str]:
-    """Put inline credentials into Airflow connections and point ``document`` at them; their ids."""
-    created = []
+    """Put inline credentials into Airflow connections and point ``document`` at them; their ids.
+
+    Each connection is created safely repeated (:func:`~airflow_wmltrain.service.runs.ensure_connection`).
+    When one cannot be made, those made before it are removed and the error raised.
+    """
+    created: list[str] = []
     for role, ref, holder in (
         ("data", manifest.data, document["training_data_reference"][0]),
         ("results", manifest.results, document["training_results_reference"]),
@@ -112,7 +93,12 @@ def move_credentials(api: AirflowApi, training_id: str, document: dict[str, Any]
             continue
         conn_id = moved_connection_id(training_id, role)
         body = _connection_body(conn_id, ref)
-        api.call("POST", "/connections", body={k: v for k, v in body.items() if v is not None})
+        try:
+            ensure_connection(api, {k: v for k, v in body.items() if v is not None})
+        except ApiError:
+            if created:
+                delete_moved_connections(api, training_id)
+            raise
         holder["connection"] = {"conn_id": conn_id}
         created.append(conn_id)
     return created
@@ -152,10 +138,13 @@ def run(args: argparse.Namespace) -> int:
         check_submission(args.model_definition, manifest, hyperparameters=hyperparameters, settings=settings)
     model_definition = _model_definition(args.model_definition, args.max_inline)
     api = api_from_args(args)
+    options = wait_options(args)
     training_id = new_training_id()
     document = manifest.to_dict(redact=False)
     if args.name:
         document["model_definition"]["name"] = args.name
+    # The id is chosen here, so every request below can be sent again; it is shown before any is sent.
+    print(f"Submitting {training_id} ...", file=sys.stderr, flush=True)
     moved = move_credentials(api, training_id, document, manifest)
     conf = {
         "manifest": yaml.safe_dump(document, sort_keys=False, allow_unicode=True),
@@ -163,28 +152,42 @@ def run(args: argparse.Namespace) -> int:
         "hyperparameters": hyperparameters,
     }
     try:
-        submit_run(api, training_id, conf, note=f"wmltrain train: {args.name or manifest.name}")
-    except Exception:
-        if moved:
+        submit_run(
+            api,
+            training_id,
+            conf,
+            note=f"wmltrain train: {args.name or manifest.name}",
+            notify=options.notify,
+        )
+    except ApiError as err:
+        may_exist = isinstance(err, SubmissionError) and err.may_exist
+        if moved and not may_exist:  # certainly not created: its connections go
             delete_moved_connections(api, training_id)
+        elif moved:
+            print(
+                f"note: the connections {', '.join(moved)} stay while {training_id} may exist "
+                f"(`wmltrain delete {training_id}` removes both; wmltrain_retention removes them if it "
+                "does not)",
+                file=sys.stderr,
+            )
         raise
     if moved:
         print(
             f"note: inline credentials were stored as Airflow connections {', '.join(moved)}", file=sys.stderr
         )
-    print(f"Model-ID is '{training_id}'")
+    print(f"Model-ID is '{training_id}'", flush=True)
     if not args.wait:
-        return 0
+        return EXIT_OK
 
     def changed(record: TrainingRunRecord) -> None:
-        print(f"{record.training_id}: {record.state}", file=sys.stderr, flush=True)
+        print(f"{record.training_id}: {record.state.value}", file=sys.stderr, flush=True)
 
-    final = wait_until_over(api, training_id, on_change=changed)
-    if final.state == "COMPLETED":
-        return 0
+    final = wait_until_over(api, training_id, options=options, on_change=changed)
+    if final.state is RunState.COMPLETED:
+        return EXIT_OK
     error = final.error or {}
     print(
-        f"{training_id} {final.state}: {error.get('code', '')} {error.get('message', '')}".rstrip(),
+        f"{training_id} {final.state.value}: {error.get('code', '')} {error.get('message', '')}".rstrip(),
         file=sys.stderr,
     )
-    return 1
+    return EXIT_RUN_FAILED

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from airflow_wmltrain.errors import ClientError, ManifestError, WmlTrainError
+from airflow_wmltrain.errors import EXIT_OK, ManifestError, WmlTrainError, exit_status
 from airflow_wmltrain.settings import Settings
 from airflow_wmltrain.submission import check_submission
 
@@ -64,11 +64,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             raise
         print(json.dumps({"valid": False, "error": err.to_dict()}, indent=2))
-        return 2 if isinstance(err, ClientError) else 3
+        return exit_status(err)
     summary = submission.summary()
     if args.json:
         print(json.dumps(summary, indent=2))
-        return 0
+        return EXIT_OK
     gpus = summary["gpus"]
     model = summary["model_definition"]
     rows = [
@@ -96,4 +96,4 @@ def run(args: argparse.Namespace) -> int:
             "(connection: {conn_id: ...}) keeps them out of the manifest",
             file=sys.stderr,
         )
-    return 0
+    return EXIT_OK

@@ -2,7 +2,9 @@
 
 Credentials come from exactly one source: an Airflow connection of type ``swift`` (recommended), or a
 manifest's inline :class:`~airflow_wmltrain.manifest.SwiftConnection` (seed style; no Airflow connection
-is read then, so this works without an Airflow database, e.g. from the ``wmltrain`` CLI).
+is read then, so this works without an Airflow database, e.g. from the ``wmltrain`` CLI).  Inline
+credentials are read as the connection that would hold them (``SwiftConnection.AIRFLOW_FIELDS``), by the
+same code.
 
 The Airflow connection:
 
@@ -51,12 +53,12 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import swiftclient.client
-from airflow.sdk import BaseHook
+from airflow.sdk import BaseHook, Connection
 from airflow.sdk.log import mask_secret
 from swiftclient.exceptions import ClientException
 
 from airflow_wmltrain.errors import CredentialsError, DataLoadError, WmlTrainError
-from airflow_wmltrain.manifest import SwiftConnection
+from airflow_wmltrain.manifest import SwiftConnection, is_http_url
 
 # python-swiftclient logs (at INFO on failures, DEBUG otherwise) the first 16 characters of tokens and
 # keys; show none of them.
@@ -475,27 +477,15 @@ class SwiftHook(BaseHook):
         mask_secret(config.password)
         return config
 
-    @staticmethod
-    def _config_from_inline(credentials: SwiftConnection) -> SwiftAuthConfig:
-        source = "the manifest's inline Swift credentials"
-        _check_no_user_info(credentials.auth_url, source)
-        version, url = detect_auth_version(credentials.auth_url)
-        return SwiftAuthConfig(
-            auth_url=url,
-            auth_version=version,
-            user=credentials.user_name,
-            password=credentials.password.get_secret_value(),
-            source=source,
-            project_id=credentials.project_id,
-            user_domain_name=credentials.domain_name,
-            project_domain_name=credentials.domain_name,
-            region_name=credentials.region,
-        )
+    def _config_from_inline(self, credentials: SwiftConnection) -> SwiftAuthConfig:
+        # Read as the Airflow connection that would hold them: one mapping, SwiftConnection.AIRFLOW_FIELDS.
+        fields = credentials.to_airflow_connection("")
+        fields["conn_id"] = fields.pop("connection_id")
+        return self._config_from(Connection(**fields), "the manifest's inline Swift credentials")
 
     def _config_from_connection(self, conn_id: str) -> SwiftAuthConfig:
         from airflow.sdk.exceptions import AirflowNotFoundException
 
-        source = f"Airflow connection '{conn_id}'"
         try:
             conn = self.get_connection(conn_id)
         except AirflowNotFoundException:
@@ -503,6 +493,10 @@ class SwiftHook(BaseHook):
                 f"the Airflow connection '{conn_id}' is not defined; create it (type swift) or give the "
                 "credentials inline"
             ) from None
+        return self._config_from(conn, f"Airflow connection '{conn_id}'")
+
+    def _config_from(self, conn: Connection, source: str) -> SwiftAuthConfig:
+        """The credentials from the fields of a ``swift`` connection (see the module's documentation)."""
         extra = _plain_extra(conn.extra_dejson)
         unknown = sorted(set(extra) - EXTRA_KEYS)
         if unknown:
@@ -706,12 +700,7 @@ def _connection_url(host: str | None, port: int | None, schema: str | None, sour
         url = host
     else:
         url = f"https://{host}{f':{port}' if port else ''}{f'/{schema}' if schema else ''}"
-    try:
-        parts = urlsplit(url)
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:
-        valid = False
-    if not valid:
+    if not is_http_url(url):
         raise CredentialsError(
             f"{source}: the host {display_url(url)} is not an http(s) auth URL; write e.g. "
             "https://identity.example.com/v3"

@@ -1,30 +1,53 @@
 """A small client of Airflow 3's REST API v2 (``/auth/token``, then a bearer token), standard library only.
 
 ``wmltrain`` commands and the retention DAG talk to Airflow through it.  It imports nothing of Airflow,
-so the command line starts fast.  Every failure is one :class:`ApiError` whose message is one line a user
-can act on: the server is unreachable, the credentials are refused, an object does not exist.
+so the command line starts fast.  Every failure is one :class:`ApiError` (part of the package's error
+tree, :mod:`airflow_wmltrain.errors`) whose message is one line a user can act on: the server is
+unreachable or did not answer in time, the credentials are refused, an object does not exist.
+
+Calls that can safely be sent again — ``GET``, ``HEAD``, ``PUT``, ``DELETE``, and any call whose caller
+says so (``idempotent=True``) — are retried with a growing delay when the server does not answer, times
+out or answers 5xx (a busy api-server, a locked database), a bounded number of times
+(:attr:`AirflowApi.tries`).  A ``POST`` that creates something is sent once: its caller makes it safe to
+repeat (``service.runs.submit_run``: the run id is chosen by the client, a ``409`` on a retry is checked).
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_wmltrain.errors import EXIT_BAD_INPUT, WmlTrainError
+from airflow_wmltrain.waiting import Backoff, wait_until
+
+#: Seconds one HTTP exchange may take before it counts as a time-out.
 DEFAULT_TIMEOUT = 30.0
+#: How many times a call that is safe to repeat is sent at most.
+DEFAULT_TRIES = 4
+#: The delays between the tries of one call.
+RETRY_BACKOFF = Backoff(interval=1.0, max_interval=10.0, factor=2.0)
 PAGE_SIZE = 100
+#: Methods whose repetition changes nothing more than their first success.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
 
-class ApiError(Exception):
+class ApiError(WmlTrainError):
     """A REST API call failed.
 
     :param message: one line saying what failed and what to do.
     :param status: the HTTP status (``None`` when the server did not answer).
     """
+
+    code = "S200"
+    retryable = False
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
@@ -32,15 +55,51 @@ class ApiError(Exception):
 
 
 class ApiUnreachableError(ApiError):
-    """The API server did not answer."""
+    """The API server did not answer (refused the connection, or the exchange failed midway).
+
+    :param maybe_sent: whether the request may have reached the server (``False`` when the connection
+        itself was refused or the host is unknown: then nothing was done there).
+    """
+
+    retryable = True
+
+    def __init__(self, message: str, *, maybe_sent: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_sent = maybe_sent
+
+
+class ApiTimeoutError(ApiUnreachableError):
+    """The API server did not answer within the client's time-out (it may have done the work)."""
+
+
+class ApiServerError(ApiError):
+    """The API server answered 5xx (or 429): a server-side failure that a later try may not meet."""
+
+    retryable = True
 
 
 class ApiAuthError(ApiError):
     """The API server refused the credentials or the token."""
 
 
+class ApiConflictError(ApiError):
+    """The object to create exists already (``409``)."""
+
+
 class ApiNotFoundError(ApiError):
     """The object asked for does not exist."""
+
+    code = "C100"
+    exit_status = EXIT_BAD_INPUT
+
+
+#: The failures of a call that a later try of the same call may not meet.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ApiUnreachableError, ApiServerError, TimeoutError)
+
+
+@dataclass
+class _Answer:
+    value: Any
 
 
 @dataclass
@@ -50,13 +109,19 @@ class AirflowApi:
     :param url: the API server's base URL (``http://localhost:8080``).
     :param username: the user to get a token for.
     :param password: their password (never shown).
-    :param timeout: seconds before a call fails.
+    :param timeout: seconds before one exchange fails with :class:`ApiTimeoutError`.
+    :param tries: how many times a call that is safe to repeat is sent at most (``1``: no retry).
+    :param backoff: the delays between those tries.
+    :param sleep: how to wait between tries (tests pass a fake).
     """
 
     url: str
     username: str
     password: str = field(repr=False)
     timeout: float = DEFAULT_TIMEOUT
+    tries: int = DEFAULT_TRIES
+    backoff: Backoff = RETRY_BACKOFF
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
     _token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -79,18 +144,49 @@ class AirflowApi:
                 return int(response.status), response.read()
         except urllib.error.HTTPError as err:
             return int(err.code), err.read()
-        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as err:
+        except (TimeoutError, urllib.error.URLError, http.client.HTTPException, OSError) as err:
             reason = getattr(err, "reason", err)
+            if isinstance(reason, TimeoutError | socket.timeout):
+                where = path.split("?", maxsplit=1)[0]
+                raise ApiTimeoutError(
+                    f"the Airflow API server at {self.url} did not answer {method} {where} "
+                    f"within {self.timeout:.0f} s (it may be overloaded)"
+                ) from None
             raise ApiUnreachableError(
-                f"cannot reach the Airflow API server at {self.url} ({reason}); check --api-url / "
-                "WMLTRAIN_API_URL and that the api-server runs"
+                f"cannot reach the Airflow API server at {self.url} ({reason or type(err).__name__}); "
+                "check --api-url / WMLTRAIN_API_URL and that the api-server runs",
+                maybe_sent=not isinstance(reason, ConnectionRefusedError | socket.gaierror),
             ) from None
 
+    def _retrying(self, what: str, once: Callable[[], Any], *, safe: bool) -> Any:
+        """``once()``, tried again on transient failures when ``safe`` (at most :attr:`tries` times)."""
+        if not safe or self.tries <= 1:
+            return once()
+        answer: _Answer = wait_until(
+            lambda: _Answer(once()),
+            what=what,
+            backoff=self.backoff,
+            transient=TRANSIENT_ERRORS,
+            max_failures=self.tries,
+            sleep=self.sleep,
+        )
+        return answer.value
+
     def token(self) -> str:
-        """A bearer token (``POST /auth/token``), fetched once."""
+        """A bearer token (``POST /auth/token``, safe to repeat), fetched once."""
         if self._token is None:
-            status, body = self._send(
-                "POST", "/auth/token", body={"username": self.username, "password": self.password}
+            status, body = self._retrying(
+                "a token",
+                lambda: self._checked(
+                    "POST",
+                    "/auth/token",
+                    self._send(
+                        "POST",
+                        "/auth/token",
+                        body={"username": self.username, "password": self.password},
+                    ),
+                ),
+                safe=True,
             )
             if status in (401, 403):
                 raise ApiAuthError(
@@ -109,26 +205,58 @@ class AirflowApi:
                 raise ApiError(f"{self.url}/auth/token did not answer with a token") from None
         return self._token
 
+    @staticmethod
+    def _checked(method: str, path: str, answer: tuple[int, bytes]) -> tuple[int, bytes]:
+        """``answer``, unless it is a server-side failure (5xx, 429): then :class:`ApiServerError`."""
+        status, data = answer
+        if status >= 500 or status == 429:
+            raise ApiServerError(f"{method} {path} failed: {_detail(status, data)}", status=status)
+        return answer
+
     def call(
-        self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: Any = None,
+        idempotent: bool | None = None,
     ) -> Any:
         """One API call (``path`` under ``/api/v2``); its JSON answer, or ``None`` for an empty one.
 
+        :param idempotent: whether sending the call again is safe (default: for ``GET``, ``HEAD``,
+            ``PUT``, ``DELETE``); such calls are retried on time-outs, an unreachable server and 5xx.
+            A ``DELETE`` whose retry finds the object gone counts as done.
         :raises ApiNotFoundError: 404.
         :raises ApiAuthError: 401/403.
+        :raises ApiConflictError: 409.
+        :raises ApiServerError: 5xx or 429 (after the retries, for a call that is safe to repeat).
+        :raises ApiUnreachableError: no answer (:class:`ApiTimeoutError`: none in time).
         :raises ApiError: any other failure.
         """
+        method = method.upper()
+        safe = method in IDEMPOTENT_METHODS if idempotent is None else idempotent
         query = ""
         if params:
             query = "?" + urllib.parse.urlencode(
                 [(k, v) for k, v in params.items() if v is not None], doseq=True
             )
         full = f"/api/v2{path}{query}"
-        status, data = self._send(method, full, body=body, token=self.token())
-        if status == 401:  # an expired token: get a new one, once
-            self._token = None
+        tries = 0
+
+        def once() -> tuple[int, bytes]:
+            nonlocal tries
+            tries += 1
             status, data = self._send(method, full, body=body, token=self.token())
+            if status == 401:  # an expired token: get a new one, once
+                self._token = None
+                status, data = self._send(method, full, body=body, token=self.token())
+            return self._checked(method, path, (status, data))
+
+        status, data = self._retrying(f"{method} {path}", once, safe=safe)
         if status == 404:
+            if method == "DELETE" and tries > 1:  # an earlier try that got no answer did it
+                return None
             raise ApiNotFoundError(_detail(status, data), status=status)
         if status in (401, 403):
             raise ApiAuthError(
@@ -136,6 +264,8 @@ class AirflowApi:
                 f"{_detail(status, data)}",
                 status=status,
             )
+        if status == 409:
+            raise ApiConflictError(f"{method} {path} failed: {_detail(status, data)}", status=status)
         if status >= 400:
             raise ApiError(f"{method} {path} failed: {_detail(status, data)}", status=status)
         if not data:

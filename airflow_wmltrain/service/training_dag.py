@@ -11,7 +11,7 @@ UI and the API (``wmltrain train`` moves inline credentials into Airflow connect
 from __future__ import annotations
 
 import os
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from airflow_wmltrain.service.runs import TRAINING_DAG_ID
@@ -32,14 +32,21 @@ def build_training_dag(dag_id: str = TRAINING_DAG_ID, **operator_kwargs: Any) ->
 
     :param dag_id: its id.
     :param operator_kwargs: extra ``TrainingRunOperator`` arguments (``docker_url``, ``network_mode``,
-        ``shm_size``, ``deferrable``...); ``docker_url`` defaults to ``$WMLTRAIN_DOCKER_URL`` and
-        ``network_mode`` to ``$WMLTRAIN_NETWORK_MODE`` when those are set.
+        ``shm_size``, ``deferrable``, ``retries``...); ``docker_url`` defaults to ``$WMLTRAIN_DOCKER_URL``
+        and ``network_mode`` to ``$WMLTRAIN_NETWORK_MODE`` when those are set, ``retries`` and
+        ``retry_delay`` to ``[wmltrain] training_retries`` / ``training_retry_delay``: a retry re-attaches
+        to the run's container (same training id), so a killed worker does not lose the run.
     """
     from airflow.sdk import DAG, Param
 
     from airflow_wmltrain.operators.training_run import TrainingRunOperator
+    from airflow_wmltrain.settings import Settings
 
-    defaults: dict[str, Any] = {}
+    settings = Settings.from_airflow_config()
+    defaults: dict[str, Any] = {
+        "retries": settings.training_retries,
+        "retry_delay": timedelta(seconds=settings.training_retry_delay),
+    }
     if os.environ.get("WMLTRAIN_DOCKER_URL"):
         defaults["docker_url"] = os.environ["WMLTRAIN_DOCKER_URL"]
     if os.environ.get("WMLTRAIN_NETWORK_MODE"):

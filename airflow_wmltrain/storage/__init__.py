@@ -2,16 +2,25 @@
 
 :func:`open_store` turns a manifest's store reference (inline credentials or an Airflow connection id)
 into an :class:`~airflow_wmltrain.storage.base.ObjectStore`; the rest of the package never branches on
-the kind of store.
+the kind of store.  Inline credentials are read as the fields of the Airflow connection that would hold
+them (:attr:`~airflow_wmltrain.manifest.S3Connection.AIRFLOW_FIELDS`), and
+:func:`connections_as_json` hands the Airflow connections a manifest names to a process that cannot
+read them itself.
 """
 
 from __future__ import annotations
 
-from airflow_wmltrain.manifest import ConnectionId, S3Connection, StoreReference, SwiftConnection
+from airflow_wmltrain.manifest import (
+    ConnectionId,
+    S3Connection,
+    StoreReference,
+    SwiftConnection,
+    TrainingManifest,
+)
 from airflow_wmltrain.storage.base import ObjectInfo, ObjectStore
 from airflow_wmltrain.storage.transfer import HttpClient, RetryPolicy
 
-__all__ = ["ObjectInfo", "ObjectStore", "open_store"]
+__all__ = ["ObjectInfo", "ObjectStore", "connections_as_json", "open_store"]
 
 
 def open_store(
@@ -37,11 +46,14 @@ def open_store(
             raise TypeError(type(conn).__name__)
         from airflow_wmltrain.storage.sigv4 import Credentials
 
-        keys = Credentials(
-            conn.aws_access_key_id.get_secret_value(), conn.aws_secret_access_key.get_secret_value()
-        )
+        fields = conn.airflow_fields()  # what an ``aws`` connection would hold
+        keys = Credentials(fields["login"], fields["password"])
         return S3Store(
-            reference.bucket, credentials=lambda: keys, endpoint_url=conn.endpoint_url, http=http, retry=retry
+            reference.bucket,
+            credentials=lambda: keys,
+            endpoint_url=fields["extra"].get("endpoint_url"),
+            http=http,
+            retry=retry,
         )
 
     from airflow_wmltrain.hooks.swift import SwiftHook
@@ -54,3 +66,19 @@ def open_store(
     else:  # pragma: no cover - the manifest guarantees it
         raise TypeError(type(conn).__name__)
     return SwiftStore(reference.bucket, hook=hook, http=http, retry=retry)
+
+
+def connections_as_json(manifest: TrainingManifest) -> dict[str, str]:
+    """The Airflow connections the manifest's stores are opened with, read now: ``{conn_id: JSON}``.
+
+    For a process with no task context to ask Airflow (the detached halter): each value is what an
+    ``AIRFLOW_CONN_<CONN_ID>`` variable takes.  Inline credentials need none (the manifest holds them).
+    """
+    from airflow.sdk import BaseHook
+
+    resolved = {}
+    for reference in (manifest.results, manifest.data):
+        if isinstance(reference.connection, ConnectionId):
+            conn_id = reference.connection.conn_id
+            resolved[conn_id] = BaseHook.get_connection(conn_id).as_json()
+    return resolved

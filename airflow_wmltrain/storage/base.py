@@ -15,7 +15,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 from airflow_wmltrain.errors import BucketNotFoundError, CredentialsError
 from airflow_wmltrain.storage.transfer import (
@@ -27,7 +27,10 @@ from airflow_wmltrain.storage.transfer import (
     with_retries,
 )
 
-__all__ = ["ObjectInfo", "ObjectStore", "SignedRequest", "UploadedPart"]
+__all__ = ["Fields", "ObjectInfo", "ObjectStore", "SignedRequest", "UploadedPart"]
+
+#: A request's query parameters or extra headers (``None``: none).
+Fields: TypeAlias = Mapping[str, str] | None
 
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -97,14 +100,7 @@ class ObjectStore(ABC):
         return f"{self.kind} {self.endpoint} {self.bucket}/{key}".rstrip("/")
 
     @abstractmethod
-    def sign(
-        self,
-        method: str,
-        key: str,
-        *,
-        query: Mapping[str, str] | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> SignedRequest:
+    def sign(self, method: str, key: str, *, query: Fields = None, headers: Fields = None) -> SignedRequest:
         """A signed request for one object, or for the bucket itself when ``key`` is empty."""
 
     @abstractmethod
@@ -116,9 +112,7 @@ class ObjectStore(ABC):
         """Begin a multipart upload; returns its id."""
 
     @abstractmethod
-    def sign_part(
-        self, key: str, upload_id: str, number: int, *, headers: Mapping[str, str] | None = None
-    ) -> SignedRequest:
+    def sign_part(self, key: str, upload_id: str, number: int, *, headers: Fields = None) -> SignedRequest:
         """The signed ``PUT`` of part ``number`` (from 1), with extra ``headers``."""
 
     @abstractmethod
@@ -139,8 +133,8 @@ class ObjectStore(ABC):
         method: str,
         key: str,
         *,
-        query: Mapping[str, str] | None = None,
-        headers: Mapping[str, str] | None = None,
+        query: Fields = None,
+        headers: Fields = None,
         body: bytes | None = None,
         missing_ok: bool = False,
     ) -> tuple[int, Mapping[str, str], bytes]:

@@ -95,20 +95,8 @@ class ObjectCache:
     @contextlib.contextmanager
     def lock(self, entry: Path, *, blocking: bool) -> Iterator[bool]:
         """Hold the entry's fetch lock; yields ``False`` at once when not ``blocking`` and it is taken."""
-        path = self.locks / f"{entry.name[:LOCK_STRIPES_HEX]}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        with _flock(self.locks / f"{entry.name[:LOCK_STRIPES_HEX]}.lock", blocking=blocking) as held:
+            yield held
 
     def _listing_path(self, identity: str) -> Path:
         digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()
@@ -137,16 +125,8 @@ class ObjectCache:
         Yields ``False`` at once when not ``blocking`` and another run holds it.
         """
         digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()
-        fd = os.open(self.locks / f"staging-{digest[:32]}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(fd)  # releases the lock
+        with _flock(self.locks / f"staging-{digest[:32]}.lock", blocking=blocking) as held:
+            yield held
 
     @contextlib.contextmanager
     def fetch_slot(self) -> Iterator[None]:
@@ -246,3 +226,22 @@ class ObjectCache:
             with contextlib.suppress(FileNotFoundError):
                 if item.stat(follow_symlinks=False).st_mtime < deadline:
                     os.unlink(item.path)
+
+
+@contextlib.contextmanager
+def _flock(path: Path, *, blocking: bool) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` (created); yields ``False`` at once when not ``blocking``
+    and another process holds it.  The descriptor is not inherited by child processes."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -12,11 +12,11 @@ import base64
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus, urlsplit
 
-from airflow_wmltrain.storage.base import ObjectInfo, ObjectStore, SignedRequest, UploadedPart
+from airflow_wmltrain.storage.base import Fields, ObjectInfo, ObjectStore, SignedRequest, UploadedPart
 from airflow_wmltrain.storage.sigv4 import Credentials, SigV4Signer, canonical_query, quote_path
 from airflow_wmltrain.storage.transfer import (
     HttpClient,
@@ -129,14 +129,7 @@ class S3Store(ObjectStore):
         with self._lock:
             self._credentials = None
 
-    def sign(
-        self,
-        method: str,
-        key: str,
-        *,
-        query: Mapping[str, str] | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> SignedRequest:
+    def sign(self, method: str, key: str, *, query: Fields = None, headers: Fields = None) -> SignedRequest:
         path = f"{self._base_path}/{quote_path(key)}" if key else (self._base_path or "/")
         signed = self._signer.sign(self.credentials(), method, self._host, path, query=query, headers=headers)
         url = f"{self._scheme}://{self._host}{path}"
@@ -171,9 +164,7 @@ class S3Store(ObjectStore):
         root = ET.fromstring(self.request("POST", key, query={"uploads": ""})[2])  # noqa: S314
         return _text(root, "UploadId")
 
-    def sign_part(
-        self, key: str, upload_id: str, number: int, *, headers: Mapping[str, str] | None = None
-    ) -> SignedRequest:
+    def sign_part(self, key: str, upload_id: str, number: int, *, headers: Fields = None) -> SignedRequest:
         return self.sign(
             "PUT", key, query={"partNumber": str(number), "uploadId": upload_id}, headers=headers
         )

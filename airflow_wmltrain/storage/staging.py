@@ -28,14 +28,14 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 from airflow_wmltrain.errors import DataLoadError
 from airflow_wmltrain.storage.base import ObjectInfo, ObjectStore
 from airflow_wmltrain.storage.cache import ObjectCache
-from airflow_wmltrain.storage.progress import DEFAULT_INTERVAL, Progress, megabytes
+from airflow_wmltrain.storage.progress import DEFAULT_INTERVAL, Progress, TransferResult, megabytes
 from airflow_wmltrain.storage.transfer import TransferError, download_to_fd, download_to_memory, with_retries
 
 DEFAULT_WORKERS = 16
@@ -70,7 +70,7 @@ class PlannedObject:
 
 
 @dataclass(frozen=True)
-class StagingResult:
+class StagingResult(TransferResult):
     """What a staging did.
 
     :param files: files in the data directory.
@@ -82,19 +82,14 @@ class StagingResult:
     :param already_staged: files kept from an earlier, interrupted staging.
     """
 
-    files: int
-    bytes: int
-    seconds: float
     from_cache: int
     fetched_files: int
     fetched_bytes: int
     already_staged: int = 0
 
     def summary(self) -> str:
-        rate = self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
         return (
-            f"staged {self.files} files, {megabytes(self.bytes)} in {self.seconds:.1f} s ({rate:.1f} MB/s): "
-            f"{self.from_cache} from the cache, "
+            f"{self.headline('staged')}: {self.from_cache} from the cache, "
             f"{self.fetched_files} fetched ({megabytes(self.fetched_bytes)})"
             + (f", {self.already_staged} already staged" if self.already_staged else "")
         )
@@ -138,31 +133,24 @@ def plan_objects(objects: Sequence[ObjectInfo], prefix: str) -> list[PlannedObje
     return sorted(planned.values(), key=lambda p: p.path)
 
 
+@dataclass(eq=False)
 class _Stager:
     """One staging: the store, the destination, the cache, and the counters."""
 
-    def __init__(
-        self,
-        *,
-        store: ObjectStore,
-        dest: Path,
-        cache: ObjectCache | None,
-        progress: Progress,
-        log: logging.Logger,
-        range_size: int | None = None,
-    ) -> None:
-        self.range_size = range_size
-        self.store = store
-        self.dest = dest
-        self.cache = cache
-        self.progress = progress
-        self.log = log
-        self.endpoint = store.endpoint
-        self.fetched_files = 0
-        self.fetched_bytes = 0
-        self.lock = threading.Lock()
-        self.copy_warned = False
-        self.partial = dest / PARTIAL_DIR
+    store: ObjectStore
+    dest: Path
+    cache: ObjectCache | None
+    progress: Progress
+    log: logging.Logger
+    range_size: int | None = None
+    fetched_files: int = field(default=0, init=False)
+    fetched_bytes: int = field(default=0, init=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    copy_warned: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.endpoint = self.store.endpoint
+        self.partial = self.dest / PARTIAL_DIR
 
     # --- resuming -------------------------------------------------------------------------------
 
@@ -300,7 +288,7 @@ class _Stager:
                     for future in futures:
                         future.cancel()
                     raise
-        # SSE-KMS and customer-key encrypted objects have ETags that are not their MD5.
+        # md5_etag: transfer.etag_is_md5 of every range's answer (not for SSE-KMS or customer keys)
         if digest is not None and md5_etag[0] and digest.hexdigest() != info.md5:
             message = f"GET {self.store.describe(info.key)}: content MD5 does not match the ETag {info.md5}"
             raise TransferError(message, transient=True)
@@ -404,97 +392,74 @@ def stage(
     if prefix and not prefix.endswith("/"):
         prefix += "/"  # a prefix is a folder: "data" must not take "dataset/x"
     try:
-        return _stage(
-            store,
-            target,
-            prefix=prefix,
-            cache=cache,
-            workers=workers,
-            log=log,
-            progress_interval=progress_interval,
-            range_size=range_size,
+        store.check_bucket(field="training_data_reference[0].source.bucket")
+        identity = f"{store.endpoint}\0{store.bucket}\0{prefix}"
+        with contextlib.ExitStack() as single_flight:
+            objects = None
+            if cache is not None and not single_flight.enter_context(
+                cache.staging_lock(identity, blocking=False)
+            ):
+                # Runs staging the same data on this host at once (a grid): the first lists and fetches, the
+                # others wait for it, reuse its listing and only link (a few system calls per file).  If the
+                # first one dies, its lock goes with it and a waiter goes on by itself.
+                log.info("Another run on this host is staging %s: waiting for it", store.describe(prefix))
+                waiting_since = time.time()
+                with cache.staging_lock(identity, blocking=True):
+                    pass
+                objects = cache.read_listing(identity, written_after=waiting_since - LISTING_REUSE_SECONDS)
+            if objects is None:
+                objects = list(store.list_objects(prefix))
+                if cache is not None:
+                    cache.write_listing(identity, objects)
+            planned = plan_objects(objects, prefix)
+            total = sum(item.info.size for item in planned)
+            log.info(
+                "Staging %s: %d objects, %s into %s%s",
+                store.describe(prefix),
+                len(planned),
+                megabytes(total),
+                target,
+                f" (cache {cache.root})" if cache else "",
+            )
+            progress = Progress("staged", len(planned), total, log, progress_interval)
+            stager = _Stager(
+                store=store, dest=target, cache=cache, progress=progress, log=log, range_size=range_size
+            )
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(stager.partial, ignore_errors=True)  # leftovers of a killed staging
+            stager.partial.mkdir()
+            for folder in sorted({str(Path(item.path).parent) for item in planned} - {"."}):
+                (target / folder).mkdir(parents=True, exist_ok=True)
+
+            # Objects already staged or in the cache take a few system calls each: no thread needed.
+            todo = []
+            already = 0
+            for item in planned:
+                if stager.already_staged(item):
+                    already += 1
+                    progress.add(item.info.size, cached=True)
+                elif stager.link_cached(item):
+                    progress.add(item.info.size, cached=True)
+                else:
+                    todo.append(item)
+            _fetch_all(stager, progress, todo, workers, log)
+
+        with contextlib.suppress(OSError):
+            stager.partial.rmdir()
+        if cache is not None:
+            cache.evict(log=log)
+        result = StagingResult(
+            files=len(planned),
+            bytes=total,
+            seconds=progress.seconds,
+            from_cache=progress.cached_files - already,
+            fetched_files=stager.fetched_files,
+            fetched_bytes=stager.fetched_bytes,
+            already_staged=already,
         )
+        log.info("Staging done: %s", result.summary())
+        return result
     except TransferError as err:  # what retries could not fix, outside one object (listing, bucket)
         raise DataLoadError(f"cannot stage {store.describe(prefix)}: {err}") from None
     except OSError as err:  # the local side: disk full, permissions...
         raise DataLoadError(f"cannot stage into {target}: {err.strerror or err}") from None
-
-
-def _stage(
-    store: ObjectStore,
-    target: Path,
-    *,
-    prefix: str,
-    cache: ObjectCache | None,
-    workers: int,
-    log: logging.Logger,
-    progress_interval: float,
-    range_size: int | None,
-) -> StagingResult:
-    store.check_bucket(field="training_data_reference[0].source.bucket")
-    identity = f"{store.endpoint}\0{store.bucket}\0{prefix}"
-    with contextlib.ExitStack() as single_flight:
-        objects = None
-        if cache is not None and not single_flight.enter_context(
-            cache.staging_lock(identity, blocking=False)
-        ):
-            # Runs staging the same data on this host at once (a grid): the first lists and fetches, the
-            # others wait for it, reuse its listing and only link (a few system calls per file).  If the
-            # first one dies, its lock goes with it and a waiter goes on by itself.
-            log.info("Another run on this host is staging %s: waiting for it", store.describe(prefix))
-            waiting_since = time.time()
-            with cache.staging_lock(identity, blocking=True):
-                pass
-            objects = cache.read_listing(identity, written_after=waiting_since - LISTING_REUSE_SECONDS)
-        if objects is None:
-            objects = list(store.list_objects(prefix))
-            if cache is not None:
-                cache.write_listing(identity, objects)
-        planned = plan_objects(objects, prefix)
-        total = sum(item.info.size for item in planned)
-        log.info(
-            "Staging %s: %d objects, %s into %s%s",
-            store.describe(prefix),
-            len(planned),
-            megabytes(total),
-            target,
-            f" (cache {cache.root})" if cache else "",
-        )
-        progress = Progress("staged", len(planned), total, log, progress_interval)
-        stager = _Stager(
-            store=store, dest=target, cache=cache, progress=progress, log=log, range_size=range_size
-        )
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(stager.partial, ignore_errors=True)  # leftovers of a killed staging
-        stager.partial.mkdir()
-        for folder in sorted({str(Path(item.path).parent) for item in planned} - {"."}):
-            (target / folder).mkdir(parents=True, exist_ok=True)
-
-        # Objects already staged or in the cache take a few system calls each: no thread needed.
-        todo = []
-        already = 0
-        for item in planned:
-            if stager.already_staged(item):
-                already += 1
-                progress.add(item.info.size, cached=True)
-            elif stager.link_cached(item):
-                progress.add(item.info.size, cached=True)
-            else:
-                todo.append(item)
-        _fetch_all(stager, progress, todo, workers, log)
-
-    with contextlib.suppress(OSError):
-        stager.partial.rmdir()
-    if cache is not None:
-        cache.evict(log=log)
-    result = StagingResult(
-        files=len(planned),
-        bytes=total,
-        seconds=progress.seconds,
-        from_cache=progress.cached_files - already,
-        fetched_files=stager.fetched_files,
-        fetched_bytes=stager.fetched_bytes,
-        already_staged=already,
-    )
-    log.info("Staging done: %s", result.summary())
-    return result

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode
 
-from airflow_wmltrain.storage.base import ObjectInfo, ObjectStore, SignedRequest, UploadedPart
+from airflow_wmltrain.storage.base import Fields, ObjectInfo, ObjectStore, SignedRequest, UploadedPart
 from airflow_wmltrain.storage.transfer import HttpClient, RetryPolicy
 
 if TYPE_CHECKING:
@@ -82,14 +82,7 @@ class SwiftStore(ObjectStore):
     def refresh_credentials(self) -> None:
         self.auth.refresh()
 
-    def sign(
-        self,
-        method: str,
-        key: str,
-        *,
-        query: Mapping[str, str] | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> SignedRequest:
+    def sign(self, method: str, key: str, *, query: Fields = None, headers: Fields = None) -> SignedRequest:
         storage_url, token = self.auth.get()
         url = f"{storage_url}/{quote(self.bucket, safe='')}"
         if key:
@@ -130,9 +123,7 @@ class SwiftStore(ObjectStore):
         self._segments().request("PUT", "")  # create the segments container (201), or find it (202)
         return uuid.uuid4().hex
 
-    def sign_part(
-        self, key: str, upload_id: str, number: int, *, headers: Mapping[str, str] | None = None
-    ) -> SignedRequest:
+    def sign_part(self, key: str, upload_id: str, number: int, *, headers: Fields = None) -> SignedRequest:
         return self._segments().sign("PUT", self._segment(key, upload_id, number), headers=headers)
 
     def integrity_headers(self, md5: bytes) -> dict[str, str]:

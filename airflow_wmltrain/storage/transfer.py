@@ -233,6 +233,21 @@ def with_retries(
             attempt += 1
 
 
+def etag_is_md5(header: Callable[[str], str | None]) -> bool:
+    """Whether an object's ETag can be the MD5 of its content, from the headers of a GET or PUT of it.
+
+    The one home of the rule: S3 objects encrypted with SSE-KMS (``x-amz-server-side-encryption:
+    aws:kms``, ``aws:kms:dsse``) or with a customer key (SSE-C) have ETags that are not their MD5 (the
+    store checked ``Content-MD5`` itself); so do multipart objects, whose ETag is not even MD5-shaped
+    (``...-N``, see :meth:`~airflow_wmltrain.storage.base.ObjectInfo.from_etag`).
+
+    :param header: a header by (case-insensitive) name, ``None`` when absent: ``response.getheader``, or
+        ``.get`` of a mapping with lower-case names.
+    """
+    encryption = header("x-amz-server-side-encryption") or ""
+    return not (encryption.startswith("aws:kms") or header("x-amz-server-side-encryption-customer-algorithm"))
+
+
 class _Get:
     """One GET of an object or a byte range, its response not read yet.
 
@@ -280,11 +295,7 @@ class _Get:
             )
         if self.response.status not in (200, 206):
             raise _status_error(store, key, self.response, "GET")
-        # Objects encrypted with SSE-KMS or customer keys have ETags that are not their MD5.
-        self.md5_etag = not (
-            self.response.getheader("x-amz-server-side-encryption", "").startswith("aws:kms")
-            or self.response.getheader("x-amz-server-side-encryption-customer-algorithm")
-        )
+        self.md5_etag = etag_is_md5(self.response.getheader)
 
     def read_into(self, view: memoryview) -> int:
         """Read body bytes into ``view``; returns how many (0 at the end)."""

@@ -22,8 +22,14 @@ from pathlib import Path
 
 from airflow_wmltrain.errors import ResultsStoreError
 from airflow_wmltrain.storage.base import ObjectStore, UploadedPart
-from airflow_wmltrain.storage.progress import DEFAULT_INTERVAL, Progress, megabytes
-from airflow_wmltrain.storage.transfer import SignedRequest, TransferError, upload_from_fd, with_retries
+from airflow_wmltrain.storage.progress import DEFAULT_INTERVAL, Progress, TransferResult, megabytes
+from airflow_wmltrain.storage.transfer import (
+    SignedRequest,
+    TransferError,
+    etag_is_md5,
+    upload_from_fd,
+    with_retries,
+)
 
 DEFAULT_WORKERS = 16
 DEFAULT_PART_SIZE = 64 * 1024 * 1024
@@ -33,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class UploadResult:
+class UploadResult(TransferResult):
     """What an upload did.
 
     :param files: files uploaded.
@@ -42,16 +48,10 @@ class UploadResult:
     :param skipped: entries not uploaded (symbolic links leading outside the tree, special files).
     """
 
-    files: int
-    bytes: int
-    seconds: float
     skipped: int = 0
 
     def summary(self) -> str:
-        rate = self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
-        skipped = f", {self.skipped} skipped" if self.skipped else ""
-        done = f"uploaded {self.files} files, {megabytes(self.bytes)}"
-        return f"{done} in {self.seconds:.1f} s ({rate:.1f} MB/s){skipped}"
+        return self.headline("uploaded") + (f", {self.skipped} skipped" if self.skipped else "")
 
 
 def _files(root: Path, log: logging.Logger) -> tuple[list[tuple[Path, str, int]], int]:
@@ -84,23 +84,20 @@ def _object_key(prefix: str, relative: str) -> str:
     return f"{prefix.rstrip('/')}/{relative}" if prefix.strip("/") else relative
 
 
+@dataclass(eq=False)
 class _Uploader:
-    def __init__(
-        self,
-        *,
-        store: ObjectStore,
-        pool: ThreadPoolExecutor,
-        progress: Progress,
-        log: logging.Logger,
-        part_size: int,
-        threshold: int,
-    ) -> None:
-        self.store = store
-        self.pool = pool
-        self.progress = progress
-        self.log = log
-        self.part_size = max(part_size, store.min_part_size)
-        self.threshold = max(threshold, self.part_size)
+    """One upload: the store, the workers, the counters; parts of at least the store's minimum size."""
+
+    store: ObjectStore
+    pool: ThreadPoolExecutor
+    progress: Progress
+    log: logging.Logger
+    part_size: int
+    threshold: int
+
+    def __post_init__(self) -> None:
+        self.part_size = max(self.part_size, self.store.min_part_size)
+        self.threshold = max(self.threshold, self.part_size)
 
     def send(
         self,
@@ -121,11 +118,7 @@ class _Uploader:
                     self.store.http, request, self.store, key, stream.fileno(), offset=offset, length=length
                 )
             etag = headers.get("etag", "").strip('"').lower()
-            # With SSE-KMS or customer keys the ETag is not the MD5 (the store checked Content-MD5 itself).
-            encrypted = headers.get("x-amz-server-side-encryption", "").startswith("aws:kms") or bool(
-                headers.get("x-amz-server-side-encryption-customer-algorithm")
-            )
-            if etag != md5 and not encrypted:
+            if etag != md5 and etag_is_md5(headers.get):
                 raise TransferError(
                     f"PUT {self.store.describe(key)}: the store computed MD5 {etag or '(none)'}, "
                     f"the file has {md5}",
@@ -255,14 +248,7 @@ def upload_tree(
     )
     progress = Progress("uploaded", len(files), total, log, progress_interval)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="wmltrain-upload") as pool:
-        uploader = _Uploader(
-            store=store,
-            pool=pool,
-            progress=progress,
-            log=log,
-            part_size=part_size,
-            threshold=multipart_threshold,
-        )
+        uploader = _Uploader(store, pool, progress, log, part_size, multipart_threshold)
         futures: list[Future[object]] = []
         try:
             for path, relative, size in files:

@@ -1,6 +1,6 @@
 """The real services behave as the provider relies on: one Swift serving S3 and Swift v1 on the same
-objects, a stand-in GPU Docker host that turns device requests into ``NVIDIA_VISIBLE_DEVICES``, and a
-plain Docker host that refuses GPU requests."""
+objects, a stand-in GPU Docker host that turns device requests into ``NVIDIA_VISIBLE_DEVICES``, a
+plain Docker host that refuses GPU requests, and an Airflow whose metadata database is PostgreSQL."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import contextlib
 import hashlib
 import io
 import os
+import shlex
+import subprocess
 import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +21,12 @@ import botocore.exceptions
 import docker
 import docker.errors
 import pytest
+import sqlalchemy
 import swiftclient
 from boto3.s3.transfer import TransferConfig
 from docker.types import DeviceRequest
+
+from tests.integration.service_helpers import api_client
 
 # A key with a space, a sub-"directory" and non-ASCII characters, as training outputs may have.
 ODD_KEY = "results dir/ünïcødé ✓ model.bin"
@@ -181,3 +187,57 @@ def test_plain_docker_refuses_gpu_requests(docker_client: docker.DockerClient, t
     finally:
         with contextlib.suppress(docker.errors.NotFound):
             docker_client.containers.get(name).remove(force=True)
+
+
+def _airflow_environment(services: dict[str, str]) -> dict[str, str]:
+    """The environment of the services' Airflow processes, from the ``airflow.env`` next to its config."""
+    env: dict[str, str] = {}
+    airflow_env = Path(services["WMLTRAIN_AIRFLOW_HOME"]) / "airflow.env"
+    for line in airflow_env.read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if words:
+            assert words[0] == "export", line
+            name, _, value = words[1].partition("=")
+            env[name] = value
+    return env
+
+
+def test_airflow_metadata_database_is_postgres(services: dict[str, str]) -> None:
+    """Airflow, as its own CLI reads the services' configuration, uses the services' PostgreSQL, and the
+    running scheduler heartbeats into that database (so the daemons use it too, not only the config)."""
+    proc = subprocess.run(
+        ["airflow", "config", "get-value", "database", "sql_alchemy_conn"],
+        env=_airflow_environment(services),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    url = sqlalchemy.engine.make_url(proc.stdout.strip())
+    # (no URL in the messages: it holds the password)
+    assert url.drivername == "postgresql+psycopg2", url.drivername
+    assert url.host == "127.0.0.1", url.host
+
+    with api_client(services) as api:
+        health = api.get("/monitor/health")
+    assert health.status_code == 200, health.text
+    assert health.json()["metadatabase"]["status"] == "healthy", health.json()
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            version = connection.execute(sqlalchemy.text("SELECT version()")).scalar_one()
+            latest = connection.execute(
+                sqlalchemy.text(
+                    "SELECT max(latest_heartbeat) FROM job"
+                    " WHERE job_type = 'SchedulerJob' AND state = 'running'"
+                )
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    assert version.startswith("PostgreSQL "), version
+    assert latest is not None, "no running scheduler job in the PostgreSQL database"
+    if latest.tzinfo is None:
+        latest = latest.replace(tzinfo=timezone.utc)
+    assert datetime.now(timezone.utc) - latest < timedelta(seconds=60), latest

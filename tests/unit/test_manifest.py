@@ -18,6 +18,7 @@ from airflow_wmltrain.manifest import (
     load_manifest,
     redact_manifest,
     redact_url,
+    secret_values_of,
 )
 from airflow_wmltrain.settings import Settings, parse_resource_classes
 from tests.conftest import SEED_S3, SEED_SECRETS, SEED_SWIFT
@@ -477,3 +478,70 @@ def test_errors_never_show_secrets_from_anywhere(seed_swift: dict[str, Any]) -> 
     with pytest.raises(ManifestError) as info:
         load_manifest(seed_swift)
     assert all(SEED_SECRETS[2] not in p for p in info.value.problems)
+
+
+def test_secret_values_are_what_redaction_removes(seed_s3: dict[str, Any]) -> None:
+    """One walker: every value redaction replaces is one the maskers get, and the other way round."""
+    seed_s3["training_data"][0]["connection"]["endpoint_url"] = "https://u:urlpass@cos.example.com/x"
+    seed_s3["unknown"] = {"nested": [{"password": "hunter2"}], "token": {"apikey": 12345}}
+    found = secret_values_of(seed_s3)
+    assert set(found) == {*SEED_SECRETS[:2], "urlpass", "hunter2", "12345"}
+    text = yaml.safe_dump(redact_manifest(seed_s3))
+    assert not [value for value in found if value in text]
+    assert secret_values_of(yaml.safe_dump(seed_s3, sort_keys=False)) == found  # YAML text: the same
+
+
+@pytest.mark.parametrize("path", [SEED_S3, SEED_SWIFT])
+def test_manifest_secret_values_match_its_source(path: Path) -> None:
+    m = load_manifest(path)
+    assert m.secret_values() == secret_values_of(m) == secret_values_of(m.to_dict(redact=False))
+    assert set(m.secret_values()) == set(secret_values_of(path))
+
+
+def test_unreadable_source_has_no_secret_values() -> None:
+    assert secret_values_of("no/such/manifest.yml") == []
+    assert secret_values_of("a: [unclosed") == []
+
+
+# --- inline credentials as Airflow connections ----------------------------------------------------------
+
+
+def test_s3_credentials_as_an_airflow_connection() -> None:
+    conn = S3Connection.model_validate(
+        {"endpoint_url": "https://s3.example.com", "aws_access_key_id": "AK", "aws_secret_access_key": "SK"}
+    )
+    assert conn.to_airflow_connection("c1") == {
+        "connection_id": "c1",
+        "conn_type": "aws",
+        "login": "AK",
+        "password": "SK",
+        "extra": '{"endpoint_url": "https://s3.example.com"}',
+    }
+    bare = S3Connection.model_validate({"aws_access_key_id": "AK", "aws_secret_access_key": "SK"})
+    assert bare.to_airflow_connection("c2")["extra"] is None
+
+
+def test_swift_credentials_as_an_airflow_connection() -> None:
+    conn = SwiftConnection.model_validate(
+        {
+            "auth_url": "https://identity.example.com/v3",
+            "user_name": "me",
+            "password": "pw",
+            "region": "dallas",
+            "project_id": "p1",
+        }
+    )
+    assert conn.airflow_fields() == {
+        "host": "https://identity.example.com/v3",
+        "login": "me",
+        "password": "pw",
+        "extra": {"region_name": "dallas", "project_id": "p1"},
+    }
+    assert conn.to_airflow_connection("c3") == {
+        "connection_id": "c3",
+        "conn_type": "swift",
+        "host": "https://identity.example.com/v3",
+        "login": "me",
+        "password": "pw",
+        "extra": '{"region_name": "dallas", "project_id": "p1"}',
+    }

@@ -17,6 +17,7 @@ import pytest
 from airflow_wmltrain.cli.runs import _table
 from airflow_wmltrain.cli.server import api_from_args
 from airflow_wmltrain.errors import ConfigurationError, ModelDefinitionError
+from airflow_wmltrain.lifecycle import RunState, RunStatus
 from airflow_wmltrain.service.api import AirflowApi, ApiAuthError, ApiNotFoundError, ApiUnreachableError
 from airflow_wmltrain.service.retention import expired
 from airflow_wmltrain.service.runs import TrainingRunRecord
@@ -25,12 +26,9 @@ from airflow_wmltrain.service.runs import TrainingRunRecord
 def record(
     state: str | None, ti_state: str, submitted: str = "2026-11-01T00:00:00.000Z"
 ) -> TrainingRunRecord:
-    status: dict[str, Any] = {"training_id": "training-x", "name": "n"}
+    status = RunStatus(training_id="training-x", name="n")
     if state:
-        status.update(
-            state=state,
-            history=[{"state": "DOWNLOADING", "at": submitted}, {"state": state, "at": submitted}],
-        )
+        status = status.advance(RunState.DOWNLOADING, at=submitted).advance(RunState(state), at=submitted)
     return TrainingRunRecord("training-x", "dag", "run", "train", -1, ti_state, 1, status)
 
 
@@ -50,7 +48,7 @@ def test_a_records_state_combines_its_document_and_its_task(
     doc_state: str | None, ti_state: str, shown: str
 ) -> None:
     rec = record(doc_state, ti_state)
-    assert rec.state == shown
+    assert rec.state.value == shown
     assert rec.active == (shown not in ("COMPLETED", "FAILED", "HALTED"))
 
 
@@ -160,7 +158,9 @@ def test_the_api_client_pages_and_names_its_failures(api_server: str) -> None:
     with pytest.raises(ApiAuthError, match="refused the credentials of user 'admin'"):
         AirflowApi(api_server, "admin", "bad").call("GET", "/items")
     with pytest.raises(ApiUnreachableError, match="cannot reach the Airflow API server"):
-        AirflowApi("http://127.0.0.1:9", "admin", "good", timeout=2).call("GET", "/items")
+        AirflowApi("http://127.0.0.1:9", "admin", "good", timeout=2, sleep=lambda s: None).call(
+            "GET", "/items"
+        )
 
 
 def test_model_definitions_in_base64_are_decoded_or_refused() -> None:

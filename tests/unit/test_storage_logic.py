@@ -17,7 +17,8 @@ from airflow_wmltrain.storage.progress import Progress
 from airflow_wmltrain.storage.s3 import S3Store
 from airflow_wmltrain.storage.sigv4 import EMPTY_SHA256, Credentials, SigV4Signer, canonical_query
 from airflow_wmltrain.storage.staging import StagingResult, plan_objects
-from airflow_wmltrain.storage.transfer import RetryPolicy
+from airflow_wmltrain.storage.transfer import RetryPolicy, etag_is_md5
+from airflow_wmltrain.storage.upload import UploadResult
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 # The AWS documentation's example key id, spelled in two parts so that secret scanners do not flag it.
@@ -198,6 +199,32 @@ def test_non_blocking_lock(tmp_path: Path) -> None:
         assert again
 
 
+def test_non_blocking_staging_lock(tmp_path: Path) -> None:
+    cache = ObjectCache(tmp_path, max_bytes=1000)
+    with cache.staging_lock("endpoint bucket prefix", blocking=True) as first:
+        assert first
+        with cache.staging_lock("endpoint bucket prefix", blocking=False) as second:
+            assert not second
+        with cache.staging_lock("endpoint bucket other/", blocking=False) as other:
+            assert other
+    with cache.staging_lock("endpoint bucket prefix", blocking=False) as again:
+        assert again
+
+
+@pytest.mark.parametrize(
+    ("headers", "md5"),
+    [
+        ({}, True),
+        ({"x-amz-server-side-encryption": "AES256"}, True),
+        ({"x-amz-server-side-encryption": "aws:kms"}, False),
+        ({"x-amz-server-side-encryption": "aws:kms:dsse"}, False),
+        ({"x-amz-server-side-encryption-customer-algorithm": "AES256"}, False),
+    ],
+)
+def test_etag_is_md5_unless_kms_or_customer_key(headers: dict[str, str], md5: bool) -> None:
+    assert etag_is_md5(headers.get) is md5
+
+
 def test_retry_delays_grow_and_are_capped() -> None:
     policy = RetryPolicy(attempts=5, base_delay=1.0, max_delay=3.0)
     assert 0.5 <= policy.delay(1) <= 1.0
@@ -222,6 +249,12 @@ def test_staging_summary() -> None:
     )
     assert result.summary() == (
         "staged 3 files, 3.0 MB in 2.0 s (1.5 MB/s): 1 from the cache, 2 fetched (2.0 MB)"
+    )
+
+
+def test_upload_summary() -> None:
+    assert UploadResult(files=2, bytes=4_000_000, seconds=0.0, skipped=1).summary() == (
+        "uploaded 2 files, 4.0 MB in 0.0 s (0.0 MB/s), 1 skipped"
     )
 
 

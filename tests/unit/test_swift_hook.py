@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -760,3 +760,20 @@ def test_airflow_registers_the_swift_hook_and_its_form() -> None:
     widget = manager.connection_form_widgets["extra__swift__auth_version"]
     assert widget.field["schema"]["title"] == "Auth version"
     assert not widget.is_sensitive
+
+
+def test_inline_credentials_read_as_the_airflow_connection_holding_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One mapping: inline credentials and the connection ``to_airflow_connection`` makes of them agree."""
+    credentials = inline(
+        "https://identity.example.com", region="dallas", domain_name="1026873", project_id="p1"
+    )
+    body = credentials.to_airflow_connection("moved_swift")
+    del body["connection_id"]
+    monkeypatch.setenv("AIRFLOW_CONN_MOVED_SWIFT", json.dumps(body))
+    inline_config = SwiftHook(credentials=credentials).auth_config
+    connection_config = SwiftHook("moved_swift").auth_config
+    assert replace(inline_config, source="") == replace(connection_config, source="")
+    assert inline_config.region_name == "dallas"
+    assert inline_config.user_domain_name == inline_config.project_domain_name == "1026873"
