@@ -57,13 +57,13 @@ from airflow_wmltrain.runtime import labels
 from airflow_wmltrain.runtime.run import TrainingRun, submission_digest
 from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS
 from airflow_wmltrain.settings import Settings
+from airflow_wmltrain.storage import connections_as_json
 from airflow_wmltrain.training_id import check_training_id, derive_training_id
 from airflow_wmltrain.waiting import Backoff, WaitTimeoutError, wait_until
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from airflow_wmltrain.manifest import TrainingManifest
     from airflow_wmltrain.runtime.gpus import GpuAllocation
     from airflow_wmltrain.submission import Submission
 
@@ -624,6 +624,12 @@ class TrainingRunOperator(DockerOperator):
             if outcome.status == "created":
                 hook.start(outcome.container_id)
                 outcome = hook.inspect(outcome.container_id)
+            run.record(
+                RunState.PROCESSING,
+                gpus=outcome.gpus,
+                container={"id": outcome.container_id, "docker_url": hook.docker_url},
+                phase="",
+            )
             return outcome
         if self._halt_requested:  # halted while the container was being created: it never starts
             hook.remove(outcome.container_id)
@@ -677,7 +683,7 @@ class TrainingRunOperator(DockerOperator):
             )
         if outcome.running:
             # Read now what a halt would need: on_kill runs in a signal handler, with seconds to live.
-            self._halt_connections = _resolved_connections(run.manifest)
+            self._halt_connections = connections_as_json(run.manifest)
             outcome = self._follow(run, hook, outcome.container_id)
         else:
             self._show_log(run, hook, outcome.container_id)
@@ -896,7 +902,7 @@ class TrainingRunOperator(DockerOperator):
             reason,
             params["grace"],
         )
-        params["connections"] = self._halt_connections or _resolved_connections(run.manifest)
+        params["connections"] = self._halt_connections or connections_as_json(run.manifest)
         spawn_halter(params, Path(settings.staging_dir) / "halts" / f"{run.training_id}.log")
         self._halter_spawned = True
 
@@ -917,20 +923,6 @@ def _hyperparameters(value: Mapping[str, Any] | str | None) -> Mapping[str, Any]
     if not isinstance(parsed, dict):
         raise ManifestError("must be a mapping of option name to value", field="hyperparameters")
     return parsed
-
-
-def _resolved_connections(manifest: TrainingManifest) -> dict[str, str]:
-    """The manifest's Airflow connections, read now (the halter runs outside the task: no API to ask)."""
-    from airflow.sdk import BaseHook
-
-    from airflow_wmltrain.manifest import ConnectionId
-
-    resolved = {}
-    for reference in (manifest.results, manifest.data):
-        if isinstance(reference.connection, ConnectionId):
-            conn_id = reference.connection.conn_id
-            resolved[conn_id] = BaseHook.get_connection(conn_id).as_json()
-    return resolved
 
 
 def spawn_halter(params: Mapping[str, Any], log_path: Path) -> None:
