@@ -17,8 +17,8 @@ import docker
 import docker.errors
 import pytest
 
-from airflow_wmltrain.lifecycle import STATUS_FILE, TRAINING_LOG
 from airflow_wmltrain.hooks.docker import TrainingDockerHook
+from airflow_wmltrain.lifecycle import STATUS_FILE, TRAINING_LOG
 from airflow_wmltrain.triggers.training_run import TrainingRunTrigger
 from tests.integration.storage_helpers import inline_connection, manifest_document
 
