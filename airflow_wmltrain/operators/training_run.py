@@ -455,13 +455,7 @@ class TrainingRunOperator(DockerOperator):
             outcome = hook.inspect(outcome.container_id)
         if not run.status.history:  # the earlier try died before it wrote a status document
             run.begin(airflow=owner, image=str(self.image))
-        if not run.status.terminal and run.status.state.rank < RunState.PROCESSING.rank:
-            run.record(
-                RunState.PROCESSING,
-                gpus=outcome.gpus,
-                container={"id": outcome.container_id, "docker_url": hook.docker_url},
-                phase="",
-            )
+        run.processing(outcome, hook.docker_url)
         return self._wait(context, run, hook, outcome, settings)
 
     # --- GPUs and the container -----------------------------------------------------------------------
@@ -624,12 +618,7 @@ class TrainingRunOperator(DockerOperator):
             if outcome.status == "created":
                 hook.start(outcome.container_id)
                 outcome = hook.inspect(outcome.container_id)
-            run.record(
-                RunState.PROCESSING,
-                gpus=outcome.gpus,
-                container={"id": outcome.container_id, "docker_url": hook.docker_url},
-                phase="",
-            )
+            run.processing(outcome, hook.docker_url)
             return outcome
         if self._halt_requested:  # halted while the container was being created: it never starts
             hook.remove(outcome.container_id)
@@ -638,12 +627,7 @@ class TrainingRunOperator(DockerOperator):
         hook.start(outcome.container_id)
         if self._halter_spawned:  # halted while it started: the halter stops it and ends the run
             raise RunHaltedError("the run was halted as its container started")
-        run.record(
-            RunState.PROCESSING,
-            gpus=tuple(gpu_ids),
-            container={"id": outcome.container_id, "docker_url": hook.docker_url},
-            phase="",
-        )
+        run.processing(outcome, hook.docker_url)
         self.log.info(
             "Started container %s (%s) with %s: %s",
             outcome.container_id[:12],

@@ -20,6 +20,7 @@ import socket
 import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -232,6 +233,18 @@ class TrainingRun:
             self.log.info("Training run %s is %s", self.training_id, state.value)
         return self.status
 
+    def processing(self, outcome: ContainerOutcome, docker_url: str) -> RunStatus:
+        """The run's container is there (started, or found by a new try): ``PROCESSING``, with the
+        container, its host and its GPUs (from its label) — unless the run is already further on."""
+        if self.status.terminal or self.status.state.rank >= RunState.PROCESSING.rank:
+            return self.status
+        return self.record(
+            RunState.PROCESSING,
+            gpus=outcome.gpus,
+            container={"id": outcome.container_id, "docker_url": docker_url},
+            phase="",
+        )
+
     def note_phase(self, phase: str) -> RunStatus:
         """Say what the run is doing within its state (e.g. who holds the GPUs it waits for)."""
         if self.status.terminal or phase == self.status.phase:
@@ -363,17 +376,20 @@ class TrainingRun:
                 metrics = read_metrics(results_dir / METRICS_FILE)
                 self._upload(results_dir, self.prefix, "results")
                 self._upload(logs_dir, self.prefix + LOGS_PREFIX, "logs")
+            error: WmlTrainError | None = None
+            state, phase = RunState.COMPLETED, ""
+            if halted:
+                state, error = RunState.HALTED, RunHaltedError(halt_reason or "the run was halted")
+            elif outcome.exit_code in skip_exit_codes and not outcome.oom_killed:
+                phase = f"skipped: the training process exited with {outcome.exit_code} (skip_on_exit_code)"
+            elif not outcome.succeeded:
+                state, error = (
+                    RunState.FAILED,
+                    TrainingFailedError(outcome.failure(tail, mem_limit=mem_limit)),
+                )
+            status = self.end(state, error, metrics=metrics, phase=phase)
         except ResultsStoreError as err:
             raise self._results_kept(hook, container_id, err) from None
-        error: WmlTrainError | None = None
-        state, phase = RunState.COMPLETED, ""
-        if halted:
-            state, error = RunState.HALTED, RunHaltedError(halt_reason or "the run was halted")
-        elif outcome.exit_code in skip_exit_codes and not outcome.oom_killed:
-            phase = f"skipped: the training process exited with {outcome.exit_code} (skip_on_exit_code)"
-        elif not outcome.succeeded:
-            state, error = RunState.FAILED, TrainingFailedError(outcome.failure(tail, mem_limit=mem_limit))
-        status = self.end(state, error, metrics=metrics, phase=phase)
         hook.remove(container_id)
         self.workspace.remove()
         return status
@@ -385,7 +401,10 @@ class TrainingRun:
         else:
             where = f"the container {container_id[:12]} on the Docker host {hook.docker_url}"
         error = ResultsStoreError(f"{err}; the results and logs are kept in {where}, a retry stores them")
-        self.status = self.status.fail(RunState.FAILED, error.code, str(error))
+        status = self.status
+        if status.terminal:  # the end itself could not be written: it did not happen
+            status = replace(status, history=status.history[:-1], error=None)
+        self.status = status.fail(RunState.FAILED, error.code, str(error))
         if self.publish is not None:
             self.publish(self.status.to_dict())
         self.log.error("Training run %s: %s", self.training_id, error)
