@@ -139,7 +139,10 @@ class FakeTi:
         if isinstance(self.state, Exception):
             raise self.state
         assert (dag_id, task_ids, run_ids) == (self.dag_id, [self.task_id], [self.run_id])
-        return {self.run_id: {self.task_id: self.state}}
+        assert map_index == (None if self.map_index < 0 else self.map_index)
+        # As Airflow's execution API answers: a mapped task instance is keyed "<task_id>_<map_index>".
+        key = self.task_id if self.map_index < 0 else f"{self.task_id}_{self.map_index}"
+        return {self.run_id: {key: self.state}}
 
     def owner(self) -> dict[str, Any]:
         return {

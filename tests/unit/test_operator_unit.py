@@ -210,6 +210,27 @@ def test_conflict_on_create_with_this_task_instances_container_reattaches(
     assert status_in(results, ti)["state"] == "COMPLETED"
 
 
+def test_conflict_on_create_reattach_records_processing_with_the_container(
+    make_op: Callable[..., TrainingRunOperator], docker_api: FakeDocker, ti: FakeTi, results: MemoryStore
+) -> None:
+    """After a 409 re-attach the run's status says PROCESSING in that container, as after _reattach."""
+    taken: list[FakeContainer] = []
+
+    def another_try_creates_it(fake: FakeDocker, _: Any, body: dict[str, Any]) -> None:
+        if body["name"] == run_name(ti) and not taken:
+            mine = {**owner_labels(ti), labels.GPUS: "0"}
+            taken.append(fake.add_container(run_name(ti), container_labels=mine, status="running"))
+
+    docker_api.before_create.append(another_try_creates_it)
+    docker_api.run_script = RunScript(running=True)
+    with pytest.raises(TaskDeferred):
+        make_op(deferrable=True).execute(context(ti))
+    document = status_in(results, ti)
+    assert document["state"] == "PROCESSING"
+    assert document["container"].get("id") == taken[0].id
+    assert document["gpus"] == ["0"]
+
+
 def test_conflict_on_create_with_another_task_instances_container_is_refused(
     make_op: Callable[..., TrainingRunOperator], docker_api: FakeDocker, ti: FakeTi
 ) -> None:
@@ -272,6 +293,7 @@ def test_halt_before_the_daemon_registered_the_container_never_starts_it(
     assert docker_api.run_containers() == []  # removed
     assert run_name(ti) not in docker_api.started_names
     assert spawned == []  # no container to stop: ended at once
+    assert docker_api.containers == {}  # no GPU lease left either
     document = status_in(results, ti)
     assert document["state"] == "HALTED"
     assert "marked failed" in document["error"]["message"]
@@ -302,7 +324,38 @@ def test_halt_between_create_and_start_removes_the_container_and_never_starts_it
     params.pop("connections")
     result = halt_run(**params)
     assert result["state"] == "HALTED"
+    assert docker_api.containers == {}  # no GPU lease left either
     assert status_in(results, ti)["state"] == "HALTED"
+
+
+def test_halt_as_the_container_starts_leaves_it_to_the_halter(
+    make_op: Callable[..., TrainingRunOperator],
+    docker_api: FakeDocker,
+    ti: FakeTi,
+    results: MemoryStore,
+    spawned: list[dict[str, Any]],
+) -> None:
+    """on_kill comes while the start request is on its way: the task does not follow (or defer on) the
+    container it handed to the halter; the halter stops it and ends the run HALTED with its log."""
+    op = make_op(deferrable=True)
+    ti.state = "failed"
+    docker_api.run_script = RunScript(running=True, log="epoch 1\n")
+
+    def kill_on_start(fake: FakeDocker, container: Any, body: dict[str, Any]) -> None:
+        if container.name == run_name(ti):
+            op.on_kill()
+
+    docker_api.on_start.append(kill_on_start)
+    with pytest.raises(AirflowFailException, match="C200"):
+        op.execute(context(ti))  # neither TaskDeferred nor a wait
+    [params] = spawned
+    [container] = docker_api.run_containers()
+    assert container.status == "running"
+    params.pop("connections")
+    assert halt_run(**params)["state"] == "HALTED"
+    assert docker_api.stopped == [(container.id, 1)]
+    assert docker_api.containers == {}  # stored and removed; no GPU lease left
+    assert results.objects[f"{training_id_of(ti)}/learner-1/training-log.txt"] == b"epoch 1\n"
 
 
 @pytest.fixture
@@ -354,6 +407,27 @@ def test_on_kill_when_a_person_ended_the_task_spawns_the_halter(
     assert params["training_id"] == training_id_of(ti)
     assert params["grace"] == 1
     assert container.stops == 0  # the halter stops it, not the dying task
+
+
+@pytest.mark.parametrize(("state", "halts"), [("failed", True), ("up_for_retry", False)])
+def test_on_kill_of_a_mapped_task_instance_asks_for_its_own_state(
+    make_op: Callable[..., TrainingRunOperator],
+    docker_api: FakeDocker,
+    spawned: list[dict[str, Any]],
+    state: str,
+    halts: bool,
+) -> None:
+    mapped = FakeTi(map_index=2)
+    docker_api.run_script = RunScript(running=True)
+    op = make_op(deferrable=True)
+    with pytest.raises(TaskDeferred):
+        op.execute(context(mapped))
+    mapped.state = state
+    op.on_kill()
+    assert len(spawned) == (1 if halts else 0)
+    if halts:
+        assert spawned[0]["training_id"] == training_id_of(mapped)
+        assert spawned[0]["reason"] == "the run was halted: its task was marked failed"
 
 
 def test_reattach_to_an_exited_container_stores_it_at_once_without_deferring(

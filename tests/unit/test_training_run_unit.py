@@ -228,6 +228,29 @@ def test_results_store_failing_during_the_upload_fails_s303_and_keeps_everything
     assert run.workspace.exists()
 
 
+def test_results_store_failing_at_the_last_status_write_fails_s303_and_says_where(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    """The store takes the results and the logs, then refuses the final _status.json (COMPLETED)."""
+    published: list[dict[str, Any]] = []
+    run = processing(new_run(settings, published))
+    (run.workspace.results / "model.bin").write_bytes(b"weights")
+    container = docker_api.add_container(
+        NAME, container_labels=container_labels(), status="exited", log="ok\n"
+    )
+    log_key = f"{TRAINING_ID}/learner-1/training-log.txt"
+    results.fail = lambda method, key: (
+        method == "PUT" and key.endswith(STATUS_FILE) and log_key in results.objects
+    )
+    with pytest.raises(ResultsStoreError) as caught:
+        run.store(hook, hook.inspect(container.id))
+    assert docker_api.find(container.id) is not None  # kept for a retry
+    assert run.workspace.exists()
+    assert "a retry stores them" in str(caught.value)  # the message says where the results wait
+    assert published[-1]["state"] == "FAILED"  # the XCom does not say COMPLETED while the task fails
+    assert published[-1]["error"]["code"] == "S303"
+
+
 def test_results_store_down_without_workspace_names_the_container(
     settings: Settings,
     results: MemoryStore,
