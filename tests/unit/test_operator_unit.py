@@ -668,3 +668,74 @@ def test_results_store_down_at_storing_fails_retryable_and_a_retry_stores_them(
     assert results.objects[f"{training_id_of(ti)}/model.bin"] == b"weights"
     assert docker_api.run_containers() == []
     assert docker_api.created.count(run_name(ti)) == 1  # the retry re-attached: no second container
+
+
+def test_retry_whose_container_is_gone_fails_the_run_without_starting_another(
+    make_op: Callable[..., TrainingRunOperator],
+    docker_api: FakeDocker,
+    ti: FakeTi,
+    results: MemoryStore,
+    tmp_path: Path,
+) -> None:
+    """The status says PROCESSING on this host, and the host has no container: never a second run."""
+    prior_run(ti, settings_dir=tmp_path, state=RunState.PROCESSING, container={"docker_url": docker_api.url})
+    with pytest.raises(AirflowFailException, match="is gone from the Docker host"):
+        make_op().execute(context(ti))
+    assert docker_api.created == []
+    document = status_in(results, ti)
+    assert document["state"] == "FAILED"
+    assert "gone" in document["error"]["message"]
+
+
+def test_reattach_to_a_container_created_but_never_started_starts_it_once(
+    make_op: Callable[..., TrainingRunOperator], docker_api: FakeDocker, ti: FakeTi, results: MemoryStore
+) -> None:
+    """An earlier try died between create and start: the new try starts that container."""
+    container = docker_api.add_container(run_name(ti), container_labels=owner_labels(ti), status="created")
+    docker_api.max_block = 3  # were it never started, the wait would end soon (and the test fail)
+    result = make_op().execute(context(ti))
+    assert result["state"] == "COMPLETED"
+    assert docker_api.started == [container.id]
+    assert docker_api.created == []
+    assert "PROCESSING" in states(status_in(results, ti))
+
+
+def test_execute_complete_of_an_error_event_with_the_container_gone_fails_the_run(
+    deferred: tuple[TrainingRunOperator, FakeContainer],
+    make_op: Callable[..., TrainingRunOperator],
+    docker_api: FakeDocker,
+    ti: FakeTi,
+    results: MemoryStore,
+) -> None:
+    _, container = deferred
+    with docker_api.lock:
+        del docker_api.containers[container.id]  # removed behind the run's back
+    event = {
+        "status": "error",
+        "training_id": training_id_of(ti),
+        "container_id": container.id,
+        "message": "gone",
+    }
+    with pytest.raises(AirflowFailException, match="gone"):
+        make_op(deferrable=True).execute_complete(context(ti), event)
+    assert status_in(results, ti)["state"] == "FAILED"
+
+
+def test_execute_complete_of_an_error_event_with_the_container_there_is_left_to_a_retry(
+    deferred: tuple[TrainingRunOperator, FakeContainer],
+    make_op: Callable[..., TrainingRunOperator],
+    docker_api: FakeDocker,
+    ti: FakeTi,
+    results: MemoryStore,
+) -> None:
+    _, container = deferred
+    event = {
+        "status": "error",
+        "training_id": training_id_of(ti),
+        "container_id": container.id,
+        "message": "lost",
+    }
+    with pytest.raises(DockerHostError, match="lost"):  # retryable: a retry re-attaches
+        make_op(deferrable=True).execute_complete(context(ti), event)
+    assert status_in(results, ti)["state"] == "PROCESSING"
+    assert (container.status, container.stops) == ("running", 0)
