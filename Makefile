@@ -1,5 +1,6 @@
-# The two commands of the README: `make demo` (the main job) and `make test` (the whole suite).
-# Each installs what it needs into .venv (with uv: seconds instead of minutes with pip).
+# The commands of the README: `make demo` (the main job), `make test` (the whole suite) and `make unit`
+# (the unit tests alone, no service). Each installs what it needs into .venv (with uv: seconds instead of
+# minutes with pip).
 
 VENV      ?= .venv
 BIN       := $(VENV)/bin
@@ -8,7 +9,7 @@ BUILD     := build
 # Airflow's home for the commands run here, so nothing is written into ~/airflow.
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 
-.PHONY: all venv demo test lint typecheck pytest services-up services-down clean
+.PHONY: all venv demo test unit lint typecheck pytest services-up services-down clean
 
 all: test
 
@@ -48,6 +49,10 @@ pytest: venv services-up
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest
+
+# The unit tests alone: no service (a stand-in Docker Engine API and an in-memory object store), seconds.
+unit: venv
+	$(BIN)/python -m pytest -q tests/unit
 
 clean:
 	rm -rf $(BUILD) .pytest_cache .mypy_cache .ruff_cache .hypothesis

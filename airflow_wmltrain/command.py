@@ -108,7 +108,6 @@ def render_command(
     data_dir: str,
     result_dir: str,
     hyperparameters: Mapping[str, object] | None = None,
-    variables: Mapping[str, str] | None = None,
 ) -> str:
     """The command line a training container runs.
 
@@ -116,12 +115,9 @@ def render_command(
     :param data_dir: path of the staged data inside the container (``${DATA_DIR}``).
     :param result_dir: path of the results directory inside the container (``${RESULT_DIR}``).
     :param hyperparameters: overrides, see :func:`apply_hyperparameters`.
-    :param variables: further ``NAME: value`` substitutions.
     """
     command = apply_hyperparameters(command, hyperparameters)
-    return substitute_variables(
-        command, {"DATA_DIR": data_dir, "RESULT_DIR": result_dir, **(variables or {})}
-    )
+    return substitute_variables(command, {"DATA_DIR": data_dir, "RESULT_DIR": result_dir})
 
 
 # --- the scripts a command names ------------------------------------------------------------------

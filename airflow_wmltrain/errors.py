@@ -90,6 +90,15 @@ class BucketNotFoundError(ManifestError):
     """A bucket named by the manifest does not exist, or these credentials cannot see it (``C101``)."""
 
 
+class RunConflictError(ClientError):
+    """The training id is already used by another task instance (its status or its container) (``C105``).
+
+    A retry cannot fix it: give this run another training id.
+    """
+
+    code = "C105"
+
+
 class ConfigurationError(WmlTrainError):
     """The deployment's ``[wmltrain]`` configuration is invalid (server side, ``S001``)."""
 
@@ -113,6 +122,16 @@ class ResultsStoreError(ServerError):
     """Writing results, logs or the status document failed (``S303``)."""
 
     code = "S303"
+
+
+class StatusDocumentError(ServerError):
+    """A run's ``_status.json`` exists but is not its status document (not JSON, wrong shape, other id).
+
+    A retry cannot fix it: the document must be removed or the training id changed.
+    """
+
+    code = "S304"
+    retryable = False
 
 
 class TrainingFailedError(ClientError):

@@ -9,12 +9,15 @@ and the metrics.  It is what ``TrainingRunSensor`` and ``wmltrain show`` read; i
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
+
+from airflow_wmltrain.errors import StatusDocumentError
 
 STATUS_FILE = "_status.json"
 MANIFEST_FILE = "_manifest.yml"
@@ -58,6 +61,8 @@ class RunState(str, Enum):
 
 
 _ORDER = list(RunState)
+#: The fields of ``RunStatus.airflow`` that name the task instance a run belongs to.
+OWNER_KEYS = ("dag_id", "run_id", "task_id", "map_index")
 TERMINAL_STATES = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.HALTED})
 
 
@@ -116,7 +121,11 @@ class RunStatus:
     :param exit_code: the training process's exit status, once known.
     :param metrics: the final metrics the training wrote (``$RESULT_DIR/metrics.json``).
     :param airflow: where it runs in Airflow (dag_id, run_id, task_id, map_index, try_number).
-    :param container: the Docker container's id and host.
+    :param container: the Docker container's id and host (``docker_url``): a retry goes back there.
+    :param digest: a digest of the submission (zip, manifest, hyperparameters): a cleared task reuses a
+        COMPLETED run only for the same submission.
+    :param phase: what the run is doing within its state when that is worth saying, e.g. waiting for
+        GPUs and who holds them (empty otherwise).
     """
 
     training_id: str
@@ -132,6 +141,8 @@ class RunStatus:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     airflow: Mapping[str, Any] = field(default_factory=dict)
     container: Mapping[str, str] = field(default_factory=dict)
+    digest: str = ""
+    phase: str = ""
 
     @property
     def state(self) -> RunState:
@@ -172,6 +183,28 @@ class RunStatus:
             raise ValueError(f"{state.value} is not a failure state")
         return self.advance(state, error={"code": code, "message": message}, **changes)
 
+    def same_task(self, airflow: Mapping[str, Any]) -> bool:
+        """Whether this run belongs to the task instance ``airflow`` (dag, run, task, map index)."""
+        return all(str(self.airflow.get(key)) == str(airflow.get(key)) for key in OWNER_KEYS)
+
+    def result(self) -> dict[str, Any]:
+        """What a task returns for the run (its XCom): small and JSON — the one result shape."""
+        return {
+            "training_id": self.training_id,
+            "state": self.state.value,
+            "results_location": self.results_location,
+            "gpus": list(self.gpus),
+            "metrics": dict(self.metrics),
+        }
+
+    def failure_message(self) -> str:
+        """``training-abc FAILED: C201 the training process exited with status 3 ...``."""
+        error = self.error or {}
+        code = str(error.get("code") or "")
+        message = str(error.get("message") or "no reason was recorded")
+        head = f"{self.training_id} {self.state.value}"
+        return f"{head}: {code} {message}" if code else f"{head}: {message}"
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (``_status.json``)."""
         return {
@@ -192,8 +225,35 @@ class RunStatus:
             "metrics": dict(self.metrics),
             "airflow": dict(self.airflow),
             "container": dict(self.container),
+            "digest": self.digest,
+            "phase": self.phase,
             "written_at": time.time(),
         }
+
+    @classmethod
+    def from_json(cls, body: bytes, *, where: str, training_id: str) -> RunStatus:
+        """Read the bytes of ``_status.json`` (the one reader of status documents).
+
+        :param body: the document.
+        :param where: where it was read, for messages.
+        :param training_id: the run it must belong to.
+        :raises StatusDocumentError: not JSON, not a status document, or another run's.
+        """
+        try:
+            document = json.loads(body)
+        except ValueError as exc:
+            raise StatusDocumentError(
+                f"{where} is not JSON ({exc}); it is not a training-run status document"
+            ) from None
+        if not isinstance(document, Mapping):
+            raise StatusDocumentError(f"{where} is JSON but not an object; it is not a status document")
+        try:
+            status = cls.from_dict(document)
+        except ValueError as exc:
+            raise StatusDocumentError(f"{where}: {exc}") from None
+        if status.training_id != training_id:
+            raise StatusDocumentError(f"{where} is the status of {status.training_id}, not of {training_id}")
+        return status
 
     @classmethod
     def from_dict(cls, document: Mapping[str, Any]) -> RunStatus:
@@ -220,6 +280,8 @@ class RunStatus:
                 metrics=dict(document.get("metrics") or {}),
                 airflow=dict(document.get("airflow") or {}),
                 container={str(k): str(v) for k, v in (document.get("container") or {}).items()},
+                digest=str(document.get("digest") or ""),
+                phase=str(document.get("phase") or ""),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a training-run status document: {exc}") from None

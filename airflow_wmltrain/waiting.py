@@ -63,11 +63,11 @@ def wait_until(
     *,
     what: str,
     timeout: float | None = None,
-    backoff: Backoff = Backoff(),  # noqa: B008 - frozen, shared safely
+    backoff: Backoff = Backoff(),
     transient: tuple[type[BaseException], ...] = (),
     max_failures: int | None = None,
     on_failure: Callable[[int, float, BaseException], None] | None = None,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], object] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """Call ``look`` until it returns something other than ``None``; return that.

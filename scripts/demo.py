@@ -84,9 +84,9 @@ def main() -> int:
     }
     os.environ.update(env)
 
+    from airflow_wmltrain.hooks.docker import TrainingDockerHook
     from airflow_wmltrain.manifest import ConnectionId, StoreReference
     from airflow_wmltrain.runtime import gpus
-    from airflow_wmltrain.runtime.docker_host import DockerHost
     from airflow_wmltrain.storage import open_store
     from airflow_wmltrain.storage.transfer import TransferError
     from airflow_wmltrain.storage.upload import upload_tree
@@ -103,7 +103,7 @@ def main() -> int:
             if bucket == DATA_BUCKET:
                 print(upload_tree(store, DATA, "").summary())
 
-    cli = DockerHost(services["DOCKER_HOST"]).client()
+    cli = TrainingDockerHook(docker_url=services["DOCKER_HOST"]).api_client
     if gpus.has_nvidia_runtime(cli, "airflow-wmltrain/pytorch:2.13-cpu"):
         print(f"The Docker host {services['DOCKER_HOST']} has an NVIDIA runtime: the run gets a GPU.")
     else:

@@ -102,6 +102,8 @@ def run_list(args: argparse.Namespace) -> int:
         reason = ""
         if record.error and record.state in (RunState.FAILED, RunState.HALTED):
             reason = f"{record.error.get('code', '')} {record.error.get('message', '').splitlines()[0][:70]}"
+        elif record.view.phase:  # e.g. waiting for GPUs, and who holds them
+            reason = record.view.phase[:80]
         where = record.dag_id + (f"[{record.map_index}]" if record.map_index >= 0 else "")
         rows.append(
             [
@@ -132,6 +134,8 @@ def run_show(args: argparse.Namespace) -> int:
         ("state", record.state.value),
         ("submitted-at", record.submitted),
     ]
+    if document["phase"]:
+        rows.append(("phase", document["phase"]))
     rows += [(f"  {h['state'].lower()}", h["at"]) for h in document["history"]]
     rows += [
         (

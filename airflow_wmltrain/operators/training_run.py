@@ -1,12 +1,19 @@
 """``TrainingRunOperator``: one Airflow task is one training run, from the zip and manifest to the results.
 
-Phases (SPEC §3), each recorded with a timestamp in ``<training-id>/_status.json`` of the results bucket:
-validate (nothing starts for invalid input) → ``DOWNLOADING`` (stage the data bucket, store the zip and
-the redacted manifest) → GPUs leased on the Docker host → ``PROCESSING`` (the framework's container,
-detached) → wait (in the worker, streaming the log, or deferred to the triggerer) → ``STORING`` (results
-and logs) → ``COMPLETED``, ``FAILED`` or ``HALTED``.  The training id is stable across the retries of a
-task instance and the run's container is named after it, so a retry re-attaches to the container of an
-earlier try instead of starting a second one.
+Phases (SPEC §3), each recorded in ``<training-id>/_status.json`` by the run's
+:class:`~airflow_wmltrain.runtime.run.TrainingRun` (the one lifecycle home): validate (nothing starts
+for invalid input) → ``PENDING`` (image, GPU capacity) → ``DOWNLOADING`` (stage the data, store the zip
+and the redacted manifest; a wait for free GPUs is shown in the run's phase) → ``PROCESSING`` (the
+framework's container, detached) → wait (in the worker, streaming the log, or deferred to the
+triggerer) → ``STORING`` (results and logs) → ``COMPLETED``, ``FAILED`` or ``HALTED``.  Everything asked
+of the Docker host goes through :class:`~airflow_wmltrain.hooks.docker.TrainingDockerHook`.
+
+Airflow moves tasks: a scheduler restart, a missed heartbeat or an orphan reset starts a new try while
+the old one may still live.  The training id is stable across the tries of a task instance and the
+run's container is named after it and labelled with its task instance, so a new try re-attaches to the
+container (a name conflict on create means "re-attach"), and the status document records the Docker
+host, so a retry goes back there.  A halt comes only from a person (the task marked failed or success,
+``wmltrain halt``) or a deadline (``execution_timeout``), never from a try being replaced.
 """
 
 from __future__ import annotations
@@ -15,50 +22,95 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
+import requests
 from airflow.providers.docker.operators.docker import DockerOperator
 from airflow.sdk import conf
-from airflow.sdk.exceptions import AirflowRescheduleException
-from docker.errors import APIError, ImageNotFound, NotFound
+from airflow.sdk.exceptions import (
+    AirflowException,
+    AirflowFailException,
+    AirflowRescheduleException,
+    AirflowSkipException,
+    AirflowTaskTimeout,
+)
+from docker.errors import DockerException
 from docker.types import LogConfig
 
 from airflow_wmltrain.errors import (
-    ImageMissingError,
     ManifestError,
+    RunConflictError,
     RunHaltedError,
     ServerError,
     TrainingFailedError,
     WmlTrainError,
 )
-from airflow_wmltrain.lifecycle import RUN_XCOM_PREFIX, STATUS_XCOM_KEY, RunState, RunStatus
+from airflow_wmltrain.hooks.docker import ContainerOutcome, DockerHostError, TrainingDockerHook
+from airflow_wmltrain.lifecycle import OWNER_KEYS, RUN_XCOM_PREFIX, STATUS_XCOM_KEY, RunState, RunStatus
 from airflow_wmltrain.links.training_run import TrainingResultsLink
-from airflow_wmltrain.runtime import container, gpus, labels
-from airflow_wmltrain.runtime.docker_host import DockerHost
-from airflow_wmltrain.runtime.run import TrainingRun
+from airflow_wmltrain.runtime import labels
+from airflow_wmltrain.runtime.run import TrainingRun, submission_digest
 from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS
 from airflow_wmltrain.settings import Settings
+from airflow_wmltrain.storage import connections_as_json
 from airflow_wmltrain.training_id import check_training_id, derive_training_id
+from airflow_wmltrain.waiting import Backoff, WaitTimeoutError, wait_until
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from airflow_wmltrain.manifest import TrainingManifest
+    from airflow_wmltrain.runtime.gpus import GpuAllocation
     from airflow_wmltrain.submission import Submission
 
 _DEFERRABLE_DEFAULT = conf.getboolean("operators", "default_deferrable", fallback=False)
+
+#: ``DockerOperator`` parameters that make no sense for a training container, and why; refused.
+REFUSED_PARAMETERS = {
+    "command": "the command comes from the manifest (model_definition.execution.command)",
+    "container_name": "the container is named after the training id (one container per run and host)",
+    "auto_remove": "the run's container is removed once its results and logs are stored",
+    "port_bindings": "a training container serves no ports",
+    "tty": "the log is streamed line by line and stored; a TTY would merge and reformat it",
+    "xcom_all": "the task's XCom is the run's result; the whole log is stored in the results bucket",
+    "retrieve_output": "write outputs into $RESULT_DIR: they are stored in the results bucket",
+    "retrieve_output_path": "write outputs into $RESULT_DIR: they are stored in the results bucket",
+    "host_tmp_dir": "a run's directories are under [wmltrain] staging_dir",
+    "mount_tmp_dir": "a run's directories are under [wmltrain] staging_dir",
+}
+#: The task-instance states that mean a person (or the scheduler, for a task with no try left) ended the
+#: task: its run is halted.  Any other state while the task is being stopped means that Airflow moved
+#: the task to another try: the run goes on, and that try re-attaches to it.
+_HALTING_TI_STATES = frozenset({"failed", "success", "skipped", "removed", "upstream_failed"})
+#: Docker errors while following a run: the host may be restarting; look again for this long.
+DOCKER_OUTAGE_WAIT = 300.0
+
+
+@contextmanager
+def _airflow_errors() -> Iterator[None]:
+    """Map the package's errors onto Airflow's: an error a retry cannot fix fails the task at once
+    (``AirflowFailException``, its cause the original error); the others are left to ``retries``."""
+    try:
+        yield
+    except WmlTrainError as err:
+        if err.retryable:
+            raise
+        raise AirflowFailException(f"{err.code} {err}") from err
 
 
 class TrainingRunOperator(DockerOperator):
     """Run one training run (a model-definition zip and a training manifest) on a Docker host.
 
-    The Docker parameters of :class:`~airflow.providers.docker.operators.docker.DockerOperator`
-    (``docker_url``, ``docker_conn_id``, TLS, ``mounts``, ``environment``, ``private_environment``,
-    ``mem_limit``, ``shm_size``, ``network_mode``, ``user``, ...) apply to the training container; the
-    image and the command come from the manifest.
+    The Docker parameters of :class:`~airflow.providers.docker.operators.docker.DockerOperator` that make
+    sense for a training container apply to it (``docker_url`` — a list tries each —, ``docker_conn_id``,
+    TLS, ``mounts``, ``environment``, ``private_environment``, ``env_file``, ``mem_limit``, ``cpus``,
+    ``shm_size``, ``network_mode``, ``user``, ``force_pull``, ``skip_on_exit_code`` (the run is stored
+    and the task skipped), ...); the image and the command come from the manifest; the others
+    (:data:`REFUSED_PARAMETERS`) are refused when the task is built.
 
     :param manifest: the training manifest: a path, YAML text or a mapping. (templated)
     :param model_definition: the model-definition zip: a path, ``base64:<data>``, or the URL of an
@@ -109,7 +161,17 @@ class TrainingRunOperator(DockerOperator):
         halt_grace_period: int | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("mount_tmp_dir", False)
+        refused = {
+            name: why
+            for name, why in REFUSED_PARAMETERS.items()
+            if kwargs.get(name) not in (None, False, "never", {}, [], "")
+        }
+        if refused:
+            raise ValueError(
+                f"TrainingRunOperator {kwargs.get('task_id', '')!r} does not take "
+                + "; ".join(f"{name} ({why})" for name, why in refused.items())
+            )
+        kwargs["mount_tmp_dir"] = False
         super().__init__(image=image or "", **kwargs)
         self.manifest = manifest
         self.model_definition = model_definition
@@ -119,8 +181,10 @@ class TrainingRunOperator(DockerOperator):
         self.poll_interval = poll_interval
         self.halt_grace_period = halt_grace_period
         self._run: TrainingRun | None = None
+        self._ti: Any = None
         self._container_id: str | None = None
-        self._halted = False
+        self._halt_requested = False
+        self._halter_spawned = False
         self._halt_connections: dict[str, str] = {}
 
     # --- templates: mask the manifest's secrets before Airflow stores the rendered fields -------------
@@ -129,13 +193,13 @@ class TrainingRunOperator(DockerOperator):
         super().render_template_fields(context, jinja_env)
         _mask_manifest_secrets(self.manifest)
 
-    # --- helpers --------------------------------------------------------------------------------------
+    # --- the Docker host ------------------------------------------------------------------------------
 
-    @property
-    def docker_host(self) -> DockerHost:
-        url = self.docker_url if isinstance(self.docker_url, str) else self.docker_url[0]
-        return DockerHost(
-            docker_url=url,
+    @cached_property
+    def hook(self) -> TrainingDockerHook:
+        """The Docker host (cached: one client for the whole task)."""
+        return TrainingDockerHook(
+            docker_url=self.docker_url,
             docker_conn_id=self.docker_conn_id,
             api_version=self.api_version,
             tls_ca_cert=self.tls_ca_cert,
@@ -147,12 +211,27 @@ class TrainingRunOperator(DockerOperator):
             timeout=self.timeout,
         )
 
-    @property
-    def _gpu_log(self) -> Any:
-        return self.log
+    def _host_of(self, status: RunStatus) -> TrainingDockerHook:
+        """The Docker host a run lives on (its status records it): a retry never starts a second one.
 
-    def _settings(self) -> Settings:
-        return Settings.from_airflow_config()
+        :raises DockerHostError: the run lives on a host this task is not configured for.
+        """
+        hook = self.hook
+        recorded = status.container.get("docker_url", "")
+        if not recorded or recorded == hook.docker_url:
+            return hook
+        if recorded in hook.docker_urls:
+            self.log.info("Training run %s lives on %s: going back there", status.training_id, recorded)
+            return hook.pinned(recorded)
+        error = DockerHostError(
+            f"training run {status.training_id} was started on the Docker host {recorded}, but this task "
+            f"is configured for {', '.join(hook.docker_urls)}; a run never gets a second container: give "
+            f"the task that docker_url again, or halt the run (wmltrain halt {status.training_id})"
+        )
+        error.retryable = False
+        raise error
+
+    # --- who the task is ------------------------------------------------------------------------------
 
     def _training_id(self, context: Context) -> str:
         if self.training_id:
@@ -162,23 +241,16 @@ class TrainingRunOperator(DockerOperator):
             ti.dag_id, ti.run_id, ti.task_id, -1 if ti.map_index is None else ti.map_index
         )
 
-    def _same_task(self, status: RunStatus, context: Context) -> bool:
-        """Whether ``status`` was written by a try of this very task instance."""
-        mine = self._airflow_info(context)
-        return all(
-            status.airflow.get(key) == mine[key] for key in ("dag_id", "run_id", "task_id", "map_index")
-        )
-
-    def _new_run(
-        self, context: Context, training_id: str, manifest: TrainingManifest, settings: Settings
-    ) -> TrainingRun:
-        return TrainingRun(
-            training_id=training_id,
-            manifest=manifest,
-            settings=settings,
-            log=self.log,
-            on_status=self._publisher(context),
-        )
+    @staticmethod
+    def _airflow_info(context: Context) -> dict[str, Any]:
+        ti = context["ti"]
+        return {
+            "dag_id": ti.dag_id,
+            "run_id": ti.run_id,
+            "task_id": ti.task_id,
+            "map_index": -1 if ti.map_index is None else ti.map_index,
+            "try_number": ti.try_number,
+        }
 
     @staticmethod
     def _publisher(context: Context) -> Callable[[dict[str, Any]], None]:
@@ -190,58 +262,75 @@ class TrainingRunOperator(DockerOperator):
 
         return publish
 
-    @staticmethod
-    def _airflow_info(context: Context) -> dict[str, Any]:
-        ti = context["ti"]
-        return {
-            "dag_id": ti.dag_id,
-            "run_id": ti.run_id,
-            "task_id": ti.task_id,
-            "map_index": ti.map_index,
-            "try_number": ti.try_number,
-        }
-
-    def _container_labels(self, training_id: str, context: Context, gpu_ids: Sequence[str]) -> dict[str, str]:
-        info = self._airflow_info(context)
+    def _container_labels(
+        self, training_id: str, owner: Mapping[str, Any], gpu_ids: Sequence[str]
+    ) -> dict[str, str]:
         user_labels = self.labels if isinstance(self.labels, dict) else dict.fromkeys(self.labels or [], "")
         return {
             **user_labels,
             labels.ROLE: labels.ROLE_RUN,
             labels.TRAINING_ID: training_id,
             labels.GPUS: ",".join(gpu_ids),
-            labels.DAG_ID: str(info["dag_id"]),
-            labels.RUN_ID: str(info["run_id"]),
-            labels.TASK_ID: str(info["task_id"]),
-            labels.MAP_INDEX: str(info["map_index"]),
+            **{label: str(owner[key]) for key, label in labels.OWNER_LABELS.items()},
         }
+
+    @staticmethod
+    def _check_owner(training_id: str, owner: Mapping[str, Any], found: Mapping[str, Any], what: str) -> None:
+        """Refuse a training id that another task instance's run already uses (no re-attach across tasks)."""
+        mine = {key: str(owner[key]) for key in OWNER_KEYS}
+        theirs = {key: str(found.get(key, "")) for key in OWNER_KEYS}
+        if mine != theirs:
+            raise RunConflictError(
+                f"training id {training_id} is already used by {what} of task {theirs['dag_id']}/"
+                f"{theirs['run_id']}/{theirs['task_id']}[{theirs['map_index']}]; give this task another "
+                "training_id (or leave it empty: a unique one is derived)"
+            )
 
     # --- execute --------------------------------------------------------------------------------------
 
-    def execute(self, context: Context) -> dict[str, Any]:  # type: ignore[override]
+    def _validate(self, settings: Settings) -> Submission:
         from airflow_wmltrain.manifest import load_manifest
         from airflow_wmltrain.model_source import resolve_model_definition
         from airflow_wmltrain.submission import check_submission
 
-        settings = self._settings()
+        manifest = load_manifest(self.manifest, settings=settings)
+        _mask_secrets(manifest.secret_values())
+        model_definition = resolve_model_definition(
+            self.model_definition, manifest, max_bytes=settings.model_definition_max_bytes
+        )
+        return check_submission(
+            model_definition,
+            manifest,
+            hyperparameters=_hyperparameters(self.hyperparameters),
+            settings=settings,
+        )
+
+    def execute(self, context: Context) -> dict[str, Any]:  # type: ignore[override]
+        settings = Settings.from_airflow_config()
         training_id = self._training_id(context)
+        owner = self._airflow_info(context)
+        self._ti = context["ti"]
         try:
-            manifest = load_manifest(self.manifest, settings=settings)
-            _mask_secrets(manifest.secret_values())
-            model_definition = resolve_model_definition(
-                self.model_definition, manifest, max_bytes=settings.model_definition_max_bytes
+            with _airflow_errors():
+                submission = self._validate(settings)
+        except AirflowFailException as failure:  # refused before anything started: listed as failed
+            err = failure.__cause__
+            assert isinstance(err, WmlTrainError)
+            refused = RunStatus(training_id=training_id, airflow=owner).fail(
+                RunState.FAILED, err.code, str(err)
             )
-            submission = check_submission(
-                model_definition,
-                manifest,
-                hyperparameters=_hyperparameters(self.hyperparameters),
-                settings=settings,
-            )
-        except WmlTrainError as err:  # refused before anything started; listed as failed, with the reason
-            self._publisher(context)(_refused(training_id, err, self._airflow_info(context)))
+            self._publisher(context)(refused.to_dict())
             context["ti"].xcom_push(key=RUN_XCOM_PREFIX + training_id, value="")
             raise
+        manifest = submission.manifest
         self.image = self.image or manifest.framework.image
-        run = self._run = self._new_run(context, training_id, manifest, settings)
+        run = self._run = TrainingRun(
+            training_id=training_id,
+            manifest=manifest,
+            settings=settings,
+            log=self.log,
+            publish=self._publisher(context),
+        )
         context["ti"].xcom_push(key="training_id", value=training_id)
         context["ti"].xcom_push(key=RUN_XCOM_PREFIX + training_id, value=run.location)
         TrainingResultsLink.persist(context, run.location)
@@ -249,148 +338,187 @@ class TrainingRunOperator(DockerOperator):
             "Training run %s (%s): %s on %s, results in %s",
             training_id,
             manifest.name,
-            manifest.framework.image if not self.image else self.image,
-            self.docker_host.docker_url,
+            self.image,
+            ", ".join(self.hook.docker_urls),
             run.location,
         )
+        with _airflow_errors():
+            return self._execute(context, run, submission, settings, owner)
 
-        existing = container.find_run_container(self.cli, training_id)
+    def _execute(
+        self,
+        context: Context,
+        run: TrainingRun,
+        submission: Submission,
+        settings: Settings,
+        owner: dict[str, Any],
+    ) -> dict[str, Any]:
+        training_id = run.training_id
+        digest = submission_digest(submission)
+        prior = run.resume()
+        if prior is not None and prior.airflow:
+            self._check_owner(training_id, owner, prior.airflow, "the run")
+        hook = self._host_of(prior) if prior is not None and not prior.terminal else self.hook
+        existing = hook.find_run_container(training_id)
         if existing is not None:
-            return self._reattach(context, run, existing, settings)
-        prior = run.read_status()
-        if prior is not None and prior.state is RunState.COMPLETED and self._same_task(prior, context):
-            # An earlier try of this task instance completed the run, then died before telling Airflow.
-            self.log.info("Training run %s was COMPLETED by an earlier try; not training again", training_id)
-            run.status = prior
-            return self._result(run)
-        run.status = RunStatus(
-            training_id=training_id,
-            name=manifest.name,
-            results_location=run.location,
+            self._check_owner(training_id, owner, existing.owner(), "the container")
+            return self._reattach(context, run, hook, outcome=existing, settings=settings, owner=owner)
+        if prior is not None and prior.state is RunState.COMPLETED:
+            if prior.digest == digest:
+                # An earlier try (or run) of this task instance completed it: same submission, same result.
+                self.log.info(
+                    "Training run %s was COMPLETED by an earlier try; not training again", training_id
+                )
+                return self._result(run)
+            raise RunConflictError(
+                f"training run {training_id} already COMPLETED with another submission (the code, the "
+                "manifest or the hyperparameters changed since); to train again, give the task a new "
+                "training_id (or leave it empty and trigger a new DAG run)"
+            )
+        if prior is not None and not prior.terminal and prior.state.rank >= RunState.PROCESSING.rank:
+            # The status says that the run had a container, and the host has none: someone removed it.
+            lost = DockerHostError(
+                f"the container of training run {training_id} is gone from the Docker host {hook.docker_url} "
+                f"while the run was {prior.state.value}; it was removed (docker rm) or the host lost it"
+            )
+            lost.retryable = False
+            run.end_without_container(RunState.FAILED, lost)
+            raise lost
+        return self._start(
+            context, run, hook, submission=submission, settings=settings, owner=owner, digest=digest
+        )
+
+    def _start(
+        self,
+        context: Context,
+        run: TrainingRun,
+        hook: TrainingDockerHook,
+        *,
+        submission: Submission,
+        settings: Settings,
+        owner: dict[str, Any],
+        digest: str,
+    ) -> dict[str, Any]:
+        manifest = submission.manifest
+        run.begin(
             data_location=manifest.data.describe(),
             image=str(self.image),
             command=submission.command,
-            airflow=self._airflow_info(context),
+            airflow=owner,
+            digest=digest,
+            container={"docker_url": hook.docker_url},
         )
         try:
-            run.record(RunState.DOWNLOADING)
-            self._ensure_image(manifest)
-            inventory = self._gpu_inventory(run, settings)  # before staging: fail fast on a host without GPUs
+            hook.ensure_image(
+                str(self.image),
+                force_pull=self.force_pull,
+                framework=f"{manifest.framework.name} {manifest.framework.version}",
+                log=self.log,
+            )
+            inventory = self._gpu_inventory(run, hook, settings)  # before staging: fail fast without GPUs
             run.download(submission.model_definition)
-            container_id, gpu_ids = self._start_container(context, run, submission, settings, inventory)
+            outcome = self._create_and_start(
+                run, hook, submission=submission, settings=settings, owner=owner, inventory=inventory
+            )
         except AirflowRescheduleException:
             raise
-        except WmlTrainError as err:
-            if not run.status.terminal:
-                run.end_without_container(RunState.FAILED, err)
+        except Exception as err:
+            if self._halter_spawned:  # the halt owns the run's end now
+                raise
+            if not run.status.terminal and self._container_id is None:
+                error = err if isinstance(err, WmlTrainError) else ServerError(f"{type(err).__name__}: {err}")
+                state = RunState.HALTED if isinstance(err, RunHaltedError) else RunState.FAILED
+                run.end_without_container(state, error)
             raise
-        except Exception as err:  # a Docker API error, a bad mount...: the run still ends, with the reason
-            if not run.status.terminal:
-                run.end_without_container(RunState.FAILED, ServerError(f"{type(err).__name__}: {err}"))
-            raise
-        self._container_id = container_id
-        run.record(
-            RunState.PROCESSING,
-            gpus=tuple(gpu_ids),
-            container={"id": container_id, "docker_url": self.docker_host.docker_url},
-        )
-        return self._wait(context, run, container_id, settings)
+        return self._wait(context, run, hook, outcome, settings)
 
     def _reattach(
-        self, context: Context, run: TrainingRun, info: dict[str, Any], settings: Settings
+        self,
+        context: Context,
+        run: TrainingRun,
+        hook: TrainingDockerHook,
+        *,
+        outcome: ContainerOutcome,
+        settings: Settings,
+        owner: dict[str, Any],
     ) -> dict[str, Any]:
-        container_id = str(info["Id"])
-        self._container_id = container_id
-        outcome = container.ContainerOutcome.from_inspect(info)
-        run.status = run.read_status() or run.status
+        self._container_id = outcome.container_id
         self.log.info(
-            "Re-attaching to the container %s of training run %s (it is %s); no new run is started",
-            container_id[:12],
+            "Re-attaching to the container %s of training run %s on %s (it is %s); no new run is started",
+            outcome.container_id[:12],
             run.training_id,
+            hook.docker_url,
             outcome.status,
         )
         if outcome.status == "created":  # an earlier try died between create and start
-            self.cli.start(container_id)
-        if run.status.state.rank < RunState.PROCESSING.rank:
-            run.record(RunState.PROCESSING)
-        return self._wait(context, run, container_id, settings)
+            hook.start(outcome.container_id)
+            outcome = hook.inspect(outcome.container_id)
+        if not run.status.history:  # the earlier try died before it wrote a status document
+            run.begin(airflow=owner, image=str(self.image))
+        run.processing(outcome, hook.docker_url)
+        return self._wait(context, run, hook, outcome, settings)
 
-    def _ensure_image(self, manifest: TrainingManifest) -> None:
-        image = str(self.image)
-        if not self.force_pull:
-            try:
-                self.cli.inspect_image(image)
-                return
-            except ImageNotFound:
-                pass
-        self.log.info("Pulling the image %s", image)
-        try:
-            for output in self.cli.pull(image, stream=True, decode=True):
-                if isinstance(output, dict) and "status" in output and "id" not in output:
-                    self.log.info("%s", output["status"])
-        except (APIError, NotFound) as err:
-            framework = f"{manifest.framework.name} {manifest.framework.version}"
-            raise ImageMissingError(
-                f"the image {image} of framework {framework} is not on the Docker host "
-                f"{self.docker_host.docker_url} and cannot be pulled ({err.explanation or err}); build or "
-                "load it there (see images/), or map the framework to another image in "
-                "[wmltrain] frameworks_file",
-                field="model_definition.framework",
-            ) from None
+    # --- GPUs and the container -----------------------------------------------------------------------
 
-    def _gpu_inventory(self, run: TrainingRun, settings: Settings) -> list[str] | None:
+    def _gpu_inventory(
+        self, run: TrainingRun, hook: TrainingDockerHook, settings: Settings
+    ) -> list[str] | None:
         """The host's GPUs, or ``None`` for a run without GPUs (a CPU run, or the explicit CPU fallback).
 
         :raises GpuCapacityError: the host has no NVIDIA runtime (and no CPU fallback), or fewer GPUs
             than the run needs at all.
         """
+        from airflow_wmltrain.runtime import gpus
+
         manifest = run.manifest
         count = manifest.gpus
         if count == 0:
             return None
         image = str(self.image)
-        url = self.docker_host.docker_url
-        if not gpus.has_nvidia_runtime(self.cli, image, docker_url=url):
+        if not hook.has_nvidia_runtime(image):
             if not settings.cpu_fallback:
-                raise gpus.no_nvidia_runtime_error(url)
+                raise gpus.no_nvidia_runtime_error(hook.docker_url)
             self.log.warning("!" * 78)
             self.log.warning(
                 "!! NO GPU: the Docker host %s has no NVIDIA runtime; [wmltrain] cpu_fallback is on, so "
                 "this '%s' run (%d GPU(s) asked) runs on the CPU only",
-                url,
+                hook.docker_url,
                 manifest.resource,
                 count,
             )
             self.log.warning("!" * 78)
             return None
-        inventory = gpus.gpu_inventory(self.cli, settings.gpu_ids, image=image, docker_url=url)
-        gpus.check_capacity(count, inventory, resource_class=manifest.resource, docker_url=url)
+        inventory = hook.gpu_inventory(settings.gpu_ids, image=image)
+        gpus.check_capacity(count, inventory, resource_class=manifest.resource, docker_url=hook.docker_url)
         return inventory
 
-    def _lease_gpus(self, run: TrainingRun, settings: Settings, inventory: list[str] | None) -> list[str]:
-        """Lease the run's GPUs on the host: wait for them, or reschedule the task, as configured."""
+    def _lease_gpus(
+        self, run: TrainingRun, hook: TrainingDockerHook, settings: Settings, inventory: list[str] | None
+    ) -> list[str]:
+        """Lease the run's GPUs on the host: wait for them (the run's phase says who holds them), or
+        reschedule the task, as configured."""
         if inventory is None:
             return []
         manifest = run.manifest
         count = manifest.gpus
-        image = str(self.image)
-        url = self.docker_host.docker_url
+
+        def waiting(allocation: GpuAllocation) -> None:
+            run.note_phase(f"waiting for {count} GPU(s) on {hook.docker_url}: {allocation.describe()}")
+
+        common: dict[str, Any] = {
+            "inventory": inventory,
+            "image": str(self.image),
+            "resource_class": manifest.resource,
+            "log": self.log,
+        }
         if settings.gpu_wait == "reschedule":
-            allocation = gpus.try_allocate_gpus(
-                self.cli,
-                run.training_id,
-                count,
-                inventory=inventory,
-                image=image,
-                resource_class=manifest.resource,
-                docker_url=url,
-                log=self._gpu_log,
-            )
+            allocation = hook.try_allocate_gpus(run.training_id, count, **common)
             if not allocation.granted:
+                waiting(allocation)
                 self.log.info(
                     "No %d free GPU(s) on %s now (%s); trying again in %d s",
                     count,
-                    url,
+                    hook.docker_url,
                     allocation.describe(),
                     settings.gpu_poll_interval,
                 )
@@ -400,36 +528,31 @@ class TrainingRunOperator(DockerOperator):
                     timezone.utcnow() + timedelta(seconds=settings.gpu_poll_interval)
                 )
             return list(allocation.gpu_ids)
-        return gpus.wait_for_gpus(
-            self.cli,
+        return hook.wait_for_gpus(
             run.training_id,
             count,
-            inventory=inventory,
-            image=image,
             timeout=settings.gpu_wait_timeout,
             poll_interval=settings.gpu_poll_interval,
-            log=self._gpu_log,
-            resource_class=manifest.resource,
-            docker_url=url,
+            on_wait=waiting,
+            **common,
         )
 
-    def _start_container(
+    def _create_and_start(
         self,
-        context: Context,
         run: TrainingRun,
+        hook: TrainingDockerHook,
+        *,
         submission: Submission,
         settings: Settings,
+        owner: dict[str, Any],
         inventory: list[str] | None,
-    ) -> tuple[str, list[str]]:
+    ) -> ContainerOutcome:
         from airflow_wmltrain.command import render_command
+        from airflow_wmltrain.runtime.gpus import gpu_device_request
 
-        if self._halted:
-            raise RunHaltedError("the run was halted before its container started")
+        self._check_halt("before its container started")
         self._normalize_mounts()
-        gpu_ids = self._lease_gpus(run, settings, inventory)
-        if self._halted:  # halted while it waited for GPUs
-            gpus.release_leases(self.cli, run.training_id)
-            raise RunHaltedError("the run was halted before its container started")
+        gpu_ids = self._lease_gpus(run, hook, settings, inventory)
         command = render_command(
             submission.manifest.command,
             data_dir=CONTAINER_DIRS["DATA_DIR"],
@@ -453,12 +576,13 @@ class TrainingRunOperator(DockerOperator):
         if self.log_opts_max_file is not None:
             log_config["max-file"] = self.log_opts_max_file
         try:
-            created = self.cli.create_container(
+            self._check_halt("while it waited for GPUs")
+            outcome, created = hook.create_run_container(
+                run.training_id,
                 image=self.image,
                 command=["sh", "-c", command],
-                name=labels.run_container_name(run.training_id),
                 environment=environment,
-                host_config=self.cli.create_host_config(
+                host_config=hook.api_client.create_host_config(
                     auto_remove=False,
                     mounts=[*run.workspace.mounts(), *self.mounts],
                     network_mode=self.network_mode,
@@ -470,7 +594,7 @@ class TrainingRunOperator(DockerOperator):
                     cap_add=self.cap_add,
                     extra_hosts=self.extra_hosts,
                     privileged=self.privileged,
-                    device_requests=[gpus.gpu_device_request(gpu_ids)] if gpu_ids else self.device_requests,
+                    device_requests=[gpu_device_request(gpu_ids)] if gpu_ids else self.device_requests,
                     log_config=LogConfig(config=log_config),
                     ipc_mode=self.ipc_mode,
                     ulimits=self.ulimits,
@@ -479,108 +603,211 @@ class TrainingRunOperator(DockerOperator):
                 entrypoint=self.format_command(self.entrypoint),
                 working_dir=self.working_dir or CONTAINER_DIRS["MODEL_DIR"],
                 hostname=self.hostname,
-                labels=self._container_labels(run.training_id, context, gpu_ids),
+                labels=self._container_labels(run.training_id, owner, gpu_ids),
             )
         finally:
             if gpu_ids:
-                gpus.release_leases(self.cli, run.training_id)
-        container_id = str(created["Id"])
-        try:
-            self.cli.start(container_id)
-        except APIError as err:
-            container.remove(self.cli, container_id)
-            if gpus.is_no_driver_error(err):
-                raise gpus.no_nvidia_runtime_error(self.docker_host.docker_url) from None
-            raise ServerError(f"the Docker host could not start the training container: {err}") from None
+                hook.release_leases(run.training_id)
+        self._container_id = outcome.container_id
+        if not created:  # another try of this task instance created it meanwhile: re-attach to it
+            self._check_owner(run.training_id, owner, outcome.owner(), "the container")
+            self.log.info(
+                "The container of training run %s already exists (another try created it): re-attaching",
+                run.training_id,
+            )
+            if outcome.status == "created":
+                hook.start(outcome.container_id)
+                outcome = hook.inspect(outcome.container_id)
+            run.processing(outcome, hook.docker_url)
+            return outcome
+        if self._halt_requested:  # halted while the container was being created: it never starts
+            hook.remove(outcome.container_id)
+            self._container_id = None
+            raise RunHaltedError("the run was halted before its container started")
+        hook.start(outcome.container_id)
+        if self._halter_spawned:  # halted while it started: the halter stops it and ends the run
+            raise RunHaltedError("the run was halted as its container started")
+        run.processing(outcome, hook.docker_url)
         self.log.info(
             "Started container %s (%s) with %s: %s",
-            container_id[:12],
+            outcome.container_id[:12],
             self.image,
             f"GPU(s) {','.join(gpu_ids)}" if gpu_ids else "no GPU",
             command,
         )
-        return container_id, gpu_ids
+        return hook.inspect(outcome.container_id)
+
+    def _check_halt(self, when: str) -> None:
+        if self._halt_requested:
+            raise RunHaltedError(f"the run was halted {when}")
 
     # --- waiting and finishing -----------------------------------------------------------------------
 
     def _wait(
-        self, context: Context, run: TrainingRun, container_id: str, settings: Settings
+        self,
+        context: Context,
+        run: TrainingRun,
+        hook: TrainingDockerHook,
+        outcome: ContainerOutcome,
+        settings: Settings,
     ) -> dict[str, Any]:
-        if self.deferrable:
+        """Wait for the container — look first: one that already ended is finished at once."""
+        if outcome.running and self.deferrable:
             from airflow_wmltrain.triggers.training_run import TrainingRunTrigger
 
             self.defer(
                 trigger=TrainingRunTrigger(
                     training_id=run.training_id,
-                    container_id=container_id,
-                    docker_host=self.docker_host.to_dict(),
+                    container_id=outcome.container_id,
+                    docker_host=hook.to_dict(),
                     poll_interval=float(self.poll_interval or settings.poll_interval),
-                    halt=self._halt_params(run, container_id, settings),
+                    halt=self._halt_params(run, hook, outcome.container_id, settings, "its task was stopped"),
                 ),
                 method_name="execute_complete",
             )
-        # Read now what a halt would need: on_kill runs in a signal handler, with seconds to live.
-        self._halt_connections = _resolved_connections(run.manifest)
+        if outcome.running:
+            # Read now what a halt would need: on_kill runs in a signal handler, with seconds to live.
+            self._halt_connections = connections_as_json(run.manifest)
+            outcome = self._follow(run, hook, outcome.container_id)
+        else:
+            self._show_log(run, hook, outcome.container_id)
+        return self._finish(run, hook, outcome)
+
+    def _show_log(self, run: TrainingRun, hook: TrainingDockerHook, container_id: str) -> None:
+        """Copy the whole log of an ended container into the task log."""
         self.log.info("::group::Training log of %s", run.training_id)
         try:
-            container.follow_logs(self.cli, container_id, self.log)
-        finally:
-            self.log.info("::endgroup::")
-        self.cli.wait(container_id)
-        return self._finish(run, container_id)
-
-    def _halt_params(self, run: TrainingRun, container_id: str, settings: Settings) -> dict[str, Any]:
-        return {
-            "training_id": run.training_id,
-            "container_id": container_id,
-            "docker_host": self.docker_host.to_dict(),
-            "manifest": run.manifest.to_dict(redact=False),
-            "grace": int(self.halt_grace_period or settings.halt_grace_period),
-        }
-
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        """Finish a deferred run: show its log, store its results and logs, end it."""
-        from airflow_wmltrain.manifest import load_manifest
-
-        settings = self._settings()
-        manifest = load_manifest(self.manifest, settings=settings)
-        _mask_secrets(manifest.secret_values())
-        training_id = str(event.get("training_id") or self._training_id(context))
-        run = self._run = self._new_run(context, training_id, manifest, settings)
-        run.status = run.read_status() or run.status
-        container_id = str(event.get("container_id", ""))
-        self._container_id = container_id or None
-        if event.get("status") != "exited":
-            error = ServerError(str(event.get("message") or f"the wait for {training_id} failed: {event}"))
-            if container.find_run_container(self.cli, training_id) is None and not run.status.terminal:
-                run.end_without_container(RunState.FAILED, error)  # the container is gone: the run is over
-            # Else the container may still train (the host did not answer): a retry re-attaches to it.
-            raise error
-        self.log.info("::group::Training log of %s", training_id)
-        try:
-            for line in container.log_lines(self.cli, container_id):
+            for line in hook.log_lines(container_id):
                 self.log.info("%s", line)
         finally:
             self.log.info("::endgroup::")
-        return self._finish(run, container_id)
 
-    def _finish(self, run: TrainingRun, container_id: str) -> dict[str, Any]:
-        if self._halted:
+    def _follow(self, run: TrainingRun, hook: TrainingDockerHook, container_id: str) -> ContainerOutcome:
+        """Stream the container's log into the task log until it exits; ride out a Docker host restart."""
+        self.log.info("::group::Training log of %s", run.training_id)
+        try:
+            while True:
+                try:
+                    hook.follow_logs(container_id, self.log)
+                    return hook.wait(container_id)
+                except (DockerException, requests.RequestException, OSError) as err:
+                    self.log.warning(
+                        "Lost the Docker host %s while following the run (%s)", hook.docker_url, err
+                    )
+                outcome = self._look_again(hook, container_id)
+                if not outcome.running:
+                    return outcome
+                self.log.info("The container of %s still runs; following it again", run.training_id)
+        finally:
+            self.log.info("::endgroup::")
+
+    def _look_again(self, hook: TrainingDockerHook, container_id: str) -> ContainerOutcome:
+        """The container, once the Docker host answers again (a retry re-attaches if it never does)."""
+
+        def look() -> ContainerOutcome:
+            hook.close()
+            return hook.inspect(container_id)
+
+        try:
+            return wait_until(
+                look,
+                what=f"the Docker host {hook.docker_url} to answer again",
+                timeout=DOCKER_OUTAGE_WAIT,
+                backoff=Backoff(interval=2.0, max_interval=30.0),
+                transient=(DockerException, requests.RequestException, OSError, AirflowException),
+                on_failure=lambda n, delay, exc: self.log.info(
+                    "The Docker host %s does not answer yet (%d, again in %.0f s): %s",
+                    hook.docker_url,
+                    n,
+                    delay,
+                    exc,
+                ),
+            )
+        except WaitTimeoutError as err:
+            raise DockerHostError(f"{err}; the run is left as it is, a retry re-attaches to it") from None
+
+    def _halt_params(
+        self,
+        run: TrainingRun,
+        hook: TrainingDockerHook,
+        container_id: str | None,
+        settings: Settings,
+        reason: str,
+    ) -> dict[str, Any]:
+        return {
+            "training_id": run.training_id,
+            "container_id": container_id,
+            "docker_host": hook.to_dict(),
+            "manifest": run.manifest.to_dict(redact=False),
+            "grace": int(self.halt_grace_period or settings.halt_grace_period),
+            "reason": reason,
+        }
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """Finish a deferred run: check the event, show the log, store results and logs, end the run."""
+        settings = Settings.from_airflow_config()
+        training_id = self._training_id(context)
+        self._ti = context["ti"]
+        if not isinstance(event, dict) or event.get("training_id") != training_id:
+            raise AirflowException(f"an unexpected event resumed the task of {training_id}: {event!r}")
+        with _airflow_errors():
+            submission = self._validate(settings)
+            run = self._run = TrainingRun(
+                training_id=training_id,
+                manifest=submission.manifest,
+                settings=settings,
+                log=self.log,
+                publish=self._publisher(context),
+            )
+            run.resume()
+            hook = self._host_of(run.status)
+            recorded = run.status.container.get("id", "")
+            if recorded and event.get("container_id") != recorded:
+                raise AirflowException(
+                    f"the event is about container {event.get('container_id')!r}, but training run "
+                    f"{training_id} runs in {recorded[:12]}: {event!r}"
+                )
+            if event.get("status") == "error":
+                error = DockerHostError(str(event.get("message") or f"the wait for {training_id} failed"))
+                if hook.find_run_container(training_id) is None and not run.status.terminal:
+                    error.retryable = False  # the container is gone: the run is over
+                    run.end_without_container(RunState.FAILED, error)
+                # Else the container may still train (the host did not answer): a retry re-attaches to it.
+                raise error
+            if event.get("status") != "exited":
+                raise AirflowException(f"an unexpected event resumed the task of {training_id}: {event!r}")
+            try:
+                outcome = ContainerOutcome.from_event(event)
+            except ValueError as err:
+                raise AirflowException(f"{err}: {event!r}") from None
+            self._container_id = outcome.container_id
+            self._show_log(run, hook, outcome.container_id)
+            return self._finish(run, hook, outcome)
+
+    def _finish(
+        self, run: TrainingRun, hook: TrainingDockerHook, outcome: ContainerOutcome
+    ) -> dict[str, Any]:
+        if self._halter_spawned:
             raise RunHaltedError(f"training run {run.training_id} was halted")
         if run.status.terminal:  # ended (e.g. by a halt) while this task was away; tidy what is left
-            container.remove(self.cli, container_id)
+            hook.remove(outcome.container_id)
             run.workspace.remove()
             return self._result(run)
-        run.store(self.cli, container_id, mem_limit=self.mem_limit)
+        skip = frozenset(int(code) for code in cast("Iterable[int]", self.skip_on_exit_code))
+        run.store(hook, outcome, mem_limit=self.mem_limit, skip_exit_codes=skip)
+        if run.status.state is RunState.COMPLETED and outcome.exit_code in skip:
+            raise AirflowSkipException(
+                f"training run {run.training_id}: the training process exited with {outcome.exit_code}, "
+                "one of skip_on_exit_code; its logs and results are stored"
+            )
         return self._result(run)
 
     def _result(self, run: TrainingRun) -> dict[str, Any]:
         status = run.status
-        error = status.error or {}
         if status.state is RunState.FAILED:
-            raise TrainingFailedError(f"training run {run.training_id} FAILED: {error.get('message', '')}")
+            raise TrainingFailedError(status.failure_message())
         if status.state is RunState.HALTED:
-            raise RunHaltedError(f"training run {run.training_id} was HALTED: {error.get('message', '')}")
+            raise RunHaltedError(status.failure_message())
         self.log.info("Training run %s COMPLETED; results in %s", run.training_id, run.location)
         if status.metrics:
             self.log.info("Metrics: %s", json.dumps(dict(status.metrics), sort_keys=True))
@@ -588,38 +815,80 @@ class TrainingRunOperator(DockerOperator):
 
     # --- halt -----------------------------------------------------------------------------------------
 
+    def _halt_reason(self) -> str | None:
+        """Why this task is being stopped, when that is a halt; ``None`` when Airflow moves the task.
+
+        A deadline (``execution_timeout``: Airflow calls ``on_kill`` while handling the time-out) halts.
+        Otherwise the task instance's state, asked of the API server, tells: marked failed or success
+        (by a person, ``wmltrain halt``, or the scheduler for a task with no try left) halts; anything else
+        (up for retry, queued or running again under a new try, cleared) means that Airflow moved the
+        task, and the next try re-attaches to the run.
+        """
+        if isinstance(sys.exc_info()[1], AirflowTaskTimeout):
+            return "its task ran past its execution_timeout"
+        ti = self._ti
+        if ti is None:
+            return None
+        try:
+            found = ti.get_task_states(
+                dag_id=ti.dag_id,
+                map_index=None if ti.map_index is None or ti.map_index < 0 else ti.map_index,
+                task_ids=[ti.task_id],
+                run_ids=[ti.run_id],
+            )
+            states = dict(found.get(ti.run_id) or {})
+            key = ti.task_id if ti.map_index is None or ti.map_index < 0 else f"{ti.task_id}_{ti.map_index}"
+            state = str(states.get(key) or "")
+        except Exception as err:  # no answer: leave the run alone (a halt must come from a person)
+            self.log.warning("Could not ask Airflow why this task is stopped (%s); the run goes on", err)
+            return None
+        if state in _HALTING_TI_STATES:
+            return f"its task was marked {state}"
+        self.log.info("This try is stopped while its task is %s: Airflow moved the task", state or "None")
+        return None
+
     def on_kill(self) -> None:
-        """Halt the run: the container is stopped and the run ends ``HALTED`` with its logs stored.
+        """Halt the run when a person or a deadline stops the task; never when Airflow moves it.
 
         Airflow's supervisor kills the task process a few seconds after asking it to stop, so the halt
         (SIGTERM, the grace period, SIGKILL, storing the logs) is done by a detached process.
         """
-        run, container_id = self._run, self._container_id
-        if run is None or run.status.terminal:
+        run = self._run
+        if run is None or run.status.terminal or self._halt_requested:
             return
-        if container_id is None:
-            self._halted = True
-            self.log.info("Halting: no training container was started")
-            run.end_without_container(RunState.HALTED, RunHaltedError("the run was halted before it started"))
+        reason = self._halt_reason()
+        if reason is None:
+            self.log.info(
+                "Training run %s goes on: nobody asked for a halt, and the next try re-attaches to it",
+                run.training_id,
+            )
             return
-        try:
-            finished = not container.inspect(self.cli, container_id).running
-        except Exception:  # unknown: halt it
-            finished = False
-        if finished:  # the training is over and this task is storing it: let it (a retry finishes it)
-            self.log.info("Training run %s is being stored; not halting it", run.training_id)
-            return
-        self._halted = True
+        self._halt_requested = True
         settings = run.settings
-        params = self._halt_params(run, container_id, settings)
+        hook = self._host_of(run.status)
+        container_id = self._container_id
+        if container_id is None:
+            try:
+                found = hook.find_run_container(run.training_id)
+            except Exception:  # the host does not answer: the halter looks again
+                found = None
+            container_id = found.container_id if found is not None else None
+        if container_id is None and run.status.state.rank < RunState.PROCESSING.rank:
+            self.log.info(
+                "Halting training run %s (%s): no training container was started", run.training_id, reason
+            )
+            run.end_without_container(RunState.HALTED, RunHaltedError(f"the run was halted: {reason}"))
+            return
+        params = self._halt_params(run, hook, container_id, settings, f"the run was halted: {reason}")
         self.log.info(
-            "Halting training run %s: stopping container %s (SIGKILL after %d s), then storing its logs",
+            "Halting training run %s (%s): stopping its container (SIGKILL after %d s), then storing logs",
             run.training_id,
-            container_id[:12],
+            reason,
             params["grace"],
         )
-        params["connections"] = self._halt_connections
+        params["connections"] = self._halt_connections or connections_as_json(run.manifest)
         spawn_halter(params, Path(settings.staging_dir) / "halts" / f"{run.training_id}.log")
+        self._halter_spawned = True
 
 
 def _hyperparameters(value: Mapping[str, Any] | str | None) -> Mapping[str, Any] | None:
@@ -638,26 +907,6 @@ def _hyperparameters(value: Mapping[str, Any] | str | None) -> Mapping[str, Any]
     if not isinstance(parsed, dict):
         raise ManifestError("must be a mapping of option name to value", field="hyperparameters")
     return parsed
-
-
-def _refused(training_id: str, error: WmlTrainError, airflow: dict[str, Any]) -> dict[str, Any]:
-    """The status document of a run refused at validation (it is published, not written to a bucket)."""
-    status = RunStatus(training_id=training_id, airflow=airflow)
-    return status.fail(RunState.FAILED, error.code, str(error)).to_dict()
-
-
-def _resolved_connections(manifest: TrainingManifest) -> dict[str, str]:
-    """The manifest's Airflow connections, read now (the halter runs outside the task: no API to ask)."""
-    from airflow.sdk import BaseHook
-
-    from airflow_wmltrain.manifest import ConnectionId
-
-    resolved = {}
-    for reference in (manifest.results, manifest.data):
-        if isinstance(reference.connection, ConnectionId):
-            conn_id = reference.connection.conn_id
-            resolved[conn_id] = BaseHook.get_connection(conn_id).as_json()
-    return resolved
 
 
 def spawn_halter(params: Mapping[str, Any], log_path: Path) -> None:

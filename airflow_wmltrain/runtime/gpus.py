@@ -41,11 +41,13 @@ from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from docker.errors import APIError, ImageNotFound, NotFound
+from docker.errors import APIError, ImageNotFound
 from docker.types import DeviceRequest
 
 from airflow_wmltrain.errors import GpuCapacityError, ImageMissingError
+from airflow_wmltrain.hooks.docker import LIVE_STATES, remove_container
 from airflow_wmltrain.runtime import labels
+from airflow_wmltrain.waiting import Backoff, WaitTimeoutError, wait_until
 
 if TYPE_CHECKING:
     from docker import APIClient
@@ -75,8 +77,8 @@ _LOG = logging.getLogger(__name__)
 
 #: Seconds after which a lease whose training id has no run container is taken as abandoned.
 DEFAULT_STALE_AFTER = 120.0
-#: States in which a run container holds the GPUs of its ``GPUS`` label.
-BUSY_STATES = frozenset({"created", "running", "restarting", "paused", "removing"})
+#: States in which a run container holds the GPUs of its ``GPUS`` label (live, or being removed).
+BUSY_STATES = LIVE_STATES | {"removing"}
 #: What dockerd answers to a GPU device request when it has no NVIDIA runtime.
 NO_DRIVER_TEXT = "could not select device driver"
 #: How often :func:`wait_for_gpus` says who holds the GPUs while it waits.
@@ -130,13 +132,13 @@ def sort_gpu_ids(gpu_ids: Iterable[str]) -> list[str]:
     return sorted(gpu_ids, key=_gpu_sort_key)
 
 
-def parse_gpu_ids(text: str) -> list[str]:
+def parse_gpu_ids(text: str | None) -> list[str]:
     """The distinct GPU ids of a comma-separated list (``"0, 1,2"``), in numeric order.
 
     :param text: the list, e.g. a :data:`~airflow_wmltrain.runtime.labels.GPUS` label or ``gpu_ids``.
     :return: the ids, without blanks and duplicates.
     """
-    return sort_gpu_ids({item.strip() for item in text.split(",") if item.strip()})
+    return sort_gpu_ids({item.strip() for item in (text or "").split(",") if item.strip()})
 
 
 def gpu_device_request(gpu_ids: Sequence[str]) -> DeviceRequest:
@@ -205,17 +207,6 @@ def _is_conflict(exc: APIError) -> bool:
     return getattr(exc, "status_code", None) == 409
 
 
-def _remove(client: APIClient, container_id: str) -> None:
-    """Remove a container, taking "already gone" and "removal in progress" as done."""
-    try:
-        client.remove_container(container_id, force=True)
-    except NotFound:
-        pass
-    except APIError as exc:
-        if not _is_conflict(exc):
-            raise
-
-
 # --- inventory and runtime probes ---------------------------------------------------------------------------
 
 
@@ -249,7 +240,7 @@ def _run_probe(client: APIClient, image: str, command: list[str], capabilities: 
         status = client.wait(container_id, timeout=PROBE_TIMEOUT)
         output = client.logs(container_id, stdout=True, stderr=True)
     finally:
-        _remove(client, container_id)
+        remove_container(client, container_id)
     text = output.decode("utf-8", "replace") if isinstance(output, bytes) else str(output)
     return int(status.get("StatusCode", -1)), text
 
@@ -370,7 +361,7 @@ def _snapshot(client: APIClient) -> _Snapshot:
         container_labels = container.get("Labels") or {}
         role = container_labels.get(labels.ROLE)
         training_id = container_labels.get(labels.TRAINING_ID, "")
-        gpus = labels.parse_gpus(container_labels.get(labels.GPUS))
+        gpus = parse_gpu_ids(container_labels.get(labels.GPUS))
         if role == labels.ROLE_RUN:
             snap.run_ids.add(training_id)
             state = str(container.get("State") or "").lower()
@@ -577,7 +568,7 @@ def try_allocate_gpus(
             if len(held) >= count:
                 keep = sort_gpu_ids(held)[:count]
                 for gpu in sort_gpu_ids(held)[count:]:
-                    _remove(client, held.pop(gpu))
+                    remove_container(client, held.pop(gpu))
                 log.info("leased GPU(s) %s on %s for training %s", ",".join(keep), url, training_id)
                 return GpuAllocation(training_id, count, tuple(keep), inv, MappingProxyType(holders), url)
             if attempt == _ROUNDS - 1:
@@ -601,14 +592,14 @@ def try_allocate_gpus(
             _remove_quietly(client, lease_id)
         raise
     for lease_id in held.values():
-        _remove(client, lease_id)
+        remove_container(client, lease_id)
     holders = {gpu: who for gpu, who in holders.items() if gpu in inv}
     return GpuAllocation(training_id, count, (), inv, MappingProxyType(holders), url)
 
 
 def _remove_quietly(client: APIClient, container_id: str) -> None:
     try:
-        _remove(client, container_id)
+        remove_container(client, container_id)
     except Exception:  # best effort while another error propagates
         _LOG.warning("could not remove the GPU lease %s", container_id, exc_info=True)
 
@@ -641,14 +632,14 @@ def _reconcile(
             lease.training_id,
             reason,
         )
-        _remove(client, lease.container_id)
+        remove_container(client, lease.container_id)
     held: dict[str, str] = {}
     for lease in snap.leases:
         if lease.training_id != training_id:
             continue
         if lease.gpu in holders or lease.gpu not in inventory:
             # A run took this GPU between our listing and our lease, or it is no longer offered.
-            _remove(client, lease.container_id)
+            remove_container(client, lease.container_id)
             continue
         held[lease.gpu] = lease.container_id
     return held, holders
@@ -667,8 +658,8 @@ def release_leases(client: APIClient, training_id: str) -> list[str]:
     )
     released: list[str] = []
     for container in found or []:
-        _remove(client, str(container["Id"]))
-        released.extend(labels.parse_gpus((container.get("Labels") or {}).get(labels.GPUS)))
+        remove_container(client, str(container["Id"]))
+        released.extend(parse_gpu_ids((container.get("Labels") or {}).get(labels.GPUS)))
     return sort_gpu_ids(released)
 
 
@@ -706,6 +697,7 @@ def wait_for_gpus(
     report_every: float = REPORT_EVERY,
     sleep: Callable[[float], object] = time.sleep,
     monotonic: Callable[[], float] = time.monotonic,
+    on_wait: Callable[[GpuAllocation], None] | None = None,
 ) -> list[str]:
     """Lease ``count`` GPUs for ``training_id``, waiting up to ``timeout`` seconds for them to free up.
 
@@ -727,14 +719,17 @@ def wait_for_gpus(
     :param report_every: seconds between two "still waiting" lines.
     :param sleep: the sleep function (tests).
     :param monotonic: the clock (tests).
+    :param on_wait: told of each "still waiting" report (who holds the GPUs), e.g. to publish it.
     :return: the leased GPU ids, in numeric order.
     :raises GpuCapacityError: the host has fewer GPUs than ``count`` (at once), or none freed up in
         ``timeout`` seconds (``S100``).
     :raises ImageMissingError: ``image`` is not on the host (``S103``).
     """
     start = monotonic()
-    last_report: float | None = None
-    while True:
+    reports: list[float] = []  # when "still waiting" was last said
+    last: list[GpuAllocation] = []
+
+    def look() -> list[str] | None:
         allocation = try_allocate_gpus(
             client,
             training_id,
@@ -748,20 +743,32 @@ def wait_for_gpus(
         )
         now = monotonic()
         if allocation.granted:
-            if last_report is not None:
+            if reports:
                 log.info("got GPU(s) %s after waiting %.0f s", ",".join(allocation.gpu_ids), now - start)
             return list(allocation.gpu_ids)
-        waited = now - start
-        if waited >= timeout:
-            raise gpu_wait_timeout_error(allocation, waited, resource_class=resource_class)
-        if last_report is None or now - last_report >= report_every:
+        last[:] = [allocation]
+        if not reports or now - reports[-1] >= report_every:
             log.info(
                 "waiting for %d free GPU(s) on %s (%.0f of %.0f s waited): %s",
                 count,
                 allocation.docker_url,
-                waited,
+                now - start,
                 timeout,
                 allocation.describe(),
             )
-            last_report = now
-        sleep(max(0.0, min(poll_interval, timeout - waited)))
+            reports.append(now)
+            if on_wait is not None:
+                on_wait(allocation)
+        return None
+
+    try:
+        return wait_until(
+            look,
+            what=f"{count} free GPU(s) for {training_id}",
+            timeout=timeout,
+            backoff=Backoff(interval=poll_interval, max_interval=poll_interval),
+            sleep=sleep,
+            clock=monotonic,
+        )
+    except WaitTimeoutError:
+        raise gpu_wait_timeout_error(last[0], monotonic() - start, resource_class=resource_class) from None

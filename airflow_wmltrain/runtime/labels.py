@@ -27,6 +27,8 @@ DAG_ID = "wmltrain.dag-id"
 RUN_ID = "wmltrain.run-id"
 TASK_ID = "wmltrain.task-id"
 MAP_INDEX = "wmltrain.map-index"
+#: The task instance that owns a run's container: only a try of that task instance re-attaches to it.
+OWNER_LABELS = {"dag_id": DAG_ID, "run_id": RUN_ID, "task_id": TASK_ID, "map_index": MAP_INDEX}
 #: Daemon label (``dockerd --label wmltrain.gpus=0,1,2,3``) naming the GPUs a host offers to runs.
 DAEMON_GPUS = "wmltrain.gpus"
 
@@ -41,8 +43,3 @@ def run_container_name(training_id: str) -> str:
 def gpu_lease_name(gpu_id: str) -> str:
     """The lease container guarding one GPU of a daemon."""
     return f"{PREFIX}-gpu-lease-{_UNSAFE.sub('_', gpu_id)}"
-
-
-def parse_gpus(value: str | None) -> list[str]:
-    """The GPU ids of a :data:`GPUS` label value."""
-    return [item for item in (value or "").split(",") if item]

@@ -1,25 +1,38 @@
-"""One training run's phases outside the container: its status document, data staging, results storing.
+"""``TrainingRun``: the one home of a run's lifecycle outside its container.
 
-:class:`TrainingRun` is used by the operator (``DOWNLOADING`` → container → ``STORING`` → end), by the
-operator's deferred resume, and by :func:`halt_run` (the trigger's ``on_kill`` and ``wmltrain halt``).
-Every transition rewrites ``<training-id>/_status.json`` in the results bucket.  Failed and halted runs
-go through ``STORING`` too: their logs always land in the bucket.
+Every transition and every way a run ends goes through a :class:`TrainingRun`: the start, a failure
+before a container exists, a halt (from the task's ``on_kill`` through the detached halter, from the
+trigger's ``on_kill``, or after ``wmltrain halt`` marked the task failed), the finish, and the result.
+It alone writes ``<training-id>/_status.json`` in the results bucket and publishes the same document as
+the task's status XCom.  Failed and halted runs go through ``STORING`` too: their logs always land in
+the bucket.  :func:`read_status` is the one reader of a run's status document (the sensor and the
+trigger use it too).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import os
+import socket
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from docker.errors import NotFound
 
-from airflow_wmltrain.errors import ResultsStoreError, WmlTrainError
+from airflow_wmltrain.errors import (
+    ResultsStoreError,
+    RunHaltedError,
+    TrainingFailedError,
+    WmlTrainError,
+)
 from airflow_wmltrain.lifecycle import (
     LOAD_DATA_LOG,
     MANIFEST_FILE,
@@ -30,7 +43,6 @@ from airflow_wmltrain.lifecycle import (
     RunStatus,
     results_location,
 )
-from airflow_wmltrain.runtime import container
 from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS, Workspace
 from airflow_wmltrain.storage import open_store
 from airflow_wmltrain.storage.cache import ObjectCache
@@ -39,31 +51,79 @@ from airflow_wmltrain.storage.transfer import TransferError
 from airflow_wmltrain.storage.upload import upload_tree
 
 if TYPE_CHECKING:
-    from docker import APIClient
-
-    from airflow_wmltrain.manifest import TrainingManifest
+    from airflow_wmltrain.hooks.docker import ContainerOutcome, TrainingDockerHook
+    from airflow_wmltrain.manifest import StoreReference, TrainingManifest
     from airflow_wmltrain.model_definition import ModelDefinition
     from airflow_wmltrain.settings import Settings
     from airflow_wmltrain.storage.base import ObjectStore
+    from airflow_wmltrain.submission import Submission
 
 logger = logging.getLogger(__name__)
 
 #: ``$RESULT_DIR/metrics.json``: the final metrics a training script reports (kept when small).
 METRICS_FILE = "metrics.json"
 _MAX_METRICS_BYTES = 64 * 1024
+#: Where a run's logs go under its results folder (``learner-1/``).
+LOGS_PREFIX = str(Path(TRAINING_LOG).parent) + "/"
 
 
 def read_metrics(path: Path) -> dict[str, Any]:
-    """The scalar entries of a small ``metrics.json`` (anything else is ignored, not an error)."""
+    """The scalar entries of a small ``metrics.json`` (anything else is ignored, not an error).
+
+    The container wrote it: only a regular file is read (never through a link, never a FIFO or a
+    device), and only up to a size cap.
+    """
     try:
-        if path.stat().st_size > _MAX_METRICS_BYTES:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return {}
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_METRICS_BYTES:
             return {}
-        document = json.loads(path.read_text(encoding="utf-8"))
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            document = json.loads(handle.read(_MAX_METRICS_BYTES + 1).decode("utf-8"))
     except (OSError, ValueError):
         return {}
+    finally:
+        os.close(fd)
     if not isinstance(document, dict):
         return {}
     return {str(k): v for k, v in document.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def read_status(store: ObjectStore, training_id: str) -> RunStatus | None:
+    """A run's status document in its results store (blocking: call it in a thread from async code).
+
+    :return: the document, or ``None`` when the run has not written one yet.
+    :raises StatusDocumentError: the document cannot be read as this run's status document.
+    :raises BucketNotFoundError: the results bucket does not exist.
+    :raises CredentialsError: the store refused the credentials.
+    :raises TransferError: the store cannot be reached or fails (``transient`` says whether to retry).
+    """
+    key = f"{training_id}/{STATUS_FILE}"
+    status, _headers, body = store.request("GET", key, missing_ok=True)
+    if status == 404:
+        # A missing document means "not yet", unless the bucket itself is missing: say so rather than
+        # wait forever for a typo.
+        store.check_bucket()
+        return None
+    return RunStatus.from_json(body, where=store.describe(key), training_id=training_id)
+
+
+def read_status_at(reference: StoreReference, training_id: str) -> RunStatus | None:
+    """:func:`read_status` in the store of ``reference`` (the sensor's and the trigger's look)."""
+    with open_store(reference) as store:
+        return read_status(store, training_id)
+
+
+def submission_digest(submission: Submission) -> str:
+    """A digest of what was submitted: the zip, the manifest (secrets redacted) and the hyperparameters."""
+    digest = hashlib.sha256()
+    digest.update(submission.model_definition.open_bytes())
+    digest.update(b"\0" + submission.manifest.to_yaml().encode())
+    digest.update(b"\0" + json.dumps(dict(submission.hyperparameters), sort_keys=True, default=str).encode())
+    return "sha256:" + digest.hexdigest()
 
 
 class _FileLog(logging.Handler):
@@ -84,16 +144,27 @@ class _FileLog(logging.Handler):
         super().close()
 
 
+class _Forward(logging.Handler):
+    """Passes records on to another logger (the task's)."""
+
+    def __init__(self, target: logging.Logger | Any) -> None:
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.log(record.levelno, "%s", record.getMessage())
+
+
 class TrainingRun:
-    """The bookkeeping of one run: where its files are and what state it is in.
+    """One training run's lifecycle: its status, its files, and every way it ends.
 
     :param training_id: the run's id.
     :param manifest: the run's (validated) manifest.
     :param settings: the ``[wmltrain]`` settings.
     :param log: the task's logger.
-    :param status: the status so far (read from the bucket on a resume); a fresh one when ``None``.
-    :param on_status: called with the status document after each write (the operator publishes it as the
-        XCom :data:`STATUS_XCOM_KEY`, which ``wmltrain list``/``show`` read through the REST API).
+    :param publish: called with the status document after each write (the operator publishes it as the
+        XCom :data:`~airflow_wmltrain.lifecycle.STATUS_XCOM_KEY`, which ``wmltrain list``/``show`` read
+        through the REST API); ``None`` where there is no task to publish from (the halter).
     """
 
     def __init__(
@@ -103,19 +174,18 @@ class TrainingRun:
         manifest: TrainingManifest,
         settings: Settings,
         log: logging.Logger | Any = None,
-        status: RunStatus | None = None,
-        on_status: Callable[[dict[str, Any]], None] | None = None,
+        publish: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.training_id = training_id
-        self.on_status = on_status
         self.manifest = manifest
         self.settings = settings
         self.log = log or logger
+        self.publish = publish
         self.workspace = Workspace.for_run(settings.staging_dir, training_id)
-        self.status = status or RunStatus(
+        self.status = RunStatus(
             training_id=training_id,
             name=manifest.name,
-            results_location=results_location(manifest.results.type, manifest.results.bucket, training_id),
+            results_location=self.location,
             image=manifest.framework.image,
         )
 
@@ -134,33 +204,67 @@ class TrainingRun:
         return results_location(self.manifest.results.type, self.manifest.results.bucket, self.training_id)
 
     def read_status(self) -> RunStatus | None:
-        """The status document in the bucket, or ``None`` when the run has not written one."""
-        status, _headers, body = self.results_store.request("GET", self.prefix + STATUS_FILE, missing_ok=True)
-        if status == 404:
-            return None
-        try:
-            return RunStatus.from_dict(json.loads(body))
-        except ValueError as err:
-            self.log.warning("Ignoring an unreadable %s: %s", self.prefix + STATUS_FILE, err)
-            return None
+        """The status document in the bucket (:func:`read_status`)."""
+        return read_status(self.results_store, self.training_id)
+
+    def resume(self) -> RunStatus | None:
+        """Take the status in the bucket as this run's (a retry, a resume, a halt); it or ``None``."""
+        prior = self.read_status()
+        if prior is not None:
+            self.status = prior
+        return prior
+
+    def begin(self, **fields: Any) -> RunStatus:
+        """Start the run afresh: a new status document, ``PENDING`` (accepted, preparing)."""
+        self.status = RunStatus(
+            training_id=self.training_id,
+            name=self.manifest.name,
+            results_location=self.location,
+            **fields,
+        )
+        return self.record(RunState.PENDING)
 
     def record(self, state: RunState, **changes: Any) -> RunStatus:
-        """Enter ``state`` and write the status document."""
+        """Enter ``state`` (or stay in it, applying ``changes``) and write the status document."""
+        entering = state is not self.status.state or not self.status.history
         self.status = self.status.advance(state, **changes)
         self._write_status()
-        self.log.info("Training run %s is %s", self.training_id, state.value)
+        if entering:
+            self.log.info("Training run %s is %s", self.training_id, state.value)
         return self.status
 
-    def record_end(self, state: RunState, error: WmlTrainError | None = None, **changes: Any) -> RunStatus:
+    def processing(self, outcome: ContainerOutcome, docker_url: str) -> RunStatus:
+        """The run's container is there (started, or found by a new try): ``PROCESSING``, with the
+        container, its host and its GPUs (from its label) — unless the run is already further on."""
+        if self.status.terminal or self.status.state.rank >= RunState.PROCESSING.rank:
+            return self.status
+        return self.record(
+            RunState.PROCESSING,
+            gpus=outcome.gpus,
+            container={"id": outcome.container_id, "docker_url": docker_url},
+            phase="",
+        )
+
+    def note_phase(self, phase: str) -> RunStatus:
+        """Say what the run is doing within its state (e.g. who holds the GPUs it waits for)."""
+        if self.status.terminal or phase == self.status.phase:
+            return self.status
+        return self.record(self.status.state, phase=phase)
+
+    def end(self, state: RunState, error: WmlTrainError | None = None, **changes: Any) -> RunStatus:
         """End the run: ``COMPLETED``, or ``FAILED``/``HALTED`` with the error's code and message.
 
         An end written meanwhile by another process (a halt racing with the task's own finish) stands:
         terminal states are final.
         """
-        current = self.read_status()
+        try:
+            current = self.read_status()
+        except WmlTrainError:
+            current = None
         if current is not None and current.terminal and current.history[:1] == self.status.history[:1]:
             self.status = current
             return current
+        changes.setdefault("phase", "")
         if error is None:
             return self.record(state, **changes)
         self.status = self.status.fail(state, error.code, str(error), **changes)
@@ -176,13 +280,19 @@ class TrainingRun:
             raise ResultsStoreError(
                 f"cannot write {self.results_store.describe(self.prefix + STATUS_FILE)}: {err}"
             ) from None
-        if self.on_status is not None:
-            self.on_status(document)
+        finally:  # the XCom always holds the newest status, also when the bucket could not be written
+            if self.publish is not None:
+                self.publish(document)
+
+    def result(self) -> dict[str, Any]:
+        """The task's return value (XCom)."""
+        return self.status.result()
 
     # --- DOWNLOADING ---------------------------------------------------------------------------------
 
     def download(self, model_definition: ModelDefinition) -> StagingResult:
         """Stage the data, extract the model code, and store the submission (zip and redacted manifest)."""
+        self.record(RunState.DOWNLOADING)
         self.workspace.create()
         with self._load_data_log() as log:
             cache = ObjectCache(
@@ -233,45 +343,75 @@ class TrainingRun:
                 log.removeHandler(h)
                 h.close()
 
-    # --- STORING -------------------------------------------------------------------------------------
+    # --- STORING and the end -------------------------------------------------------------------------
 
     def store(
         self,
-        cli: APIClient,
-        container_id: str,
+        hook: TrainingDockerHook,
+        outcome: ContainerOutcome,
         *,
         halted: bool = False,
+        halt_reason: str = "",
         mem_limit: object = None,
+        skip_exit_codes: frozenset[int] = frozenset(),
     ) -> RunStatus:
-        """Store the logs and results of an ended container, then end the run and remove the container.
+        """Store the logs and results of an ended container, end the run, remove the container.
 
-        :param cli: the Docker host's client.
-        :param container_id: the run's container (stopped).
+        When the results store fails, the run ends ``FAILED`` (``S303``) in the task's XCom, and the
+        container and the workspace are kept for a retry to store them; the message says where they are.
+
+        :param hook: the run's Docker host.
+        :param outcome: how the container ended.
         :param halted: the run was halted (``HALTED`` whatever the exit status).
+        :param halt_reason: why, for the message.
         :param mem_limit: the container's memory limit, named when it was killed for lack of memory.
+        :param skip_exit_codes: exit statuses that mean "nothing to train" (``skip_on_exit_code``): the
+            run ends ``COMPLETED`` with that said in its phase.
         """
-        outcome = container.inspect(cli, container_id)
-        self.record(RunState.STORING, exit_code=outcome.exit_code)
-        with self._collected_dirs(cli, container_id) as (results_dir, logs_dir):
-            tail = container.save_logs(cli, container_id, logs_dir / Path(TRAINING_LOG).name)
-            metrics = read_metrics(results_dir / METRICS_FILE)
-            self._upload(results_dir, self.prefix, "results")
-            self._upload(logs_dir, self.prefix + str(Path(TRAINING_LOG).parent) + "/", "logs")
-        error: WmlTrainError | None = None
-        state = RunState.COMPLETED
-        if halted:
-            state, error = RunState.HALTED, _halted_error()
-        elif not outcome.succeeded:
-            from airflow_wmltrain.errors import TrainingFailedError
-
-            state, error = RunState.FAILED, TrainingFailedError(outcome.failure(tail, mem_limit=mem_limit))
-        status = self.record_end(state, error, metrics=metrics)
-        container.remove(cli, container_id)
+        container_id = outcome.container_id
+        try:
+            self.record(RunState.STORING, exit_code=outcome.exit_code, phase="")
+            with self._collected_dirs(hook, container_id) as (results_dir, logs_dir):
+                tail = hook.save_logs(container_id, logs_dir / Path(TRAINING_LOG).name)
+                metrics = read_metrics(results_dir / METRICS_FILE)
+                self._upload(results_dir, self.prefix, "results")
+                self._upload(logs_dir, self.prefix + LOGS_PREFIX, "logs")
+            error: WmlTrainError | None = None
+            state, phase = RunState.COMPLETED, ""
+            if halted:
+                state, error = RunState.HALTED, RunHaltedError(halt_reason or "the run was halted")
+            elif outcome.exit_code in skip_exit_codes and not outcome.oom_killed:
+                phase = f"skipped: the training process exited with {outcome.exit_code} (skip_on_exit_code)"
+            elif not outcome.succeeded:
+                state, error = (
+                    RunState.FAILED,
+                    TrainingFailedError(outcome.failure(tail, mem_limit=mem_limit)),
+                )
+            status = self.end(state, error, metrics=metrics, phase=phase)
+        except ResultsStoreError as err:
+            raise self._results_kept(hook, container_id, err) from None
+        hook.remove(container_id)
         self.workspace.remove()
         return status
 
+    def _results_kept(self, hook: TrainingDockerHook, container_id: str, err: WmlTrainError) -> WmlTrainError:
+        """The run ends FAILED S303 in the XCom; the error says where its results wait for a retry."""
+        if self.workspace.exists():
+            where = f"{self.workspace.root} on {socket.gethostname()}"
+        else:
+            where = f"the container {container_id[:12]} on the Docker host {hook.docker_url}"
+        error = ResultsStoreError(f"{err}; the results and logs are kept in {where}, a retry stores them")
+        status = self.status
+        if status.terminal:  # the end itself could not be written: it did not happen
+            status = replace(status, history=status.history[:-1], error=None)
+        self.status = status.fail(RunState.FAILED, error.code, str(error))
+        if self.publish is not None:
+            self.publish(self.status.to_dict())
+        self.log.error("Training run %s: %s", self.training_id, error)
+        return error
+
     @contextlib.contextmanager
-    def _collected_dirs(self, cli: APIClient, container_id: str) -> Iterator[tuple[Path, Path]]:
+    def _collected_dirs(self, hook: TrainingDockerHook, container_id: str) -> Iterator[tuple[Path, Path]]:
         """The run's results and logs directories: on this machine, or copied out through Docker."""
         if self.workspace.exists():
             yield self.workspace.results, self.workspace.logs
@@ -279,12 +419,12 @@ class TrainingRun:
         self.log.info("The run's directories are not on this machine; copying them out of the container")
         with tempfile.TemporaryDirectory(prefix=f"{self.training_id}-") as tmp:
             results, logs = Path(tmp, "results"), Path(tmp, "logs")
-            container.copy_out(cli, container_id, CONTAINER_DIRS["RESULT_DIR"], results)
-            container.copy_out(cli, container_id, CONTAINER_DIRS["LOG_DIR"], logs)
+            hook.copy_out(container_id, CONTAINER_DIRS["RESULT_DIR"], results)
+            hook.copy_out(container_id, CONTAINER_DIRS["LOG_DIR"], logs)
             yield results, logs
 
     def _upload(self, source: Path, prefix: str, what: str) -> None:
-        if not any(source.iterdir()):
+        if not source.is_dir() or not any(source.iterdir()):
             self.log.info("No %s to store", what)
             return
         result = upload_tree(
@@ -299,84 +439,84 @@ class TrainingRun:
         self.log.info("Stored the %s in %s: %s", what, self.results_store.describe(prefix), result.summary())
 
     def end_without_container(self, state: RunState, error: WmlTrainError) -> RunStatus:
-        """End a run that never got a container (staging failed, no GPU...), its logs stored."""
-        if not self.status.terminal:
-            self.record(RunState.STORING)
-        logs = self.workspace.logs
-        if logs.is_dir():
+        """End a run that has no container (staging failed, no GPU, halted before start...), logs stored."""
+        if self.status.terminal:
+            return self.status
+        try:
+            self.record(RunState.STORING, phase="")
             with contextlib.suppress(WmlTrainError):
-                self._upload(logs, self.prefix + str(Path(TRAINING_LOG).parent) + "/", "logs")
-        status = self.record_end(state, error) if not self.status.terminal else self.status
+                self._upload(self.workspace.logs, self.prefix + LOGS_PREFIX, "logs")
+            self.end(state, error)
+        except ResultsStoreError:  # the store is down too: the XCom still says how the run ended
+            self.status = self.status.fail(state, error.code, str(error))
+            if self.publish is not None:
+                self.publish(self.status.to_dict())
         self.workspace.remove()
-        return status
+        return self.status
 
-    def result(self) -> dict[str, Any]:
-        """The task's return value (XCom): small and JSON."""
-        return {
-            "training_id": self.training_id,
-            "state": self.status.state.value,
-            "results_location": self.location,
-            "gpus": list(self.status.gpus),
-            "metrics": dict(self.status.metrics),
-        }
+    def halt(
+        self, hook: TrainingDockerHook, container_id: str | None, *, grace: int, reason: str
+    ) -> RunStatus:
+        """Halt the run — the one halt, whoever asked: stop the container (SIGTERM, SIGKILL after
+        ``grace`` s), store its logs and results, end it ``HALTED``.
 
-
-class _Forward(logging.Handler):
-    """Passes records on to another logger (the task's)."""
-
-    def __init__(self, target: logging.Logger | Any) -> None:
-        super().__init__()
-        self.target = target
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.target.log(record.levelno, "%s", record.getMessage())
-
-
-def _halted_error() -> WmlTrainError:
-    from airflow_wmltrain.errors import RunHaltedError
-
-    return RunHaltedError("the run was halted (its task was marked failed or cleared, or it was halted)")
+        A run already over is left as it is; a container that ended by itself meanwhile is stored as it
+        ended; a run without a container ends ``HALTED`` at once.
+        """
+        self.resume()
+        if self.status.terminal:
+            self.log.info("Training run %s is already %s", self.training_id, self.status.state.value)
+            return self.status
+        try:
+            outcome = (
+                hook.inspect(container_id) if container_id else hook.find_run_container(self.training_id)
+            )
+        except NotFound:
+            outcome = None
+        if outcome is None:
+            self.log.info("Training run %s has no container: it ends HALTED", self.training_id)
+            return self.end_without_container(RunState.HALTED, RunHaltedError(reason))
+        training = outcome.running
+        if training:
+            self.log.info(
+                "Halting training run %s: stopping container %s (SIGKILL after %d s)",
+                self.training_id,
+                outcome.container_id[:12],
+                grace,
+            )
+            hook.stop(outcome.container_id, grace=grace)
+            outcome = hook.inspect(outcome.container_id)
+        else:
+            self.log.info("Training run %s had already ended; storing it as it ended", self.training_id)
+        return self.store(hook, outcome, halted=training, halt_reason=reason)
 
 
 def halt_run(
     *,
     training_id: str,
-    container_id: str,
+    container_id: str | None,
     docker_host: Mapping[str, Any],
     manifest: Mapping[str, Any] | str,
     grace: int,
+    reason: str,
 ) -> dict[str, Any]:
-    """Halt a run: stop its container (SIGTERM, SIGKILL after ``grace`` s), store its logs, end it HALTED.
-
-    Used where no operator instance holds the run: the trigger's ``on_kill`` and ``wmltrain halt``.
+    """Halt a run where no operator holds it: the detached halter and the trigger's ``on_kill``.
 
     :param training_id: the run's id.
-    :param container_id: its container.
-    :param docker_host: :meth:`DockerHost.to_dict` of the host running it.
-    :param manifest: the run's manifest (as submitted; it names the results bucket and its credentials).
+    :param container_id: its container (``None``: found by name).
+    :param docker_host: :meth:`TrainingDockerHook.to_dict` of the host running it.
+    :param manifest: the run's manifest (as submitted; it names the results bucket and its connection).
     :param grace: seconds between SIGTERM and SIGKILL.
+    :param reason: why, for the run's error message.
     :returns: the run's result (as the task would return it).
     """
+    from airflow_wmltrain.hooks.docker import TrainingDockerHook
     from airflow_wmltrain.manifest import load_manifest
-    from airflow_wmltrain.runtime.docker_host import DockerHost
     from airflow_wmltrain.settings import Settings
 
     settings = Settings.from_airflow_config()
-    loaded = load_manifest(manifest, settings=settings)
-    cli = DockerHost.from_dict(dict(docker_host)).client()
-    run = TrainingRun(training_id=training_id, manifest=loaded, settings=settings)
-    run.status = run.read_status() or run.status
-    if run.status.terminal:
-        return run.result()
-    try:
-        training = container.inspect(cli, container_id).running
-    except NotFound:
-        logger.info("Training run %s has no container any more: nothing to halt", training_id)
-        return run.result()
-    if training:
-        logger.info("Halting training run %s: stopping container %s", training_id, container_id[:12])
-        container.stop(cli, container_id, grace=grace)
-    else:
-        logger.info("Training run %s had already ended; storing it as it ended", training_id)
-    run.store(cli, container_id, halted=training)
-    return run.result()
+    run = TrainingRun(
+        training_id=training_id, manifest=load_manifest(manifest, settings=settings), settings=settings
+    )
+    hook = TrainingDockerHook.from_dict(docker_host)
+    return run.halt(hook, container_id, grace=grace, reason=reason).result()

@@ -4,7 +4,7 @@
 its files are hard links of the host's staging cache), ``model`` (the extracted model definition),
 ``results``, ``logs`` and ``checkpoints``.  The staging directory must be a path that the worker and the
 Docker daemon both see (SPEC §4); when a worker resumes a run it cannot see there (another machine), the
-results are read through the Docker API instead (:func:`airflow_wmltrain.runtime.container.copy_out`).
+results are read through the Docker API instead (``TrainingDockerHook.copy_out``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ the Docker host, not the task that started the run.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -16,29 +16,17 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 
 from airflow_wmltrain.lifecycle import RunState, RunStatus, results_location
 from airflow_wmltrain.links.training_run import TrainingResultsLink
-from airflow_wmltrain.triggers.training_run import (
-    StatusDocumentError,
-    TrainingStatusTrigger,
-    read_status,
-    results_reference,
-)
+from airflow_wmltrain.triggers.base import LookFailed
+from airflow_wmltrain.triggers.training_run import TrainingStatusTrigger, results_reference
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_wmltrain.manifest import StoreReference
 
-__all__ = ["TrainingRunSensor", "failure_message"]
+__all__ = ["TrainingRunSensor"]
 
 _DEFAULT_CONN_IDS = {"s3": "aws_default", "swift": "swift_default"}
-
-
-def failure_message(training_id: str, state: str, error: Any) -> str:
-    """``training-abc FAILED: C201 the training process exited with status 3 ...``."""
-    error = error if isinstance(error, Mapping) else {}
-    code = str(error.get("code") or "")
-    message = str(error.get("message") or "no reason was recorded")
-    return f"{training_id} {state}: {code} {message}" if code else f"{training_id} {state}: {message}"
 
 
 class TrainingRunSensor(BaseSensorOperator):
@@ -88,8 +76,7 @@ class TrainingRunSensor(BaseSensorOperator):
         self.results_type = results_type
         self.results_conn_id = results_conn_id
         self.deferrable = deferrable
-        self._reported_missing = False
-        self._last_state: RunState | None = None
+        self._trigger: TrainingStatusTrigger | None = None
 
     # --- where -----------------------------------------------------------------------------------------
 
@@ -105,42 +92,53 @@ class TrainingRunSensor(BaseSensorOperator):
     def location(self) -> str:
         return results_location(self.results_type, self.results_bucket, self.training_id)
 
-    # --- the status ------------------------------------------------------------------------------------
+    # --- the status: the trigger's look is the sensor's poke --------------------------------------------
 
-    def _result(self, run: RunStatus) -> dict[str, Any]:
-        """The XCom of an ended run, or the task's failure."""
-        if run.state is not RunState.COMPLETED:
-            raise AirflowFailException(failure_message(run.training_id, run.state.value, run.error))
-        self.log.info("Training run %s COMPLETED; results in %s", run.training_id, self._location(run))
-        return {
-            "training_id": run.training_id,
-            "state": run.state.value,
-            "results_location": self._location(run),
-            "metrics": dict(run.metrics),
-        }
-
-    def _location(self, run: RunStatus) -> str:
-        return run.results_location or self.location
+    @property
+    def trigger(self) -> TrainingStatusTrigger:
+        if self._trigger is None:
+            self._trigger = TrainingStatusTrigger(
+                training_id=self.training_id,
+                results={"type": self.results_type, "bucket": self.results_bucket, "conn_id": self.conn_id},
+                poll_interval=(
+                    self.poke_interval.total_seconds()
+                    if isinstance(self.poke_interval, timedelta)
+                    else float(self.poke_interval)
+                ),
+            )
+        return self._trigger
 
     def _check(self) -> dict[str, Any] | None:
-        """One read of the status: the result when the run is over, ``None`` while it is not."""
+        """One look at the status: the result when the run is over, ``None`` while it is not."""
         try:
-            run = read_status(self.reference, self.training_id)
-        except StatusDocumentError as exc:
-            raise AirflowException(f"cannot read the status of {self.training_id}: {exc}") from None
-        if run is None:
-            if not self._reported_missing:
-                self._reported_missing = True
-                self.log.info(
-                    "No run with id %s has written a status at %s yet; waiting",
-                    self.training_id,
-                    self.location,
-                )
-            return None
-        if run.state is not self._last_state:
-            self._last_state = run.state
-            self.log.info("Training run %s is %s", self.training_id, run.state.value)
-        return self._result(run) if run.terminal else None
+            outcome = self.trigger.look()
+        except LookFailed as exc:
+            if exc.retry:
+                self.log.warning("%s", exc)
+                return None
+            raise AirflowFailException(str(exc)) from exc.__cause__
+        return self._outcome(outcome) if isinstance(outcome, dict) else None
+
+    def _outcome(self, event: dict[str, Any]) -> dict[str, Any]:
+        """The XCom of an ended run (the one result shape), or the task's failure."""
+        if event.get("status") == "error" or not isinstance(event.get("run"), dict):
+            raise AirflowException(
+                str(event.get("message") or f"the wait for {self.training_id} failed: {event}")
+            )
+        try:
+            run = RunStatus.from_dict(event["run"])
+        except ValueError as exc:
+            raise AirflowException(
+                f"the event of {self.training_id} carries no status document: {exc}"
+            ) from None
+        if run.training_id != self.training_id:
+            raise AirflowException(f"the event is about {run.training_id}, not {self.training_id}")
+        if run.state is not RunState.COMPLETED:
+            raise AirflowFailException(run.failure_message())
+        result = run.result()
+        result["results_location"] = result["results_location"] or self.location
+        self.log.info("Training run %s COMPLETED; results in %s", run.training_id, result["results_location"])
+        return result
 
     def poke(self, context: Context) -> bool | PokeReturnValue:
         result = self._check()
@@ -162,30 +160,10 @@ class TrainingRunSensor(BaseSensorOperator):
         if result is not None:
             return result
         self.defer(
-            trigger=TrainingStatusTrigger(
-                training_id=self.training_id,
-                results={"type": self.results_type, "bucket": self.results_bucket, "conn_id": self.conn_id},
-                poll_interval=self.poke_interval,
-            ),
-            method_name="execute_complete",
-            timeout=timedelta(seconds=self.timeout),
+            trigger=self.trigger, method_name="execute_complete", timeout=timedelta(seconds=self.timeout)
         )
         return None  # not reached: defer() raises
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Resume after :class:`TrainingStatusTrigger` fired: the run's result, or the task's failure."""
-        status = event.get("status")
-        training_id = str(event.get("training_id") or self.training_id)
-        if status == "success":
-            location = str(event.get("results_location") or self.location)
-            self.log.info("Training run %s COMPLETED; results in %s", training_id, location)
-            return {
-                "training_id": training_id,
-                "state": str(event.get("state") or RunState.COMPLETED.value),
-                "results_location": location,
-                "metrics": dict(event.get("metrics") or {}),
-            }
-        if status in ("failed", "halted"):
-            state = str(event.get("state") or status.upper())
-            raise AirflowFailException(failure_message(training_id, state, event.get("error")))
-        raise AirflowException(str(event.get("message") or f"the wait for {training_id} failed: {event}"))
+        return self._outcome(event)

@@ -155,6 +155,7 @@ class TrainingRunRecord:
             "training_id": self.training_id,
             "name": self.name,
             "state": view.state.value,
+            "phase": view.phase,
             "submitted_at": self.submitted,
             "dag_id": self.dag_id,
             "run_id": self.run_id,

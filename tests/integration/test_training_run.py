@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -171,6 +172,21 @@ def _objects(s3_client: Any, bucket: str, prefix: str = "") -> dict[str, bytes]:
     return out
 
 
+def _wait_for_phase(
+    s3_client: Any, bucket: str, training_id: str, phase: str, timeout: float
+) -> dict[str, Any]:
+    """The run's status document once its phase says ``phase``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _status(s3_client, bucket, training_id)
+        if status is not None and phase in status.get("phase", ""):
+            return status
+        time.sleep(0.5)
+    raise AssertionError(
+        f"{training_id} never said {phase!r}; last status: {_status(s3_client, bucket, training_id)}"
+    )
+
+
 def _status(s3_client: Any, bucket: str, training_id: str) -> dict[str, Any] | None:
     try:
         body = s3_client.get_object(Bucket=bucket, Key=f"{training_id}/_status.json")["Body"].read()
@@ -249,7 +265,13 @@ def test_a_run_completes_with_the_results_layout(
     assert "DATA WRITABLE" not in log
     assert "staged 1 files" in files[f"{training_id}/learner-1/load-data.log"].decode()
     status = json.loads(files[f"{training_id}/_status.json"])
-    assert [h["state"] for h in status["history"]] == ["DOWNLOADING", "PROCESSING", "STORING", "COMPLETED"]
+    assert [h["state"] for h in status["history"]] == [
+        "PENDING",
+        "DOWNLOADING",
+        "PROCESSING",
+        "STORING",
+        "COMPLETED",
+    ]
     assert status["metrics"] == {"accuracy": 0.75, "loss": 0.5}
     assert len(status["gpus"]) == 1
     assert f"GPUS={status['gpus'][0]} " in log
@@ -322,7 +344,14 @@ def test_a_halted_run_ends_halted_with_its_container_gone_and_logs_stored(
     try:
         _wait_for_state(s3_client, results, training_id, {"PROCESSING"})
         time.sleep(1)
-        os.kill(proc.pid, signal.SIGTERM)  # what Airflow's supervisor does when the task is marked failed
+        # Airflow stopping a task it moves (its state is still "running"): not a halt, the run goes on.
+        os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(3)
+        assert _status(s3_client, results, training_id)["state"] == "PROCESSING"
+        # A person marks the task failed; Airflow's supervisor then stops it: a halt.
+        with sqlite3.connect(airflow_runner.home("halt") / "airflow.db") as db:
+            db.execute("UPDATE task_instance SET state = 'failed' WHERE dag_id = 'it_halt'")
+        os.kill(proc.pid, signal.SIGTERM)
         status = _wait_for_state(
             s3_client, results, training_id, {"HALTED", "FAILED", "COMPLETED"}, timeout=90
         )
@@ -360,14 +389,16 @@ def test_a_retried_task_reattaches_to_its_container(
     )
     cli = docker.APIClient(base_url=services["WMLTRAIN_GPU_DOCKER_HOST"])
     since = int(time.time()) - 1
-    first = airflow_runner.popen(dag_file, home="retry", env=_env_for(dag_file))
+    # Both processes run the same task instance (same logical date, so the same run id): a retry.
+    env = {**_env_for(dag_file), "WMLTRAIN_TEST_LOGICAL_DATE": "2026-01-02T03:04:05+00:00"}
+    first = airflow_runner.popen(dag_file, home="retry", env=env)
     _wait_for_state(s3_client, results, training_id, {"PROCESSING"})
     os.killpg(first.pid, signal.SIGKILL)  # the worker dies while the container trains
     first.wait()
     assert cli.containers(filters={"label": f"{labels.TRAINING_ID}={training_id}"}), (
         "the container kept running"
     )
-    states, output = airflow_runner.run(dag_file, home="retry", env=_env_for(dag_file))
+    states, output = airflow_runner.run(dag_file, home="retry", env=env)
     assert states == {"train": "success"}, output[-6000:]
     assert "Re-attaching to the container" in output
     status = _status(s3_client, results, training_id)
@@ -401,7 +432,7 @@ def test_a_deferred_run_on_swift_completes(
             tmp_path,
             "it_defer",
             {"train.sh": TRAIN_SH},
-            command="sh train.sh",
+            command="sleep 3 && sh train.sh",  # still training when the operator looks: it defers
             data_bucket=data,
             results_bucket=results,
             connection=_conn(SWIFT_CONN_ID),
@@ -528,7 +559,7 @@ def test_a_host_without_nvidia_runtime_is_refused_clearly_unless_cpu_fallback(
     assert status is not None
     assert status["state"] == "FAILED"
     assert status["error"]["code"] == "S100"
-    assert [h["state"] for h in status["history"]] == ["DOWNLOADING", "STORING", "FAILED"]
+    assert [h["state"] for h in status["history"]] == ["PENDING", "STORING", "FAILED"]
 
     states, output = airflow_runner.run(
         dag_file, home="cpu-fallback", env={**_env_for(dag_file), "AIRFLOW__WMLTRAIN__CPU_FALLBACK": "True"}
@@ -643,10 +674,16 @@ def test_no_free_gpu_reschedules_the_task_when_configured(
         for gpu in ("0", "1", "2", "3")
     ]
 
+    training_id = f"training-resched{uuid.uuid4().hex[:6]}"
+    seen: dict[str, Any] = {}
+
     def free_the_gpus() -> None:
-        time.sleep(12)
-        for lease in leases:
-            cli.remove_container(lease, force=True)
+        # The run says, in its status, that it waits for GPUs and who holds them; then they free up.
+        try:
+            seen.update(_wait_for_phase(s3_client, results, training_id, "waiting for 1 GPU(s)", timeout=120))
+        finally:
+            for lease in leases:
+                cli.remove_container(lease, force=True)
 
     dag_file = _script_dag(
         airflow_runner,
@@ -657,6 +694,7 @@ def test_no_free_gpu_reschedules_the_task_when_configured(
         data_bucket=data,
         results_bucket=results,
         connection=_conn(),
+        training_id=training_id,
         docker_url=services["WMLTRAIN_GPU_DOCKER_HOST"],
     )
     freer = threading.Thread(target=free_the_gpus)
@@ -668,6 +706,8 @@ def test_no_free_gpu_reschedules_the_task_when_configured(
     finally:
         freer.join()
     assert states == {"train": "success"}, output[-6000:]
+    assert seen["state"] == "DOWNLOADING"  # data staged; no GPU held while it waited
+    assert f"lease of {holder}" in seen["phase"]
     assert "trying again in 1 s" in output
     assert "UP_FOR_RESCHEDULE" in output.upper().replace(" ", "_") or "reschedul" in output.lower()
     status = _status(s3_client, results, _training_id(output))

@@ -17,8 +17,8 @@ import docker
 import docker.errors
 import pytest
 
+from airflow_wmltrain.hooks.docker import TrainingDockerHook
 from airflow_wmltrain.lifecycle import STATUS_FILE, TRAINING_LOG
-from airflow_wmltrain.runtime.docker_host import DockerHost
 from airflow_wmltrain.triggers.training_run import TrainingRunTrigger
 from tests.integration.storage_helpers import inline_connection, manifest_document
 
@@ -59,7 +59,7 @@ def trigger_for(services: dict[str, str], container: Any, **kwargs: Any) -> Trai
     return TrainingRunTrigger(
         training_id=f"training-it{uuid.uuid4().hex[:8]}",
         container_id=container.id,
-        docker_host=DockerHost(services["DOCKER_HOST"]).to_dict(),
+        docker_host=TrainingDockerHook(docker_url=services["DOCKER_HOST"]).to_dict(),
         poll_interval=0.2,
         **kwargs,
     )
@@ -156,14 +156,15 @@ def test_on_kill_halts_the_run_with_halt_run(
     trigger = TrainingRunTrigger(
         training_id=trigger_id,
         container_id=container.id,
-        docker_host=DockerHost(services["DOCKER_HOST"]).to_dict(),
+        docker_host=TrainingDockerHook(docker_url=services["DOCKER_HOST"]).to_dict(),
         poll_interval=0.2,
         halt={
             "training_id": trigger_id,
             "container_id": container.id,
-            "docker_host": DockerHost(services["DOCKER_HOST"]).to_dict(),
+            "docker_host": TrainingDockerHook(docker_url=services["DOCKER_HOST"]).to_dict(),
             "manifest": manifest,
             "grace": GRACE,
+            "reason": "its deferred task was marked failed",
         },
     )
     time.sleep(0.5)  # the container has written its log line
@@ -173,7 +174,8 @@ def test_on_kill_halts_the_run_with_halt_run(
 
     status = json.loads(s3_client.get_object(Bucket=bucket, Key=f"{trigger_id}/{STATUS_FILE}")["Body"].read())
     assert status["state"] == "HALTED"
-    assert status["error"]["code"]
+    assert status["error"]["code"] == "C200"
+    assert "marked failed" in status["error"]["message"]
     log = s3_client.get_object(Bucket=bucket, Key=f"{trigger_id}/{TRAINING_LOG}")["Body"].read().decode()
     assert "training started" in log
     with pytest.raises(docker.errors.NotFound):  # halt_run removes the container once stored

@@ -91,7 +91,13 @@ class AirflowRunner:
             + textwrap.dedent(
                 """
                 if __name__ == "__main__":
-                    dr = dag.test()  # its run id (manual__<time>) differs from one process to the next
+                    import os
+                    # Its run id (manual__<time>) differs from one process to the next, unless the test
+                    # fixes the logical date: then a second process runs the same task instance again
+                    # (what a retry is), with the same run id.
+                    fixed = os.environ.get("WMLTRAIN_TEST_LOGICAL_DATE")
+                    when = datetime.fromisoformat(fixed) if fixed else None
+                    dr = dag.test(logical_date=when, run_after=when) if when else dag.test()
                     states = {ti.task_id + ("" if ti.map_index < 0 else f"[{ti.map_index}]"): str(ti.state)
                               for ti in dr.get_task_instances()}
                     print("STATES=" + json.dumps(states), flush=True)

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from airflow_wmltrain.errors import ManifestError
+from airflow_wmltrain.hooks.docker import ContainerOutcome
 from airflow_wmltrain.lifecycle import RunState, RunStatus, TransitionError
-from airflow_wmltrain.runtime.container import ContainerOutcome
 from airflow_wmltrain.runtime.run import read_metrics
 from airflow_wmltrain.training_id import check_training_id, derive_training_id, new_training_id
 

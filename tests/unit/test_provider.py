@@ -42,6 +42,8 @@ def test_provider_info_declares_every_setting_with_a_description() -> None:
     options = get_provider_info()["config"]["wmltrain"]["options"]
     assert set(options) == {
         "resource_classes",
+        "training_retries",
+        "training_retry_delay",
         "frameworks_file",
         "frameworks",
         "model_definition_max_bytes",

@@ -9,29 +9,23 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from airflow.sdk.module_loading import import_string
 from airflow.sdk.serde import deserialize, serialize
 
-from airflow_wmltrain.lifecycle import results_location
-from airflow_wmltrain.links.training_run import (
-    RESULTS_CONSOLE_URL_KEY,
-    RESULTS_LOCATION_KEY,
-    TrainingResultsLink,
-)
+from airflow_wmltrain.hooks.docker import TrainingDockerHook
+from airflow_wmltrain.lifecycle import RunState, RunStatus, results_location
+from airflow_wmltrain.links.training_run import RESULTS_LOCATION_KEY, TrainingResultsLink
 from airflow_wmltrain.manifest import ConnectionId
-from airflow_wmltrain.runtime.docker_host import DockerHost
-from airflow_wmltrain.sensors.training_run import TrainingRunSensor, failure_message
-from airflow_wmltrain.triggers import training_run as triggers
+from airflow_wmltrain.sensors.training_run import TrainingRunSensor
 from airflow_wmltrain.triggers.training_run import (
     TrainingRunTrigger,
     TrainingStatusTrigger,
     results_reference,
 )
+from tests.unit.fakes import FakeDocker as StandInDocker
 
 CONTAINER = "f" * 64
 RUNNING = {
@@ -71,7 +65,9 @@ def test_training_run_trigger_round_trips() -> None:
     trigger = TrainingRunTrigger(
         training_id="training-abc_1",
         container_id=CONTAINER,
-        docker_host=DockerHost("tcp://gpu-host:2376", tls_verify=True, tls_hostname=False).to_dict(),
+        docker_host=TrainingDockerHook(
+            docker_url="tcp://gpu-host:2376", tls_verify=True, tls_hostname=False
+        ).to_dict(),
         poll_interval=10.0,
         halt={"training_id": "training-abc_1", "grace": 30, "manifest": {"a": [1, 2]}},
     )
@@ -145,12 +141,11 @@ def test_status_trigger_with_a_bad_store_fires_an_error() -> None:
 
 
 def test_failure_message_carries_code_and_message() -> None:
-    error = {"code": "C201", "message": "the training process exited with status 3"}
-    assert (
-        failure_message("training-abc", "FAILED", error)
-        == "training-abc FAILED: C201 the training process exited with status 3"
-    )
-    assert failure_message("training-abc", "HALTED", None) == "training-abc HALTED: no reason was recorded"
+    status = RunStatus(training_id="training-abc").advance(RunState.PENDING)
+    failed = status.fail(RunState.FAILED, "C201", "the training process exited with status 3")
+    assert failed.failure_message() == "training-abc FAILED: C201 the training process exited with status 3"
+    halted = status.advance(RunState.HALTED)
+    assert halted.failure_message() == "training-abc HALTED: no reason was recorded"
 
 
 def test_sensor_refuses_an_unknown_results_type() -> None:
@@ -180,79 +175,25 @@ def test_link_persist_pushes_the_location_and_the_link_itself() -> None:
         RESULTS_LOCATION_KEY: "s3://results/training-a/",
         "_link_TrainingResultsLink": "s3://results/training-a/",
     }
-    ti = RecordingTi()
-    TrainingResultsLink.persist(
-        {"ti": ti},  # type: ignore[typeddict-item]
-        "s3://results/training-a/",
-        console_url="https://console.example.com/b/results/training-a",
-    )
-    assert ti.pushed[RESULTS_CONSOLE_URL_KEY] == "https://console.example.com/b/results/training-a"
-    assert ti.pushed["_link_TrainingResultsLink"] == "https://console.example.com/b/results/training-a"
     assert TrainingResultsLink().name == "Training results"
 
 
 # --- the container trigger against a stand-in Docker Engine API --------------------------------------------
 
 
-class FakeDocker:
-    """Answers ``/_ping``, and ``GET /containers/<id>/json`` from a script of (status, body) answers (the last
-    one repeats); records ``POST /containers/<id>/stop``."""
+class FakeDocker(StandInDocker):
+    """The stand-in daemon holding one running container, ``CONTAINER``, whose ``GET /containers/<id>/json``
+    is answered from a script of (status, body) answers (the last one repeats)."""
 
     def __init__(self, script: list[tuple[int, dict[str, Any]]]) -> None:
-        self.script = list(script)
-        self.inspects = 0
-        self.stops: list[str] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def reply(self, status: int, body: Any) -> None:
-                data = json.dumps(body).encode() if not isinstance(body, bytes) else body
-                self.send_response(status)
-                self.send_header(
-                    "Content-Type", "application/json" if not isinstance(body, bytes) else "text/plain"
-                )
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                if self.path.endswith("/_ping"):
-                    self.reply(200, b"OK")
-                elif "/containers/" in self.path and self.path.endswith("/json"):
-                    fake.inspects += 1
-                    status, body = fake.script.pop(0) if len(fake.script) > 1 else fake.script[0]
-                    self.reply(status, body)
-                else:
-                    self.reply(404, {"message": f"page not found: {self.path}"})
-
-            def do_POST(self) -> None:
-                if "/stop" in self.path:
-                    fake.stops.append(self.path)
-                    self.send_response(204)
-                    self.end_headers()
-                else:
-                    self.reply(404, {"message": "page not found"})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"tcp://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> FakeDocker:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(inspect_script=script)
+        self.add_container("wmltrain-training-fake", container_labels={}, container_id=CONTAINER)
 
     def trigger(self, **kwargs: Any) -> TrainingRunTrigger:
         return TrainingRunTrigger(
             training_id="training-fake",
             container_id=CONTAINER,
-            docker_host=DockerHost(self.url, api_version="1.41", timeout=5).to_dict(),
+            docker_host=TrainingDockerHook(docker_url=self.url, api_version="1.41", timeout=5).to_dict(),
             poll_interval=0.02,
             **kwargs,
         )
@@ -260,7 +201,7 @@ class FakeDocker:
 
 @pytest.fixture
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(triggers, "MAX_BACKOFF", 0.05)
+    monkeypatch.setattr(TrainingRunTrigger, "max_backoff", 0.05)
 
 
 def test_container_trigger_retries_5xx_then_fires_one_exited_event(
@@ -273,7 +214,9 @@ def test_container_trigger_retries_5xx_then_fires_one_exited_event(
         {
             "status": "exited",
             "training_id": "training-fake",
+            "docker_url": docker_api.url,
             "container_id": CONTAINER,
+            "container_status": "exited",
             "exit_code": 3,
             "oom_killed": False,
             "finished_at": "2025-01-02T03:04:05.6Z",
@@ -283,7 +226,7 @@ def test_container_trigger_retries_5xx_then_fires_one_exited_event(
     assert docker_api.inspects == 6
     out, err = capfd.readouterr()  # Airflow's structlog writes the trigger's log lines to the console
     text = out + err
-    assert "Watching container ffffffffffff of training run training-fake" in text
+    assert "Waiting for container ffffffffffff of training run training-fake" in text
     assert "try 3 of 10" in text
     assert "answers again" in text
 
@@ -309,8 +252,7 @@ def test_container_trigger_gives_up_after_ten_failed_tries(fast_backoff: None) -
     with FakeDocker([(503, {"message": "unavailable"})]) as docker_api:
         [event] = run_trigger(docker_api.trigger())
     assert event["status"] == "error"
-    assert "did not answer" in event["message"]
-    assert "in 10 tries" in event["message"]
+    assert "no answer in 10 tries" in event["message"]
     assert docker_api.inspects == 10
 
 
@@ -321,7 +263,9 @@ def test_container_trigger_survives_an_unreachable_host(fast_backoff: None) -> N
     trigger = TrainingRunTrigger(
         training_id="training-x",
         container_id=CONTAINER,
-        docker_host=DockerHost(f"tcp://127.0.0.1:{port}", api_version="1.41", timeout=2).to_dict(),
+        docker_host=TrainingDockerHook(
+            docker_url=f"tcp://127.0.0.1:{port}", api_version="1.41", timeout=2
+        ).to_dict(),
         poll_interval=0.01,
     )
     [event] = run_trigger(trigger)

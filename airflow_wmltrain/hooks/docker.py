@@ -1,0 +1,464 @@
+"""``TrainingDockerHook``: the one home of everything a training run asks of its Docker host.
+
+The operator, the trigger, the halt path and the GPU allocator all go through it: the image check and
+pull, the GPU inventory and leases, creating/starting/following/stopping/removing the run's container,
+and reading what ``docker inspect`` says (:class:`ContainerOutcome`).  It is the Docker provider's
+``DockerHook`` (its cached ``api_client``, TLS and registry login) with the parameters kept in a plain,
+serialisable form (:meth:`TrainingDockerHook.to_dict`), so the trigger and the detached halter rebuild
+the same hook — for the daemon the operator actually connected to, also when ``docker_url`` was a list.
+
+A run has at most one container per daemon, named :func:`~airflow_wmltrain.runtime.labels.run_container_name`
+and labelled with the task instance that owns it (dag, run, task, map index).  A name conflict on
+create means "the run's container already exists": the caller re-attaches to it, never starts a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tarfile
+import tempfile
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from airflow.providers.docker.hooks.docker import DockerHook
+from docker import APIClient
+from docker.constants import DEFAULT_TIMEOUT_SECONDS
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+
+from airflow_wmltrain.errors import ImageMissingError, RunConflictError, ServerError
+from airflow_wmltrain.runtime import labels
+
+if TYPE_CHECKING:
+    from airflow_wmltrain.runtime.gpus import GpuAllocation
+
+#: Docker states in which a container may still run (and holds the GPUs of its label).
+LIVE_STATES = frozenset({"created", "running", "restarting", "paused"})
+#: Log lines quoted in a failure message.
+TAIL_LINES = 20
+
+
+class DockerHostError(ServerError):
+    """The Docker host failed or refused an operation on a run's container (``S100``)."""
+
+
+@dataclass(frozen=True)
+class ContainerOutcome:
+    """What ``docker inspect`` says of a training container: the one parser of its state.
+
+    :param container_id: the container's id.
+    :param status: Docker's state (``running``, ``exited``, ``dead``...).
+    :param exit_code: the training process's exit status.
+    :param oom_killed: the kernel killed it for lack of memory.
+    :param finished_at: when it ended, as Docker says it.
+    :param error: the daemon's own error for the container (e.g. it could not be started).
+    :param labels: the container's labels (owner, GPUs).
+    """
+
+    container_id: str
+    status: str
+    exit_code: int = 0
+    oom_killed: bool = False
+    finished_at: str = ""
+    error: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_inspect(cls, info: Mapping[str, Any]) -> ContainerOutcome:
+        state = info.get("State") or {}
+        return cls(
+            container_id=str(info.get("Id") or ""),
+            status=str(state.get("Status", "")),
+            exit_code=int(state.get("ExitCode") or 0),
+            oom_killed=bool(state.get("OOMKilled")),
+            finished_at=str(state.get("FinishedAt") or ""),
+            error=str(state.get("Error") or ""),
+            labels=dict((info.get("Config") or {}).get("Labels") or {}),
+        )
+
+    def to_event(self) -> dict[str, Any]:
+        """The trigger event's fields (plain JSON; labels are not sent)."""
+        return {
+            "container_id": self.container_id,
+            "container_status": self.status,
+            "exit_code": self.exit_code,
+            "oom_killed": self.oom_killed,
+            "finished_at": self.finished_at,
+            "docker_error": self.error,
+        }
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any]) -> ContainerOutcome:
+        """The outcome a trigger event carries (:meth:`to_event`).
+
+        :raises ValueError: the event does not carry one.
+        """
+        try:
+            return cls(
+                container_id=str(event["container_id"]),
+                status=str(event["container_status"]),
+                exit_code=int(event["exit_code"]),
+                oom_killed=bool(event["oom_killed"]),
+                finished_at=str(event.get("finished_at") or ""),
+                error=str(event.get("docker_error") or ""),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"the event carries no container outcome ({exc})") from None
+
+    @property
+    def running(self) -> bool:
+        """Whether it may still run (created, running, restarting, paused)."""
+        return self.status in LIVE_STATES
+
+    @property
+    def ended(self) -> bool:
+        """Whether it has ended for good (exited or dead); a container being removed has neither."""
+        return self.status in ("exited", "dead")
+
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        from airflow_wmltrain.runtime.gpus import parse_gpu_ids
+
+        return tuple(parse_gpu_ids(self.labels.get(labels.GPUS, "")))
+
+    @property
+    def succeeded(self) -> bool:
+        return not self.running and self.exit_code == 0 and not self.oom_killed and not self.error
+
+    def owner(self) -> dict[str, str]:
+        """The task instance the container belongs to, from its labels."""
+        return {key: self.labels.get(label, "") for key, label in labels.OWNER_LABELS.items()}
+
+    def failure(self, tail: Iterable[str], *, mem_limit: object = None) -> str:
+        """The C201 message: what ended the process, and the last lines it wrote."""
+        if self.oom_killed:
+            limit = f" (mem_limit {mem_limit})" if mem_limit else ""
+            what = f"the training process was killed for lack of memory (out of memory{limit}); "
+            what += "give the container more memory (mem_limit) or use a smaller batch size"
+        elif self.error:
+            what = f"the training container failed: {self.error}"
+        elif self.exit_code > 128:
+            signal = self.exit_code - 128
+            what = f"the training process was killed by signal {signal} (exit status {self.exit_code})"
+        else:
+            what = f"the training process exited with status {self.exit_code}"
+        lines = [line for line in tail if line.strip()]
+        if lines:
+            what += "; last log lines:\n" + "\n".join(lines)
+        return what
+
+
+def _lines(chunks: Iterable[bytes | str]) -> Iterator[str]:
+    buffer = ""
+    for chunk in chunks:
+        buffer += chunk.decode("utf-8", "replace") if isinstance(chunk, bytes) else chunk
+        *lines, buffer = buffer.split("\n")
+        yield from (line.rstrip("\r") for line in lines)
+    if buffer:
+        yield buffer.rstrip("\r")
+
+
+def remove_container(client: APIClient, container_id: str) -> None:
+    """Remove a container (forced), taking "already gone" and "removal in progress" as done."""
+    try:
+        client.remove_container(container_id, force=True)
+    except NotFound:
+        pass
+    except APIError as exc:
+        if getattr(exc, "status_code", None) != 409:
+            raise
+
+
+class TrainingDockerHook(DockerHook):
+    """The Docker host of training runs.
+
+    :param docker_url: the daemon's URL, or a list of them (the first that answers is used, and is then
+        :attr:`docker_url`).
+    :param docker_conn_id: an Airflow ``docker`` connection (registry login), or ``None``.
+    :param api_version: the Engine API version, ``auto`` or ``None``.
+    :param tls_ca_cert: path of the CA certificate.
+    :param tls_client_cert: path of the client certificate.
+    :param tls_client_key: path of the client key.
+    :param tls_verify: verify the daemon's certificate.
+    :param tls_hostname: the name to check the certificate against (or ``False``).
+    :param tls_ssl_version: the TLS version.
+    :param timeout: seconds before an API call times out.
+    """
+
+    hook_name = "Docker (wmltrain training host)"
+
+    def __init__(
+        self,
+        *,
+        docker_url: str | Sequence[str],
+        docker_conn_id: str | None = None,
+        api_version: str | None = None,
+        tls_ca_cert: str | None = None,
+        tls_client_cert: str | None = None,
+        tls_client_key: str | None = None,
+        tls_verify: bool = True,
+        tls_hostname: str | bool | None = None,
+        tls_ssl_version: str | None = None,
+        timeout: int = DEFAULT_TIMEOUT_SECONDS,
+    ) -> None:
+        self.docker_urls = [docker_url] if isinstance(docker_url, str) else list(docker_url)
+        self.params: dict[str, Any] = {
+            "docker_conn_id": docker_conn_id,
+            "api_version": api_version,
+            "tls_ca_cert": tls_ca_cert,
+            "tls_client_cert": tls_client_cert,
+            "tls_client_key": tls_client_key,
+            "tls_verify": tls_verify,
+            "tls_hostname": tls_hostname,
+            "tls_ssl_version": tls_ssl_version,
+            "timeout": timeout,
+        }
+        self.tls_config = DockerHook.construct_tls_config(
+            ca_cert=tls_ca_cert,
+            client_cert=tls_client_cert,
+            client_key=tls_client_key,
+            verify=tls_verify,
+            assert_hostname=tls_hostname,
+            ssl_version=tls_ssl_version,
+        )
+        super().__init__(
+            docker_conn_id=docker_conn_id,
+            base_url=self.docker_urls,
+            version=api_version,
+            tls=self.tls_config,
+            timeout=timeout,
+        )
+        if self.tls_config:
+            self.docker_urls = [self._redact_tls_schema(url) for url in self.docker_urls]
+        self._connected_url: str | None = None
+
+    # --- the connection -------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain parameters (a trigger's kwargs, the halter's input), pinned to the daemon in use."""
+        return {"docker_url": self.docker_url, **self.params}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingDockerHook:
+        return cls(**dict(data))
+
+    def pinned(self, docker_url: str) -> TrainingDockerHook:
+        """The same parameters, for one daemon of :attr:`docker_urls` (the one a run lives on)."""
+        return type(self)(docker_url=docker_url, **self.params)
+
+    @property
+    def docker_url(self) -> str:
+        """The daemon in use: the one that answered (after :attr:`api_client`), else the first given."""
+        return self._connected_url or self.docker_urls[0]
+
+    @cached_property
+    def api_client(self) -> APIClient:
+        """The low-level client of the first daemon that answers (cached, like ``DockerHook``'s)."""
+        failures = []
+        for url in self.docker_urls:
+            try:
+                client = APIClient(
+                    base_url=url,
+                    version=self.params["api_version"],
+                    tls=self.tls_config,
+                    timeout=self.params["timeout"],
+                )
+                client.ping()
+                if self.docker_conn_id:
+                    self._DockerHook__login(client, self.get_connection(self.docker_conn_id))  # type: ignore[attr-defined]
+            except APIError:
+                raise
+            except DockerException as exc:
+                failures.append(f"{url}: {exc}")
+                continue
+            self._connected_url = url
+            self._client_created = True
+            return client
+        raise DockerHostError(f"no Docker host answered ({'; '.join(failures)})")
+
+    def close(self) -> None:
+        """Drop the client (a failed one may hold a dead connection pool); the next use builds another."""
+        client = self.__dict__.pop("api_client", None)
+        if client is not None:
+            client.close()
+
+    # --- the image ------------------------------------------------------------------------------------
+
+    def ensure_image(self, image: str, *, force_pull: bool, framework: str, log: Any) -> None:
+        """Make sure ``image`` is on the host: inspect it, pull it when missing (or ``force_pull``).
+
+        :raises ImageMissingError: neither there nor pullable (``S103``).
+        """
+        cli = self.api_client
+        if not force_pull:
+            try:
+                cli.inspect_image(image)
+                return
+            except ImageNotFound:
+                pass
+        log.info("Pulling the image %s", image)
+        try:
+            for output in cli.pull(image, stream=True, decode=True):
+                if isinstance(output, dict) and "status" in output and "id" not in output:
+                    log.info("%s", output["status"])
+        except (APIError, NotFound) as err:
+            raise ImageMissingError(
+                f"the image {image} of framework {framework} is not on the Docker host "
+                f"{self.docker_url} and cannot be pulled ({err.explanation or err}); build or "
+                "load it there (see images/), or map the framework to another image in "
+                "[wmltrain] frameworks_file",
+                field="model_definition.framework",
+            ) from None
+
+    # --- GPUs -----------------------------------------------------------------------------------------
+
+    def has_nvidia_runtime(self, image: str) -> bool:
+        from airflow_wmltrain.runtime import gpus
+
+        return gpus.has_nvidia_runtime(self.api_client, image, docker_url=self.docker_url)
+
+    def gpu_inventory(self, setting: str, *, image: str) -> list[str]:
+        from airflow_wmltrain.runtime import gpus
+
+        return gpus.gpu_inventory(self.api_client, setting, image=image, docker_url=self.docker_url)
+
+    def try_allocate_gpus(self, training_id: str, count: int, **kwargs: Any) -> GpuAllocation:
+        from airflow_wmltrain.runtime import gpus
+
+        return gpus.try_allocate_gpus(
+            self.api_client, training_id, count, docker_url=self.docker_url, **kwargs
+        )
+
+    def wait_for_gpus(self, training_id: str, count: int, **kwargs: Any) -> list[str]:
+        from airflow_wmltrain.runtime import gpus
+
+        return gpus.wait_for_gpus(self.api_client, training_id, count, docker_url=self.docker_url, **kwargs)
+
+    def release_leases(self, training_id: str) -> list[str]:
+        from airflow_wmltrain.runtime import gpus
+
+        return gpus.release_leases(self.api_client, training_id)
+
+    # --- the run's container --------------------------------------------------------------------------
+
+    def find_run_container(self, training_id: str) -> ContainerOutcome | None:
+        """The run's container, or ``None`` when the run has none on this daemon.
+
+        :raises RunConflictError: a container has the run's name but another training id.
+        """
+        name = labels.run_container_name(training_id)
+        try:
+            info: dict[str, Any] = self.api_client.inspect_container(name)
+        except NotFound:
+            return None
+        found = ContainerOutcome.from_inspect(info)
+        if found.labels.get(labels.TRAINING_ID) != training_id:
+            raise RunConflictError(
+                f"container {name} exists on the Docker host {self.docker_url} but does not belong to "
+                f"{training_id}; remove it (docker rm) or choose another training id"
+            )
+        return found
+
+    def inspect(self, container_id: str) -> ContainerOutcome:
+        return ContainerOutcome.from_inspect(self.api_client.inspect_container(container_id))
+
+    def create_run_container(self, training_id: str, **create: Any) -> tuple[ContainerOutcome, bool]:
+        """Create the run's container (named after ``training_id``), or find it when it already exists.
+
+        :param create: ``APIClient.create_container`` arguments (the name is set here).
+        :returns: the container, and whether this call created it (``False``: a container of the run
+            was there already — another try of the same task instance made it: re-attach to it).
+        """
+        try:
+            created = self.api_client.create_container(name=labels.run_container_name(training_id), **create)
+        except APIError as err:
+            if getattr(err, "status_code", None) != 409:
+                raise
+            existing = self.find_run_container(training_id)
+            if existing is None:  # removed between the conflict and the look: a transient race
+                raise DockerHostError(
+                    f"the Docker host {self.docker_url} reported a conflict creating the container of "
+                    f"{training_id}, but it is gone; try again"
+                ) from None
+            return existing, False
+        return self.inspect(str(created["Id"])), True
+
+    def start(self, container_id: str) -> None:
+        """Start a created container; on refusal it is removed.
+
+        :raises NoNvidiaRuntimeError: the daemon has no NVIDIA runtime (``S100``).
+        :raises DockerHostError: any other refusal.
+        """
+        from airflow_wmltrain.runtime import gpus
+
+        try:
+            self.api_client.start(container_id)
+        except APIError as err:
+            self.remove(container_id)
+            if gpus.is_no_driver_error(err):
+                raise gpus.no_nvidia_runtime_error(self.docker_url) from None
+            raise DockerHostError(
+                f"the Docker host {self.docker_url} could not start the training container: {err}"
+            ) from None
+
+    def follow_logs(self, container_id: str, log: Any) -> None:
+        """Copy the container's output into ``log``, line by line as it comes, until it stops."""
+        stream = self.api_client.logs(container_id, stdout=True, stderr=True, stream=True, follow=True)
+        for line in _lines(stream):
+            log.info("%s", line)
+
+    def log_lines(self, container_id: str) -> Iterator[str]:
+        """The container's whole output so far, line by line (streamed, not held in memory)."""
+        yield from _lines(
+            self.api_client.logs(container_id, stdout=True, stderr=True, stream=True, follow=False)
+        )
+
+    def save_logs(self, container_id: str, path: Path) -> list[str]:
+        """Write the container's whole output to ``path``; its last :data:`TAIL_LINES` lines."""
+        tail: deque[str] = deque(maxlen=TAIL_LINES)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as out:
+            for line in self.log_lines(container_id):
+                out.write(line + "\n")
+                tail.append(line)
+        return list(tail)
+
+    def wait(self, container_id: str) -> ContainerOutcome:
+        """Block until the container stops; how it ended."""
+        self.api_client.wait(container_id)
+        return self.inspect(container_id)
+
+    def copy_out(self, container_id: str, source: str, dest: Path) -> None:
+        """Copy a directory out of a (stopped) container into ``dest`` through the Docker API."""
+        stream, _stat = self.api_client.get_archive(container_id, source)
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=dest) as archive:  # results can be large: never in memory
+            for chunk in stream:
+                archive.write(chunk)
+            archive.seek(0)
+            _extract(archive, dest)
+
+    def stop(self, container_id: str, *, grace: int) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds (Docker's ``stop``); a gone container is fine."""
+        with contextlib.suppress(NotFound):
+            self.api_client.stop(container_id, timeout=grace)
+
+    def remove(self, container_id: str) -> None:
+        """Remove the container (forced); a gone container is fine."""
+        remove_container(self.api_client, container_id)
+
+
+def _extract(archive: IO[bytes], dest: Path) -> None:
+    with tarfile.open(fileobj=archive) as tar:
+        # The archive's top folder is the basename of ``source``: strip it.
+        members = []
+        for member in tar.getmembers():
+            _top, _sep, rest = member.name.partition("/")
+            if not rest or not (member.isfile() or member.isdir()):
+                continue
+            member.name = rest
+            members.append(member)
+        tar.extractall(dest, members=members, filter="data")

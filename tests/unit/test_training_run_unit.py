@@ -1,0 +1,386 @@
+"""``TrainingRun`` (the one home of a run's lifecycle) against the stand-in Docker daemon and the in-memory
+object store: the status document, how a run ends (stored, failed, killed for memory, halted, results
+store down), the halt, and ``read_metrics``.  No service is needed (``make unit``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_wmltrain.errors import ResultsStoreError, RunHaltedError
+from airflow_wmltrain.hooks.docker import ContainerOutcome, TrainingDockerHook
+from airflow_wmltrain.lifecycle import STATUS_FILE, RunState
+from airflow_wmltrain.manifest import load_manifest
+from airflow_wmltrain.runtime import labels
+from airflow_wmltrain.runtime.run import _MAX_METRICS_BYTES, TrainingRun, read_metrics
+from airflow_wmltrain.settings import Settings
+from tests.unit.conftest import RESULTS_BUCKET, manifest_doc
+from tests.unit.fakes import FakeDocker, MemoryStore, MemoryStores
+
+TRAINING_ID = "training-unit-run"
+NAME = labels.run_container_name(TRAINING_ID)
+OWNER = {"dag_id": "d", "run_id": "r", "task_id": "t", "map_index": -1}
+
+
+def new_run(settings: Settings, published: list[dict[str, Any]] | None = None) -> TrainingRun:
+    manifest = load_manifest(manifest_doc(), settings=settings)
+    return TrainingRun(
+        training_id=TRAINING_ID,
+        manifest=manifest,
+        settings=settings,
+        publish=published.append if published is not None else None,
+    )
+
+
+def processing(run: TrainingRun) -> TrainingRun:
+    """The run as it is while its container trains: PENDING, DOWNLOADING, PROCESSING; workspace made."""
+    run.begin(airflow=OWNER)
+    run.record(RunState.DOWNLOADING)
+    run.workspace.create()
+    run.record(RunState.PROCESSING, container={"id": "x", "docker_url": "tcp://fake"})
+    return run
+
+
+def container_labels() -> dict[str, str]:
+    return {labels.ROLE: labels.ROLE_RUN, labels.TRAINING_ID: TRAINING_ID, labels.GPUS: ""}
+
+
+def stored_status(store: MemoryStore) -> dict[str, Any]:
+    document: dict[str, Any] = store.json(f"{TRAINING_ID}/{STATUS_FILE}")
+    return document
+
+
+@pytest.fixture
+def hook(docker_api: FakeDocker) -> TrainingDockerHook:
+    return TrainingDockerHook(docker_url=docker_api.url, api_version="1.43", timeout=10)
+
+
+@pytest.fixture
+def results(stores: MemoryStores) -> MemoryStore:
+    return stores[RESULTS_BUCKET]
+
+
+# --- the status document --------------------------------------------------------------------------------
+
+
+def test_begin_record_end_write_the_status_and_publish_the_same_document(
+    settings: Settings, results: MemoryStore
+) -> None:
+    published: list[dict[str, Any]] = []
+    run = new_run(settings, published)
+    run.begin(airflow=OWNER)
+    assert stored_status(results) == json.loads(json.dumps(published[-1]))
+    assert stored_status(results)["state"] == "PENDING"
+    run.record(RunState.DOWNLOADING)
+    run.record(RunState.PROCESSING, gpus=("1",))
+    run.end(RunState.COMPLETED, metrics={"accuracy": 0.9})
+    document = stored_status(results)
+    assert document == json.loads(json.dumps(published[-1]))
+    assert [h["state"] for h in document["history"]] == ["PENDING", "DOWNLOADING", "PROCESSING", "COMPLETED"]
+    assert [p["state"] for p in published] == ["PENDING", "DOWNLOADING", "PROCESSING", "COMPLETED"]
+    assert document["metrics"] == {"accuracy": 0.9}
+    assert document["airflow"] == OWNER
+    assert document["results_location"] == f"s3://{RESULTS_BUCKET}/{TRAINING_ID}/"
+
+
+def test_end_keeps_a_terminal_state_written_by_another_process(
+    settings: Settings, results: MemoryStore
+) -> None:
+    run = processing(new_run(settings))
+    halter = new_run(settings)  # the detached halter: its own TrainingRun of the same run
+    assert halter.resume() is not None
+    halter.end(RunState.HALTED, RunHaltedError("the run was halted: its task was marked failed"))
+    ended = run.end(RunState.COMPLETED, metrics={"loss": 0.1})
+    assert ended.state is RunState.HALTED
+    assert run.status.state is RunState.HALTED
+    assert stored_status(results)["state"] == "HALTED"
+    assert stored_status(results)["error"]["code"] == "C200"
+
+
+# --- store: how a container ended ----------------------------------------------------------------------
+
+
+def test_store_of_an_exited_container_completes_the_run(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    run = processing(new_run(settings))
+    (run.workspace.results / "metrics.json").write_text(json.dumps({"accuracy": 0.75, "notes": [1]}))
+    (run.workspace.results / "model.bin").write_bytes(b"weights")
+    container = docker_api.add_container(
+        NAME, container_labels=container_labels(), status="exited", log="epoch 1\ndone\n"
+    )
+    status = run.store(hook, hook.inspect(container.id))
+    assert status.state is RunState.COMPLETED
+    assert status.metrics == {"accuracy": 0.75}
+    assert status.exit_code == 0
+    assert results.objects[f"{TRAINING_ID}/model.bin"] == b"weights"
+    assert results.objects[f"{TRAINING_ID}/learner-1/training-log.txt"] == b"epoch 1\ndone\n"
+    assert stored_status(results)["state"] == "COMPLETED"
+    assert [h["state"] for h in stored_status(results)["history"]][-2:] == ["STORING", "COMPLETED"]
+    assert docker_api.find(container.id) is None  # removed
+    assert not run.workspace.exists()
+
+
+def test_store_of_a_failed_container_fails_the_run_with_the_last_log_lines(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    run = processing(new_run(settings))
+    log = "".join(f"line {i}\n" for i in range(30)) + "Traceback: boom\n"
+    container = docker_api.add_container(
+        NAME, container_labels=container_labels(), status="exited", exit_code=3, log=log
+    )
+    status = run.store(hook, hook.inspect(container.id))
+    assert status.state is RunState.FAILED
+    assert status.error is not None
+    assert status.error["code"] == "C201"
+    message = status.error["message"]
+    assert "exited with status 3" in message
+    assert "Traceback: boom" in message
+    assert "line 29" in message
+    assert "line 5\n" not in message  # only the last lines
+    assert results.objects[f"{TRAINING_ID}/learner-1/training-log.txt"] == log.encode()
+    assert docker_api.find(container.id) is None
+    assert not run.workspace.exists()
+
+
+def test_store_of_an_oom_killed_container_says_out_of_memory(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    run = processing(new_run(settings))
+    container = docker_api.add_container(
+        NAME, container_labels=container_labels(), status="exited", exit_code=137, oom_killed=True
+    )
+    status = run.store(hook, hook.inspect(container.id), mem_limit="2g")
+    assert status.state is RunState.FAILED
+    assert status.error is not None
+    assert status.error["code"] == "C201"
+    assert "out of memory (mem_limit 2g)" in status.error["message"]
+
+
+def test_store_of_an_oom_kill_fails_the_run_even_with_exit_status_0(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    """The kernel killed a process of the container (OOMKilled) though the main one exited 0."""
+    run = processing(new_run(settings))
+    container = docker_api.add_container(
+        NAME, container_labels=container_labels(), status="exited", exit_code=0, oom_killed=True
+    )
+    status = run.store(hook, hook.inspect(container.id))
+    assert status.state is RunState.FAILED
+    assert status.error is not None
+    assert "out of memory" in status.error["message"]
+
+
+def test_store_of_a_halted_run_ends_it_halted(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    run = processing(new_run(settings))
+    container = docker_api.add_container(
+        NAME, container_labels=container_labels(), status="exited", exit_code=143
+    )
+    status = run.store(hook, hook.inspect(container.id), halted=True, halt_reason="the run was halted: test")
+    assert status.state is RunState.HALTED
+    assert status.error == {"code": "C200", "message": "the run was halted: test"}
+    assert stored_status(results)["state"] == "HALTED"
+
+
+def test_results_store_down_at_storing_fails_s303_and_keeps_container_and_workspace(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    published: list[dict[str, Any]] = []
+    run = processing(new_run(settings, published))
+    (run.workspace.results / "model.bin").write_bytes(b"weights")
+    container = docker_api.add_container(NAME, container_labels=container_labels(), status="exited")
+    results.down = True
+    with pytest.raises(ResultsStoreError) as caught:
+        run.store(hook, hook.inspect(container.id))
+    assert caught.value.code == "S303"
+    assert str(run.workspace.root) in str(caught.value)
+    assert "a retry stores them" in str(caught.value)
+    last = published[-1]
+    assert last["state"] == "FAILED"
+    assert last["error"]["code"] == "S303"
+    assert str(run.workspace.root) in last["error"]["message"]
+    assert docker_api.find(container.id) is not None  # kept for a retry
+    assert run.workspace.exists()
+    assert (run.workspace.results / "model.bin").exists()
+
+
+def test_results_store_failing_during_the_upload_fails_s303_and_keeps_everything(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    published: list[dict[str, Any]] = []
+    run = processing(new_run(settings, published))
+    (run.workspace.results / "model.bin").write_bytes(b"weights")
+    container = docker_api.add_container(NAME, container_labels=container_labels(), status="exited")
+    results.fail = lambda method, key: method == "PUT" and key.endswith("/model.bin")
+    with pytest.raises(ResultsStoreError, match="a retry stores them"):
+        run.store(hook, hook.inspect(container.id))
+    assert published[-1]["state"] == "FAILED"
+    assert published[-1]["error"]["code"] == "S303"
+    assert stored_status(results)["state"] == "STORING"  # the bucket still says where a retry resumes
+    assert docker_api.find(container.id) is not None
+    assert run.workspace.exists()
+
+
+def test_results_store_failing_at_the_last_status_write_fails_s303_and_says_where(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    """The store takes the results and the logs, then refuses the final _status.json (COMPLETED)."""
+    published: list[dict[str, Any]] = []
+    run = processing(new_run(settings, published))
+    (run.workspace.results / "model.bin").write_bytes(b"weights")
+    container = docker_api.add_container(
+        NAME, container_labels=container_labels(), status="exited", log="ok\n"
+    )
+    log_key = f"{TRAINING_ID}/learner-1/training-log.txt"
+    results.fail = lambda method, key: (
+        method == "PUT" and key.endswith(STATUS_FILE) and log_key in results.objects
+    )
+    with pytest.raises(ResultsStoreError) as caught:
+        run.store(hook, hook.inspect(container.id))
+    assert docker_api.find(container.id) is not None  # kept for a retry
+    assert run.workspace.exists()
+    assert "a retry stores them" in str(caught.value)  # the message says where the results wait
+    assert published[-1]["state"] == "FAILED"  # the XCom does not say COMPLETED while the task fails
+    assert published[-1]["error"]["code"] == "S303"
+
+
+def test_results_store_down_without_workspace_names_the_container(
+    settings: Settings,
+    results: MemoryStore,
+    docker_api: FakeDocker,
+    hook: TrainingDockerHook,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    published: list[dict[str, Any]] = []
+    run = processing(new_run(settings, published))
+    run.workspace.remove()  # another worker ran the container: its directories are not here
+    container = docker_api.add_container(NAME, container_labels=container_labels(), status="exited")
+    results.down = True
+    with pytest.raises(ResultsStoreError, match=f"the container {container.id[:12]} on the Docker host"):
+        run.store(hook, hook.inspect(container.id))
+    assert published[-1]["state"] == "FAILED"
+    assert docker_api.find(container.id) is not None
+
+
+# --- halt ----------------------------------------------------------------------------------------------
+
+
+def test_halt_of_a_running_container_stops_it_and_stores_it_halted(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    run = processing(new_run(settings))
+    container = docker_api.add_container(
+        NAME, container_labels=container_labels(), status="running", log="epoch 1\n"
+    )
+    halter = new_run(settings)
+    status = halter.halt(hook, container.id, grace=3, reason="the run was halted: test")
+    assert docker_api.stopped == [(container.id, 3)]
+    assert status.state is RunState.HALTED
+    assert status.error is not None
+    assert status.error["message"] == "the run was halted: test"
+    assert results.objects[f"{TRAINING_ID}/learner-1/training-log.txt"] == b"epoch 1\n"
+    assert stored_status(results)["state"] == "HALTED"
+    assert docker_api.find(container.id) is None
+    assert not run.workspace.exists()
+
+
+def test_halt_of_a_container_that_already_exited_stores_it_as_it_ended(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    run = processing(new_run(settings))
+    (run.workspace.results / "metrics.json").write_text('{"accuracy": 0.5}')
+    container = docker_api.add_container(NAME, container_labels=container_labels(), status="exited")
+    status = new_run(settings).halt(hook, None, grace=3, reason="the run was halted: test")  # found by name
+    assert docker_api.stopped == []
+    assert status.state is RunState.COMPLETED
+    assert status.metrics == {"accuracy": 0.5}
+    assert docker_api.find(container.id) is None
+
+
+def test_halt_without_a_container_ends_halted_at_once(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    run = new_run(settings)
+    run.begin(airflow=OWNER)
+    run.record(RunState.DOWNLOADING)
+    status = new_run(settings).halt(hook, None, grace=3, reason="the run was halted: test")
+    assert status.state is RunState.HALTED
+    assert stored_status(results)["state"] == "HALTED"
+    assert docker_api.stopped == []
+    # The same with a container id that no longer exists.
+    assert new_run(settings).halt(hook, "0" * 64, grace=3, reason="again").state is RunState.HALTED
+
+
+def test_halt_leaves_a_run_already_over_as_it_is(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    run = processing(new_run(settings))
+    run.end(RunState.COMPLETED)
+    container = docker_api.add_container(NAME, container_labels=container_labels(), status="running")
+    assert new_run(settings).halt(hook, container.id, grace=3, reason="late").state is RunState.COMPLETED
+    assert docker_api.stopped == []
+
+
+def test_outcome_of_a_running_container_is_not_a_success(
+    docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    container = docker_api.add_container(NAME, container_labels=container_labels(), status="running")
+    outcome = hook.inspect(container.id)
+    assert outcome.running
+    assert not outcome.succeeded
+    assert outcome == ContainerOutcome.from_inspect(docker_api.find(container.id).inspect())  # type: ignore[union-attr]
+
+
+# --- read_metrics ---------------------------------------------------------------------------------------
+
+
+def test_read_metrics_keeps_the_scalar_entries(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.json"
+    path.write_text(
+        json.dumps({"accuracy": 0.9, "epochs": 3, "name": "x", "ok": True, "none": None, "list": [1]})
+    )
+    assert read_metrics(path) == {"accuracy": 0.9, "epochs": 3, "name": "x", "ok": True, "none": None}
+    assert read_metrics(tmp_path / "missing.json") == {}
+    path.write_text("[1, 2]")
+    assert read_metrics(path) == {}
+
+
+def test_read_metrics_refuses_a_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.json"
+    target.write_text('{"secret": 1}')
+    link = tmp_path / "metrics.json"
+    link.symlink_to(target)
+    assert read_metrics(link) == {}
+
+
+def test_read_metrics_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "metrics.json"
+    os.mkfifo(fifo)
+    found: list[dict[str, Any]] = []
+    reader = threading.Thread(target=lambda: found.append(read_metrics(fifo)), daemon=True)
+    reader.start()
+    reader.join(5)
+    assert not reader.is_alive(), "read_metrics blocked opening a FIFO that has no writer"
+    assert found == [{}]
+    writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # a writer that has written a valid document
+    try:
+        os.write(writer, b'{"accuracy": 0.9}')
+        assert read_metrics(fifo) == {}
+    finally:
+        os.close(writer)
+
+
+def test_read_metrics_refuses_a_too_large_file(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.json"
+    # Valid JSON in its first bytes (then blanks): only the size check refuses it, not a truncated read.
+    path.write_text(json.dumps({"accuracy": 0.9}) + " " * _MAX_METRICS_BYTES)
+    assert read_metrics(path) == {}
+    path.write_text(json.dumps({"accuracy": 0.9}) + " " * (_MAX_METRICS_BYTES - 100))
+    assert read_metrics(path) == {"accuracy": 0.9}
