@@ -18,6 +18,7 @@ host, so a retry goes back there.  A halt comes only from a person (the task mar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -44,6 +45,7 @@ from docker.types import LogConfig
 
 from airflow_wmltrain.errors import (
     ManifestError,
+    ResultsStoreError,
     RunConflictError,
     RunHaltedError,
     ServerError,
@@ -759,8 +761,14 @@ class TrainingRunOperator(DockerOperator):
                 log=self.log,
                 publish=self._publisher(context),
             )
-            run.resume()
-            hook = self._host_of(run.status)
+            hook = self.hook
+            if event.get("docker_url") in hook.docker_urls and event.get("docker_url") != hook.docker_url:
+                hook = hook.pinned(str(event["docker_url"]))
+            try:
+                run.resume()
+            except ResultsStoreError as err:  # the store is down as the run ends: keep what it made
+                raise run.results_kept(hook, str(event.get("container_id") or ""), err) from None
+            hook = self._host_of(run.status) if run.status.container.get("docker_url") else hook
             recorded = run.status.container.get("id", "")
             if recorded and event.get("container_id") != recorded:
                 raise AirflowException(
@@ -887,6 +895,10 @@ class TrainingRunOperator(DockerOperator):
             params["grace"],
         )
         params["connections"] = self._halt_connections or connections_as_json(run.manifest)
+        # The halter writes the run's end to the bucket (the task is gone by then): the task's XCom says
+        # what goes on. Written before the halter starts, so that it never lands after the halter's.
+        with contextlib.suppress(Exception):
+            run.note_phase(f"halting ({reason}): stopping the container, then storing its logs")
         spawn_halter(params, Path(settings.staging_dir) / "halts" / f"{run.training_id}.log")
         self._halter_spawned = True
 

@@ -208,8 +208,14 @@ class TrainingRun:
         return read_status(self.results_store, self.training_id)
 
     def resume(self) -> RunStatus | None:
-        """Take the status in the bucket as this run's (a retry, a resume, a halt); it or ``None``."""
-        prior = self.read_status()
+        """Take the status in the bucket as this run's (a retry, a resume, a halt); it or ``None``.
+
+        :raises ResultsStoreError: the results store does not answer (``S303``, a retry may succeed).
+        """
+        try:
+            prior = self.read_status()
+        except TransferError as err:
+            raise ResultsStoreError(f"cannot read the status of {self.training_id}: {err}") from None
         if prior is not None:
             self.status = prior
         return prior
@@ -389,12 +395,12 @@ class TrainingRun:
                 )
             status = self.end(state, error, metrics=metrics, phase=phase)
         except ResultsStoreError as err:
-            raise self._results_kept(hook, container_id, err) from None
+            raise self.results_kept(hook, container_id, err) from None
         hook.remove(container_id)
         self.workspace.remove()
         return status
 
-    def _results_kept(self, hook: TrainingDockerHook, container_id: str, err: WmlTrainError) -> WmlTrainError:
+    def results_kept(self, hook: TrainingDockerHook, container_id: str, err: WmlTrainError) -> WmlTrainError:
         """The run ends FAILED S303 in the XCom; the error says where its results wait for a retry."""
         if self.workspace.exists():
             where = f"{self.workspace.root} on {socket.gethostname()}"

@@ -328,7 +328,12 @@ def scenario_halt_ignoring_sigterm(sc: Scenario, env: Env) -> None:
     )
     sc.note("HALTED, logs stored, container gone")
     wait_dag_run_end(env.api, dag, 60)
-    env.end_state(dag, "HALTED")
+    # The detached halter writes the end to the bucket; the task's last XCom says it was halting, and
+    # the service (wmltrain show) tells HALTED from the task marked failed by wmltrain halt.
+    xcom, _ = env.end_state(dag, "HALTED", xcom_state="PROCESSING")
+    assert str(xcom.get("phase", "")).startswith("halting"), short_status(xcom)
+    shown = env.cli.show(tid)
+    assert shown["state"] == "HALTED", shown
     deaths = env.events.of(tid, "die")
     assert len(deaths) == 1, env.events.describe(tid)
     died_at = int(deaths[0]["timeNano"]) / 1e9
