@@ -384,7 +384,8 @@ class TrainingDockerHook(DockerHook):
                     f"{training_id}, but it is gone; try again"
                 ) from None
             return existing, False
-        return self.inspect(str(created["Id"])), True
+        # Just created: its state and labels are known without asking the daemon again.
+        return ContainerOutcome(str(created["Id"]), "created", labels=dict(create.get("labels") or {})), True
 
     def start(self, container_id: str) -> None:
         """Start a created container; on refusal it is removed.

@@ -25,6 +25,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
@@ -637,7 +638,7 @@ class TrainingRunOperator(DockerOperator):
             f"GPU(s) {','.join(gpu_ids)}" if gpu_ids else "no GPU",
             command,
         )
-        return hook.inspect(outcome.container_id)
+        return replace(outcome, status="running")  # following the log tells when it ends
 
     def _check_halt(self, when: str) -> None:
         if self._halt_requested:

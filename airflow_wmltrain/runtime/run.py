@@ -92,8 +92,11 @@ def read_metrics(path: Path) -> dict[str, Any]:
     return {str(k): v for k, v in document.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-def read_status(store: ObjectStore, training_id: str) -> RunStatus | None:
+def read_status(store: ObjectStore, training_id: str, *, check_bucket: bool = True) -> RunStatus | None:
     """A run's status document in its results store (blocking: call it in a thread from async code).
+
+    :param check_bucket: when there is no document, make sure the bucket exists (a waiter would wait
+        for ever for a typo); the run itself checked its bucket when it was submitted.
 
     :return: the document, or ``None`` when the run has not written one yet.
     :raises StatusDocumentError: the document cannot be read as this run's status document.
@@ -104,9 +107,8 @@ def read_status(store: ObjectStore, training_id: str) -> RunStatus | None:
     key = f"{training_id}/{STATUS_FILE}"
     status, _headers, body = store.request("GET", key, missing_ok=True)
     if status == 404:
-        # A missing document means "not yet", unless the bucket itself is missing: say so rather than
-        # wait forever for a typo.
-        store.check_bucket()
+        if check_bucket:
+            store.check_bucket()
         return None
     return RunStatus.from_json(body, where=store.describe(key), training_id=training_id)
 
@@ -205,7 +207,7 @@ class TrainingRun:
 
     def read_status(self) -> RunStatus | None:
         """The status document in the bucket (:func:`read_status`)."""
-        return read_status(self.results_store, self.training_id)
+        return read_status(self.results_store, self.training_id, check_bucket=False)
 
     def resume(self) -> RunStatus | None:
         """Take the status in the bucket as this run's (a retry, a resume, a halt); it or ``None``.
