@@ -30,6 +30,9 @@ EXIT_INTERRUPTED = 130
 class WmlTrainError(Exception):
     """Base class of the package's errors.
 
+    A subclass declares what differs from its base in its header, e.g.
+    ``class ManifestError(ClientError, code="C101")``: ``code``, ``retryable``, ``exit_status``.
+
     :param message: one line saying what is wrong and how to fix it (no secret values).
     :param field: the path of the field or the file at fault, e.g.
         ``model_definition.execution.resource``; prefixed to the message when given.
@@ -41,6 +44,17 @@ class WmlTrainError(Exception):
     retryable = True
     #: What the command line exits with for this error.
     exit_status = EXIT_SERVER_ERROR
+
+    def __init_subclass__(
+        cls, *, code: str | None = None, retryable: bool | None = None, exit_status: int | None = None
+    ) -> None:
+        super().__init_subclass__()
+        if code is not None:
+            cls.code = code
+        if retryable is not None:
+            cls.retryable = retryable
+        if exit_status is not None:
+            cls.exit_status = exit_status
 
     def __init__(self, message: str, *, field: str | None = None, problems: list[str] | None = None) -> None:
         self.message = " ".join(message.split())
@@ -54,111 +68,106 @@ class WmlTrainError(Exception):
         return {"code": self.code, "field": self.field, "message": str(self), "problems": self.problems}
 
 
-class ClientError(WmlTrainError):
+# What the user submitted: a retry cannot fix it, the input must change.
+
+
+class ClientError(WmlTrainError, code="C100", retryable=False, exit_status=EXIT_BAD_INPUT):
     """A problem with what the user submitted (codes ``C1xx``/``C2xx``): a retry cannot fix it."""
 
-    code = "C100"
-    retryable = False
-    exit_status = EXIT_BAD_INPUT
+
+class ManifestError(ClientError, code="C101"):
+    """The training manifest is invalid (``C101``): correct the field the message names."""
 
 
-class ManifestError(ClientError):
-    """The training manifest is invalid (``C101``)."""
+class ModelDefinitionError(ClientError, code="C102"):
+    """The model-definition archive is invalid (``C102``).
 
-    code = "C101"
-
-
-class ModelDefinitionError(ClientError):
-    """The model-definition archive is invalid (``C102``)."""
-
-    code = "C102"
+    Give a ``.zip`` of the training code (``cd my-model && zip -r ../model.zip .``); the message says
+    what was received instead, or which limit the archive passes.
+    """
 
 
-class CredentialsError(ManifestError):
-    """Object-store credentials are missing, malformed or refused (``C103``)."""
+class CredentialsError(ManifestError, code="C103"):
+    """Object-store credentials are missing, malformed or refused (``C103``).
 
-    code = "C103"
+    Give the manifest's bucket valid credentials or an Airflow connection id that holds them.
+    """
 
 
-class ResourceError(ManifestError):
-    """The requested resources cannot be understood or given (``C104``)."""
-
-    code = "C104"
+class ResourceError(ManifestError, code="C104"):
+    """The requested resources cannot be understood or given (``C104``): name one of the resource
+    classes of ``[wmltrain] resource_classes``."""
 
 
 class BucketNotFoundError(ManifestError):
-    """A bucket named by the manifest does not exist, or these credentials cannot see it (``C101``)."""
+    """A bucket named by the manifest does not exist, or these credentials cannot see it (``C101``).
+
+    Create the bucket, correct its name, or give credentials that may read (or write) it.
+    """
 
 
-class RunConflictError(ClientError):
+class RunConflictError(ClientError, code="C105"):
     """The training id is already used by another task instance (its status or its container) (``C105``).
 
     A retry cannot fix it: give this run another training id.
     """
 
-    code = "C105"
+
+class TrainingFailedError(ClientError, code="C201", exit_status=EXIT_RUN_FAILED):
+    """The training process exited with a non-zero status, or was killed (``C201``).
+
+    Read the run's log (``wmltrain logs``) and fix the training code or its command.
+    """
 
 
-class ConfigurationError(WmlTrainError):
-    """The deployment's ``[wmltrain]`` configuration is invalid (server side, ``S001``)."""
+class RunHaltedError(WmlTrainError, code="C200", retryable=False, exit_status=EXIT_RUN_FAILED):
+    """The run was halted (its task was marked failed by a person, ``wmltrain halt``, or a deadline).
 
-    code = "S001"
-    retryable = False
-
-
-class ServerError(WmlTrainError):
-    """A problem on the service side (codes ``S1xx``/``S3xx``)."""
-
-    code = "S100"
+    No retry runs it again: submit it anew (``wmltrain train``) if it should still train.
+    """
 
 
-class DataLoadError(ServerError):
-    """Staging the training data failed (``S302``): an object could not be fetched or verified."""
-
-    code = "S302"
+# The deployment: a retry may help (capacity, an object store's outage) or not (the configuration).
 
 
-class ResultsStoreError(ServerError):
-    """Writing results, logs or the status document failed (``S303``)."""
+class ConfigurationError(WmlTrainError, code="S001", retryable=False):
+    """The deployment's ``[wmltrain]`` configuration is invalid (server side, ``S001``), or the command
+    line's API server settings are: correct the setting the message names."""
 
-    code = "S303"
+
+class ServerError(WmlTrainError, code="S100"):
+    """A problem on the service side (codes ``S1xx``/``S3xx``): trying again later may succeed."""
 
 
-class StatusDocumentError(ServerError):
+class DataLoadError(ServerError, code="S302"):
+    """Staging the training data failed (``S302``): an object could not be fetched or verified.
+
+    Try again; if it goes on failing, check that the data bucket's objects can be read.
+    """
+
+
+class ResultsStoreError(ServerError, code="S303"):
+    """Writing results, logs or the status document failed (``S303``): check that the results bucket can
+    be written, then try again."""
+
+
+class StatusDocumentError(ServerError, code="S304", retryable=False):
     """A run's ``_status.json`` exists but is not its status document (not JSON, wrong shape, other id).
 
     A retry cannot fix it: the document must be removed or the training id changed.
     """
 
-    code = "S304"
-    retryable = False
+
+class GpuCapacityError(ServerError, code="S100"):
+    """The Docker host has no free GPU for the run now, or no NVIDIA runtime at all (``S100``).
+
+    Try again later, ask for a smaller resource class, or raise ``[wmltrain] gpu_wait_timeout``.
+    """
 
 
-class TrainingFailedError(ClientError):
-    """The training process exited with a non-zero status, or was killed (``C201``)."""
-
-    code = "C201"
-    exit_status = EXIT_RUN_FAILED
-
-
-class GpuCapacityError(ServerError):
-    """The Docker host has no free GPU for the run now, or no NVIDIA runtime at all (``S100``)."""
-
-    code = "S100"
-
-
-class ImageMissingError(ServerError):
-    """The framework's container image is neither on the Docker host nor pullable (``S103``)."""
-
-    code = "S103"
-
-
-class RunHaltedError(WmlTrainError):
-    """The run was halted (its task was marked failed by a person, ``wmltrain halt``, or a deadline)."""
-
-    code = "C200"
-    retryable = False
-    exit_status = EXIT_RUN_FAILED
+class ImageMissingError(ServerError, code="S103"):
+    """The framework's container image is neither on the Docker host nor pullable (``S103``): pull or
+    build it on the host, or correct the framework registry's image name."""
 
 
 def exit_status(error: BaseException) -> int:

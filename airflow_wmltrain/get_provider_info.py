@@ -7,6 +7,191 @@ from typing import Any
 from airflow_wmltrain import __version__
 
 
+def _field(label: str, description: str, type_: str = "string") -> dict[str, Any]:
+    """An optional extra field of the connection form."""
+    return {"label": label, "schema": {"type": [type_, "null"]}, "description": description}
+
+
+def _option(description: str, type_: str, example: str, default: str | None) -> dict[str, Any]:
+    """A ``[wmltrain]`` option as the providers manager reads it (all were added in 0.1.0)."""
+    return {
+        "description": description + "\n",
+        "type": type_,
+        "version_added": "0.1.0",
+        "example": example,
+        "default": default,
+    }
+
+
+#: The extra fields of the Swift connection form: name -> (label, description[, type]); optional strings
+#: but for ``insecure``, a check box.
+_SWIFT_FIELDS: dict[str, tuple[str, str] | tuple[str, str, str]] = {
+    "auth_version": (
+        "Auth version",
+        "1 (tempauth/swauth: user is account:user), 2 (Keystone v2.0) or 3 (Keystone v3). Detected from the "
+        "auth URL when empty: .../auth/v1.0 is 1, .../v2.0 is 2, .../v3 or a URL without a version is 3.",
+    ),
+    "project_id": (
+        "Project id",
+        "Keystone project (tenant) id; this or the project name is needed for Keystone.",
+    ),
+    "project_name": ("Project name", "Keystone project (tenant) name, when no project id is given."),
+    "domain_name": ("Domain name", "Keystone v3 domain of the user and the project (Default when empty)."),
+    "user_domain_name": (
+        "User domain name",
+        "Keystone v3 domain of the user, when it differs from the domain name.",
+    ),
+    "project_domain_name": (
+        "Project domain name",
+        "Keystone v3 domain of the project, when it differs from the domain name.",
+    ),
+    "region_name": (
+        "Region",
+        "Region of the object-store endpoint in the Keystone catalog, e.g. dallas (the first one when "
+        "empty).",
+    ),
+    "endpoint_type": (
+        "Endpoint interface",
+        "Keystone catalog interface: public (default), internal or admin.",
+    ),
+    "insecure": (
+        "Skip TLS verification",
+        "Do not verify the TLS certificates of the auth and storage URLs.",
+        "boolean",
+    ),
+    "cacert": ("CA bundle", "Path of a CA bundle file used to verify TLS certificates."),
+}
+
+#: The ``[wmltrain]`` options: name -> (description, type, example, default).
+_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
+    "resource_classes": (
+        "Resource classes a manifest's ``model_definition.execution.resource`` may name, with the number of "
+        "GPUs each gets, as ``name=gpus`` pairs.",
+        "string",
+        "small=1,medium=2,large=4,xlarge=8",
+        "small=1,medium=2,large=4",
+    ),
+    "frameworks_file": (
+        "A YAML file of frameworks (name -> version -> image) merged over the registry shipped with the "
+        "provider; see the README for its format.",
+        "string",
+        "/opt/airflow/config/wmltrain-frameworks.yaml",
+        None,
+    ),
+    "frameworks": (
+        "Frameworks given inline, as YAML or JSON in the same format as ``frameworks_file``; merged last.",
+        "string",
+        '{"pytorch": {"2.13": {"image": "registry.example.com/pytorch:2.13"}}}',
+        None,
+    ),
+    "model_definition_max_bytes": (
+        "Largest total uncompressed size of a model-definition zip, in bytes (a guard against zip bombs).",
+        "integer",
+        "1073741824",
+        "1073741824",
+    ),
+    "staging_dir": (
+        "Where training data is staged on a worker host: each run's data directory and the content cache "
+        "shared by the runs (``<staging_dir>/cache``) live here, on one file system so that cached objects "
+        "are hard-linked, not copied. When workers run in containers, this must be a path the Docker host "
+        "sees too.",
+        "string",
+        "/srv/wmltrain",
+        "/var/tmp/wmltrain",
+    ),
+    "cache_max_bytes": (
+        "Size of the staging cache above which the least recently used objects are evicted, in bytes.",
+        "integer",
+        "107374182400",
+        "53687091200",
+    ),
+    "transfer_workers": ("Concurrent transfers of one staging or upload.", "integer", "32", "16"),
+    "part_size": (
+        "Size of the parts of a multipart upload (S3 parts, Swift segments) and of the byte ranges in which "
+        "objects larger than twice this are fetched, in bytes.",
+        "integer",
+        "134217728",
+        "67108864",
+    ),
+    "multipart_threshold": (
+        "Files of at least this size are uploaded in parts, in bytes.",
+        "integer",
+        "268435456",
+        "134217728",
+    ),
+    "model_definition_max_entries": (
+        "Largest number of entries in a model-definition zip.",
+        "integer",
+        "10000",
+        "10000",
+    ),
+    "gpu_ids": (
+        "The GPUs of the Docker host that training runs may use, as the ids the NVIDIA runtime knows "
+        "(``0,1,2,3``), or ``auto``: the Docker daemon's label ``wmltrain.gpus`` (``dockerd --label "
+        "wmltrain.gpus=0,1,2,3``) when it has one, else the GPUs ``nvidia-smi`` lists in a probe container "
+        "of the run's image.",
+        "string",
+        "0,1,2,3",
+        "auto",
+    ),
+    "gpu_wait": (
+        "What a run does when the Docker host has no free GPU for it: ``wait`` polls in the worker until "
+        "GPUs free up (up to ``gpu_wait_timeout``), ``reschedule`` gives the worker slot back and tries "
+        "again after ``gpu_poll_interval`` (the task shows as up for reschedule).",
+        "string",
+        "reschedule",
+        "wait",
+    ),
+    "gpu_wait_timeout": (
+        "Seconds a run waits for free GPUs before it fails with S100.",
+        "integer",
+        "3600",
+        "86400",
+    ),
+    "gpu_poll_interval": ("Seconds between two looks for free GPUs.", "integer", "30", "5"),
+    "cpu_fallback": (
+        "Run on the CPU when the Docker host has no NVIDIA runtime (the task log says so loudly). Off by "
+        "default: a run that asked for GPUs fails with S100 instead.",
+        "boolean",
+        "True",
+        "False",
+    ),
+    "halt_grace_period": (
+        "Seconds a halted training container gets between SIGTERM and SIGKILL.",
+        "integer",
+        "60",
+        "30",
+    ),
+    "retention_days": (
+        "Days a training run's history is kept in Airflow (the wmltrain_retention DAG removes older ended "
+        "runs; the files in the buckets stay).",
+        "float",
+        "30",
+        "7",
+    ),
+    "poll_interval": (
+        "Seconds between two looks at a training container while a deferred run waits in the triggerer.",
+        "integer",
+        "30",
+        "10",
+    ),
+    "training_retries": (
+        "Retries of the bundled wmltrain_training DAG's task: a run whose worker was killed (or that failed "
+        "on the server side) is re-attached to its container by the retry instead of lost. Failures of the "
+        "submission itself (bad manifest, training exited non-zero, halted) are never retried.",
+        "integer",
+        "0",
+        "2",
+    ),
+    "training_retry_delay": (
+        "Seconds between a failed try of the bundled DAG's task and its retry.",
+        "integer",
+        "60",
+        "30",
+    ),
+}
+
+
 def get_provider_info() -> dict[str, Any]:
     return {
         "package-name": "airflow-wmltrain",
@@ -35,64 +220,7 @@ def get_provider_info() -> dict[str, Any]:
                 "hook-class-name": "airflow_wmltrain.hooks.swift.SwiftHook",
                 "hook-name": "OpenStack Swift",
                 "connection-type": "swift",
-                "conn-fields": {
-                    "auth_version": {
-                        "label": "Auth version",
-                        "schema": {"type": ["string", "null"]},
-                        "description": "1 (tempauth/swauth: user is account:user), 2 (Keystone v2.0) or 3 "
-                        "(Keystone v3). Detected from the auth URL when empty: .../auth/v1.0 is 1, .../v2.0 "
-                        "is 2, .../v3 or a URL without a version is 3.",
-                    },
-                    "project_id": {
-                        "label": "Project id",
-                        "schema": {"type": ["string", "null"]},
-                        "description": "Keystone project (tenant) id; this or the project name is needed "
-                        "for Keystone.",
-                    },
-                    "project_name": {
-                        "label": "Project name",
-                        "schema": {"type": ["string", "null"]},
-                        "description": "Keystone project (tenant) name, when no project id is given.",
-                    },
-                    "domain_name": {
-                        "label": "Domain name",
-                        "schema": {"type": ["string", "null"]},
-                        "description": "Keystone v3 domain of the user and the project (Default when empty).",
-                    },
-                    "user_domain_name": {
-                        "label": "User domain name",
-                        "schema": {"type": ["string", "null"]},
-                        "description": "Keystone v3 domain of the user, when it differs from the domain "
-                        "name.",
-                    },
-                    "project_domain_name": {
-                        "label": "Project domain name",
-                        "schema": {"type": ["string", "null"]},
-                        "description": "Keystone v3 domain of the project, when it differs from the domain "
-                        "name.",
-                    },
-                    "region_name": {
-                        "label": "Region",
-                        "schema": {"type": ["string", "null"]},
-                        "description": "Region of the object-store endpoint in the Keystone catalog, e.g. "
-                        "dallas (the first one when empty).",
-                    },
-                    "endpoint_type": {
-                        "label": "Endpoint interface",
-                        "schema": {"type": ["string", "null"]},
-                        "description": "Keystone catalog interface: public (default), internal or admin.",
-                    },
-                    "insecure": {
-                        "label": "Skip TLS verification",
-                        "schema": {"type": ["boolean", "null"]},
-                        "description": "Do not verify the TLS certificates of the auth and storage URLs.",
-                    },
-                    "cacert": {
-                        "label": "CA bundle",
-                        "schema": {"type": ["string", "null"]},
-                        "description": "Path of a CA bundle file used to verify TLS certificates.",
-                    },
-                },
+                "conn-fields": {name: _field(*spec) for name, spec in _SWIFT_FIELDS.items()},
                 "ui-field-behaviour": {
                     "hidden-fields": ["schema", "port"],
                     "relabeling": {"host": "Auth URL", "login": "User", "password": "Password / API key"},
@@ -111,174 +239,7 @@ def get_provider_info() -> dict[str, Any]:
         "config": {
             "wmltrain": {
                 "description": "Settings of the airflow-wmltrain provider (training runs on GPU hosts).",
-                "options": {
-                    "resource_classes": {
-                        "description": "Resource classes a manifest's "
-                        "``model_definition.execution.resource`` may name, with the number of GPUs each "
-                        "gets, as ``name=gpus`` pairs.\n",
-                        "type": "string",
-                        "version_added": "0.1.0",
-                        "example": "small=1,medium=2,large=4,xlarge=8",
-                        "default": "small=1,medium=2,large=4",
-                    },
-                    "frameworks_file": {
-                        "description": "A YAML file of frameworks (name -> version -> image) merged over the "
-                        "registry shipped with the provider; see the README for its format.\n",
-                        "type": "string",
-                        "version_added": "0.1.0",
-                        "example": "/opt/airflow/config/wmltrain-frameworks.yaml",
-                        "default": None,
-                    },
-                    "frameworks": {
-                        "description": "Frameworks given inline, as YAML or JSON in the same format as "
-                        "``frameworks_file``; merged last.\n",
-                        "type": "string",
-                        "version_added": "0.1.0",
-                        "example": '{"pytorch": {"2.13": {"image": "registry.example.com/pytorch:2.13"}}}',
-                        "default": None,
-                    },
-                    "model_definition_max_bytes": {
-                        "description": "Largest total uncompressed size of a model-definition zip, in bytes "
-                        "(a guard against zip bombs).\n",
-                        "type": "integer",
-                        "version_added": "0.1.0",
-                        "example": "1073741824",
-                        "default": "1073741824",
-                    },
-                    "staging_dir": {
-                        "description": "Where training data is staged on a worker host: each run's data "
-                        "directory and the content cache shared by the runs (``<staging_dir>/cache``) live "
-                        "here, on one file system so that cached objects are hard-linked, not copied. When "
-                        "workers run in containers, this must be a path the Docker host sees too.\n",
-                        "type": "string",
-                        "version_added": "0.1.0",
-                        "example": "/srv/wmltrain",
-                        "default": "/var/tmp/wmltrain",
-                    },
-                    "cache_max_bytes": {
-                        "description": "Size of the staging cache above which the least recently used "
-                        "objects are evicted, in bytes.\n",
-                        "type": "integer",
-                        "version_added": "0.1.0",
-                        "example": "107374182400",
-                        "default": "53687091200",
-                    },
-                    "transfer_workers": {
-                        "description": "Concurrent transfers of one staging or upload.\n",
-                        "type": "integer",
-                        "version_added": "0.1.0",
-                        "example": "32",
-                        "default": "16",
-                    },
-                    "part_size": {
-                        "description": "Size of the parts of a multipart upload (S3 parts, Swift segments) "
-                        "and of the byte ranges in which objects larger than twice this are fetched, in "
-                        "bytes.\n",
-                        "type": "integer",
-                        "version_added": "0.1.0",
-                        "example": "134217728",
-                        "default": "67108864",
-                    },
-                    "multipart_threshold": {
-                        "description": "Files of at least this size are uploaded in parts, in bytes.\n",
-                        "type": "integer",
-                        "version_added": "0.1.0",
-                        "example": "268435456",
-                        "default": "134217728",
-                    },
-                    "model_definition_max_entries": {
-                        "description": "Largest number of entries in a model-definition zip.\n",
-                        "type": "integer",
-                        "version_added": "0.1.0",
-                        "example": "10000",
-                        "default": "10000",
-                    },
-                    "gpu_ids": {
-                        "description": "The GPUs of the Docker host that training runs may use, as the "
-                        "ids the NVIDIA runtime knows (``0,1,2,3``), or ``auto``: the Docker daemon's label "
-                        "``wmltrain.gpus`` (``dockerd --label wmltrain.gpus=0,1,2,3``) when it has one, else "
-                        "the GPUs ``nvidia-smi`` lists in a probe container of the run's image.\n",
-                        "type": "string",
-                        "version_added": "0.1.0",
-                        "example": "0,1,2,3",
-                        "default": "auto",
-                    },
-                    "gpu_wait": {
-                        "description": "What a run does when the Docker host has no free GPU for it: "
-                        "``wait`` polls in the worker until GPUs free up (up to ``gpu_wait_timeout``), "
-                        "``reschedule`` gives the worker slot back and tries again after "
-                        "``gpu_poll_interval`` (the task shows as up for reschedule).\n",
-                        "type": "string",
-                        "version_added": "0.1.0",
-                        "example": "reschedule",
-                        "default": "wait",
-                    },
-                    "gpu_wait_timeout": {
-                        "description": "Seconds a run waits for free GPUs before it fails with S100.\n",
-                        "type": "integer",
-                        "version_added": "0.1.0",
-                        "example": "3600",
-                        "default": "86400",
-                    },
-                    "gpu_poll_interval": {
-                        "description": "Seconds between two looks for free GPUs.\n",
-                        "type": "integer",
-                        "version_added": "0.1.0",
-                        "example": "30",
-                        "default": "5",
-                    },
-                    "cpu_fallback": {
-                        "description": "Run on the CPU when the Docker host has no NVIDIA runtime (the "
-                        "task log says so loudly). Off by default: a run that asked for GPUs fails with "
-                        "S100 instead.\n",
-                        "type": "boolean",
-                        "version_added": "0.1.0",
-                        "example": "True",
-                        "default": "False",
-                    },
-                    "halt_grace_period": {
-                        "description": "Seconds a halted training container gets between SIGTERM and "
-                        "SIGKILL.\n",
-                        "type": "integer",
-                        "version_added": "0.1.0",
-                        "example": "60",
-                        "default": "30",
-                    },
-                    "retention_days": {
-                        "description": "Days a training run's history is kept in Airflow (the "
-                        "wmltrain_retention DAG removes older ended runs; the files in the buckets stay).\n",
-                        "type": "float",
-                        "version_added": "0.1.0",
-                        "example": "30",
-                        "default": "7",
-                    },
-                    "poll_interval": {
-                        "description": "Seconds between two looks at a training container while a "
-                        "deferred run waits in the triggerer.\n",
-                        "type": "integer",
-                        "version_added": "0.1.0",
-                        "example": "30",
-                        "default": "10",
-                    },
-                    "training_retries": {
-                        "description": "Retries of the bundled wmltrain_training DAG's task: a run whose "
-                        "worker was killed (or that failed on the server side) is re-attached to its "
-                        "container by the retry instead of lost. Failures of the submission itself (bad "
-                        "manifest, training exited non-zero, halted) are never retried.\n",
-                        "type": "integer",
-                        "version_added": "0.1.0",
-                        "example": "0",
-                        "default": "2",
-                    },
-                    "training_retry_delay": {
-                        "description": "Seconds between a failed try of the bundled DAG's task and its "
-                        "retry.\n",
-                        "type": "integer",
-                        "version_added": "0.1.0",
-                        "example": "60",
-                        "default": "30",
-                    },
-                },
+                "options": {name: _option(*spec) for name, spec in _OPTIONS.items()},
             }
         },
     }

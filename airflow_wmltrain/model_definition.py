@@ -94,6 +94,28 @@ _CORRUPT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class _Limits(NamedTuple):
+    """The zip-bomb guard's caps (``[wmltrain] model_definition_max_bytes``/``_max_entries``)."""
+
+    #: Total declared uncompressed size of the files, and bytes written when extracting.
+    max_bytes: int
+    #: Number of entries.
+    max_entries: int
+
+
+class _Source(NamedTuple):
+    """Where a model definition was loaded from."""
+
+    #: The file's name, or ``"<bytes>"``.
+    name: str
+    #: The ``field`` of the errors about it.
+    field: str
+    #: The file, when it was loaded from one (read again by ``extract``).
+    path: Path | None = None
+    #: Its bytes, when it was loaded from bytes.
+    data: bytes | None = None
+
+
 class _Entry(NamedTuple):
     """One validated archive entry."""
 
@@ -190,15 +212,15 @@ def _normalise_lookup(path: str) -> str | None:
     return "/".join(parts)
 
 
-def _scan(archive: zipfile.ZipFile, field: str, max_bytes: int, max_entries: int) -> list[_Entry]:
+def _scan(archive: zipfile.ZipFile, field: str, limits: _Limits) -> list[_Entry]:
     """Validate every entry of an open archive against the rules of this module.
 
     :param archive: the open zip archive.
     :param field: the ``field`` of the errors raised.
-    :param max_bytes: cap on the total declared uncompressed size.
-    :param max_entries: cap on the number of entries.
+    :param limits: the caps on the number of entries and their total declared uncompressed size.
     :return: the entries, in archive order.
     """
+    max_bytes, max_entries = limits
     infos = archive.infolist()
     if len(infos) > max_entries:
         raise ModelDefinitionError(
@@ -315,30 +337,19 @@ class ModelDefinition:
     uncompressed_bytes: int
 
     def __init__(
-        self,
-        *,
-        name: str,
-        field: str,
-        size: int,
-        sha256: str,
-        entries: list[_Entry],
-        max_bytes: int,
-        max_entries: int,
-        path: Path | None = None,
-        data: bytes | None = None,
+        self, source: _Source, *, size: int, sha256: str, entries: list[_Entry], limits: _Limits
     ) -> None:
-        self.name = name
+        self.name = source.name
         self.size = size
         self.sha256 = sha256
         self.files = tuple(sorted(entry.path for entry in entries if not entry.is_dir))
         self.uncompressed_bytes = sum(entry.info.file_size for entry in entries if not entry.is_dir)
-        self._field = field
+        self._field = source.field
         self._entries = entries
         self._file_set = frozenset(self.files)
-        self._max_bytes = max_bytes
-        self._max_entries = max_entries
-        self._path = path
-        self._data = data
+        self._limits = limits
+        self._path = source.path
+        self._data = source.data
 
     def __repr__(self) -> str:
         return (
@@ -377,23 +388,15 @@ class ModelDefinition:
             max_entries = settings.model_definition_max_entries if max_entries is None else max_entries
         if max_bytes <= 0 or max_entries <= 0:
             raise ValueError(f"max_bytes and max_entries must be positive, got {max_bytes}, {max_entries}")
+        limits = _Limits(max_bytes, max_entries)
         if isinstance(source, (bytes, bytearray, memoryview)):
             data = bytes(source)
-            return cls._load_stream(
-                io.BytesIO(data),
-                name=BYTES_NAME,
-                field=BYTES_FIELD,
-                max_bytes=max_bytes,
-                max_entries=max_entries,
-                data=data,
-            )
+            return cls._load_stream(io.BytesIO(data), _Source(BYTES_NAME, BYTES_FIELD, data=data), limits)
         path = Path(os.fspath(source))
         field = path.name or str(path)
         stream = cls._open_file(path, field)
         with stream:
-            return cls._load_stream(
-                stream, name=field, field=field, max_bytes=max_bytes, max_entries=max_entries, path=path
-            )
+            return cls._load_stream(stream, _Source(field, field, path=path), limits)
 
     @staticmethod
     def _open_file(path: Path, field: str) -> IO[bytes]:
@@ -427,17 +430,8 @@ class ModelDefinition:
             ) from None
 
     @classmethod
-    def _load_stream(
-        cls,
-        stream: IO[bytes],
-        *,
-        name: str,
-        field: str,
-        max_bytes: int,
-        max_entries: int,
-        path: Path | None = None,
-        data: bytes | None = None,
-    ) -> ModelDefinition:
+    def _load_stream(cls, stream: IO[bytes], source: _Source, limits: _Limits) -> ModelDefinition:
+        field = source.field
         head = stream.read(_HEAD_BYTES)
         if not head:
             raise ModelDefinitionError(f"received an empty file (0 bytes); {_ACCEPTED}", field=field)
@@ -451,19 +445,9 @@ class ModelDefinition:
             digest.update(chunk)
             size += len(chunk)
         stream.seek(0)
-        archive, entries = _open_and_scan(stream, field, max_bytes, max_entries)
+        archive, entries = _open_and_scan(stream, field, limits)
         archive.close()
-        return cls(
-            name=name,
-            field=field,
-            size=size,
-            sha256=digest.hexdigest(),
-            entries=entries,
-            max_bytes=max_bytes,
-            max_entries=max_entries,
-            path=path,
-            data=data,
-        )
+        return cls(source, size=size, sha256=digest.hexdigest(), entries=entries, limits=limits)
 
     def contains(self, path: str) -> bool:
         """Whether the archive holds a regular file at ``path``.
@@ -568,7 +552,7 @@ class ModelDefinition:
         tmp = self._make_temp_dir(target)
         try:
             with self.open_stream() as stream:
-                archive, entries = _open_and_scan(stream, self._field, self._max_bytes, self._max_entries)
+                archive, entries = _open_and_scan(stream, self._field, self._limits)
                 with archive:
                     if _signature(entries) != _signature(self._entries):
                         raise self._changed()
@@ -613,9 +597,9 @@ class ModelDefinition:
                 for chunk in self._read_entry(archive, entry):
                     entry_written += len(chunk)
                     written += len(chunk)
-                    if written > self._max_bytes:
+                    if written > self._limits.max_bytes:
                         raise ModelDefinitionError(
-                            f"extracting wrote more than the cap of {self._max_bytes} bytes "
+                            f"extracting wrote more than the cap of {self._limits.max_bytes} bytes "
                             f"(zip bomb guard); raise [{SECTION}] model_definition_max_bytes "
                             "if the code really is that large",
                             field=self._field,
@@ -647,19 +631,14 @@ class ModelDefinition:
             raise _corrupt(self._field, exc, entry.path) from exc
 
 
-def _open_and_scan(
-    stream: IO[bytes],
-    field: str,
-    max_bytes: int,
-    max_entries: int,
-) -> tuple[zipfile.ZipFile, list[_Entry]]:
+def _open_and_scan(stream: IO[bytes], field: str, limits: _Limits) -> tuple[zipfile.ZipFile, list[_Entry]]:
     """Open ``stream`` as a zip and validate its entries; the caller closes the returned archive."""
     try:
         archive = zipfile.ZipFile(stream)
     except _CORRUPT_ERRORS as exc:
         raise _corrupt(field, exc) from exc
     try:
-        return archive, _scan(archive, field, max_bytes, max_entries)
+        return archive, _scan(archive, field, limits)
     except BaseException:
         archive.close()
         raise

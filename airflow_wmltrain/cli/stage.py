@@ -11,6 +11,7 @@ import dataclasses
 import json
 from typing import Any
 
+from airflow_wmltrain.cli.arguments import MANIFEST, Positional, add_command
 from airflow_wmltrain.cli.output import log_to_stderr
 from airflow_wmltrain.errors import EXIT_OK
 from airflow_wmltrain.manifest import load_manifest
@@ -19,26 +20,25 @@ from airflow_wmltrain.storage import open_store
 from airflow_wmltrain.storage.cache import ObjectCache
 from airflow_wmltrain.storage.staging import stage
 
+DEST_DIR = Positional("dest", "DEST_DIR", "the directory to fill (created if missing)")
+
 
 def register(commands: Any) -> None:
-    parser = commands.add_parser(
-        "stage",
-        help="copy the manifest's training data into a directory, as a training run does",
-        description="Stage every object of the manifest's data bucket (or prefix) into DEST_DIR through "
-        "the host's staging cache, with progress on stderr and a summary line on stdout.",
-    )
-    parser.add_argument("manifest", metavar="MANIFEST.yaml", help="the training manifest (YAML)")
-    parser.add_argument("dest", metavar="DEST_DIR", help="the directory to fill (created if missing)")
+    parser = add_command(commands, "stage", run, MANIFEST, DEST_DIR)
     parser.add_argument("--workers", type=int, help="concurrent transfers ([wmltrain] transfer_workers)")
     cache = parser.add_mutually_exclusive_group()
     cache.add_argument("--cache-dir", help="the staging cache (default: <[wmltrain] staging_dir>/cache)")
     cache.add_argument("--no-cache", action="store_true", help="fetch straight into DEST_DIR")
     parser.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Copy the manifest's training data into a directory, as a training run does.
+
+    Stage every object of the manifest's data bucket (or prefix) into DEST_DIR through the host's
+    staging cache, with progress on stderr and a summary line on stdout.
+    """
     settings = Settings.from_airflow_config()  # imports Airflow, which may set up logging to stdout
     manifest = load_manifest(args.manifest, settings=settings)
     log = log_to_stderr("airflow_wmltrain.stage")

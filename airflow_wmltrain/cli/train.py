@@ -18,8 +18,9 @@ from typing import Any
 
 import yaml
 
+from airflow_wmltrain.cli.arguments import MANIFEST, MODEL_ZIP, add_command
 from airflow_wmltrain.cli.server import add_server_options, add_wait_options, api_from_args, wait_options
-from airflow_wmltrain.cli.validate import parse_hyperparameters
+from airflow_wmltrain.cli.validate import add_hyperparameter_option, parse_hyperparameters
 from airflow_wmltrain.errors import EXIT_OK, EXIT_RUN_FAILED, ModelDefinitionError
 from airflow_wmltrain.lifecycle import RunState
 from airflow_wmltrain.manifest import ConnectionId, S3Connection, StoreReference, SwiftConnection
@@ -37,27 +38,12 @@ from airflow_wmltrain.training_id import new_training_id
 
 #: The largest zip sent inside a run's conf (base64 makes it a third larger).
 DEFAULT_MAX_INLINE = 8 * 1024 * 1024
+MODEL_ZIP_OR_URL = MODEL_ZIP._replace(help="the zipped training code, or its s3:// / swift:// URL")
 
 
 def register(commands: Any) -> None:
-    parser = commands.add_parser(
-        "train",
-        help="submit a training run (model zip + manifest) to Airflow",
-        description="Check the submission locally, then start a run of the wmltrain_training DAG whose run "
-        "id is the new training id, and print it (\"Model-ID is 'training-...'\").",
-    )
-    parser.add_argument(
-        "model_definition", metavar="MODEL.zip", help="the zipped training code, or its s3:// / swift:// URL"
-    )
-    parser.add_argument("manifest", metavar="MANIFEST.yaml", help="the training manifest (YAML)")
-    parser.add_argument(
-        "--param",
-        "-p",
-        metavar="NAME=VALUE",
-        action="append",
-        default=[],
-        help="override an option of the command (repeatable), e.g. -p learningRate=0.01",
-    )
+    parser = add_command(commands, "train", run, MODEL_ZIP_OR_URL, MANIFEST)
+    add_hyperparameter_option(parser, "--param", "-p")
     parser.add_argument("--name", help="the run's name (model_definition.name)")
     parser.add_argument("--wait", action="store_true", help="wait for the run to end; exit 1 if it failed")
     parser.add_argument(
@@ -69,7 +55,6 @@ def register(commands: Any) -> None:
     )
     add_wait_options(parser)
     add_server_options(parser)
-    parser.set_defaults(handler=run)
 
 
 def _connection_body(conn_id: str, ref: StoreReference) -> dict[str, Any]:
@@ -122,6 +107,11 @@ def _model_definition(path: str, max_inline: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Submit a training run (model zip + manifest) to Airflow.
+
+    Check the submission locally, then start a run of the wmltrain_training DAG whose run id is the new
+    training id, and print it ("Model-ID is 'training-...'").
+    """
     from airflow_wmltrain.manifest import load_manifest
     from airflow_wmltrain.model_source import is_url
     from airflow_wmltrain.settings import Settings

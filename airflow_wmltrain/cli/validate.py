@@ -9,30 +9,27 @@ from typing import Any
 
 import yaml
 
+from airflow_wmltrain.cli.arguments import MANIFEST, MODEL_ZIP, add_command
 from airflow_wmltrain.errors import EXIT_OK, ManifestError, WmlTrainError, exit_status
 from airflow_wmltrain.settings import Settings
 from airflow_wmltrain.submission import check_submission
 
 
 def register(commands: Any) -> None:
-    parser = commands.add_parser(
-        "validate",
-        help="check a model-definition zip and a training manifest without submitting anything",
-        description="Check a model-definition zip and a training manifest offline: exit 0 with a "
-        "summary, or exit 2 with the first problem (its code and the field at fault).",
-    )
-    parser.add_argument("model_definition", metavar="MODEL.zip", help="the zipped training code")
-    parser.add_argument("manifest", metavar="MANIFEST.yaml", help="the training manifest (YAML)")
+    parser = add_command(commands, "validate", run, MODEL_ZIP, MANIFEST)
+    add_hyperparameter_option(parser, "-p", "--hyperparameter")
+    parser.add_argument("--json", action="store_true", help="print a JSON document instead of text")
+
+
+def add_hyperparameter_option(parser: argparse.ArgumentParser, *flags: str) -> None:
+    """The repeatable ``NAME=VALUE`` option (``flags``, e.g. ``-p``) read by :func:`parse_hyperparameters`."""
     parser.add_argument(
-        "-p",
-        "--hyperparameter",
+        *flags,
         metavar="NAME=VALUE",
         action="append",
         default=[],
         help="override an option of the command (repeatable), e.g. -p learningRate=0.01",
     )
-    parser.add_argument("--json", action="store_true", help="print a JSON document instead of text")
-    parser.set_defaults(handler=run)
 
 
 def parse_hyperparameters(pairs: list[str]) -> dict[str, Any]:
@@ -52,6 +49,11 @@ def parse_hyperparameters(pairs: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check a model-definition zip and a training manifest without submitting anything.
+
+    Check a model-definition zip and a training manifest offline: exit 0 with a summary, or exit 2 with
+    the first problem (its code and the field at fault).
+    """
     try:
         settings = Settings.from_airflow_config()
         submission = check_submission(

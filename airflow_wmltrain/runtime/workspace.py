@@ -13,6 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 from docker.types import Mount
 
@@ -26,6 +27,22 @@ CONTAINER_DIRS = {
 }
 
 
+class _RunDirectory:
+    """The attribute ``name`` of a :class:`Workspace`: the run's directory ``<root>/<name>``."""
+
+    def __set_name__(self, owner: type[Workspace], name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, workspace: None, owner: type[Workspace]) -> _RunDirectory: ...
+
+    @overload
+    def __get__(self, workspace: Workspace, owner: type[Workspace]) -> Path: ...
+
+    def __get__(self, workspace: Workspace | None, owner: type[Workspace]) -> Path | _RunDirectory:
+        return self if workspace is None else workspace.root / self.name
+
+
 @dataclass(frozen=True)
 class Workspace:
     """The directories of one run.
@@ -34,30 +51,20 @@ class Workspace:
     """
 
     root: Path
+    #: The staged data bucket (hard links of the staging cache), mounted read-only.
+    data = _RunDirectory()
+    #: The extracted model definition (the container's default working directory).
+    model = _RunDirectory()
+    #: What the training writes for the results bucket.
+    results = _RunDirectory()
+    #: The training's logs, uploaded with the results.
+    logs = _RunDirectory()
+    #: The training's checkpoints (not uploaded).
+    checkpoints = _RunDirectory()
 
     @classmethod
     def for_run(cls, staging_dir: str, training_id: str) -> Workspace:
         return cls(Path(staging_dir) / "runs" / training_id)
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "model"
-
-    @property
-    def results(self) -> Path:
-        return self.root / "results"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
 
     def create(self) -> None:
         """Make the directories (not ``model``: the zip is extracted there atomically).

@@ -568,11 +568,10 @@ MOVED_CONNECTION_PREFIX = "wmltrain_"
 _MOVED_ROLES = ("data", "results")
 
 
-def delete_moved_connections(api: AirflowApi, training_id: str) -> list[str]:
-    """Remove the connections made of a run's inline credentials; the ids removed."""
+def _delete_connections(api: AirflowApi, conn_ids: list[str]) -> list[str]:
+    """Remove these Airflow connections; the ids removed (not those already gone)."""
     removed = []
-    for role in _MOVED_ROLES:
-        conn_id = moved_connection_id(training_id, role)
+    for conn_id in conn_ids:
         try:
             api.call("DELETE", f"/connections/{quote(conn_id)}")
         except ApiNotFoundError:
@@ -581,23 +580,24 @@ def delete_moved_connections(api: AirflowApi, training_id: str) -> list[str]:
     return removed
 
 
+def delete_moved_connections(api: AirflowApi, training_id: str) -> list[str]:
+    """Remove the connections made of a run's inline credentials; the ids removed."""
+    return _delete_connections(api, [moved_connection_id(training_id, role) for role in _MOVED_ROLES])
+
+
 def sweep_moved_connections(api: AirflowApi, live: set[str]) -> list[str]:
     """Remove the moved-credential connections of runs Airflow no longer lists (``live``: their ids)."""
     keep = {moved_connection_id(training_id, role) for training_id in live for role in _MOVED_ROLES}
-    removed = []
-    for connection in list(api.paginate("/connections", "connections")):
-        conn_id = str(connection.get("connection_id") or "")
-        if (
-            conn_id.startswith(MOVED_CONNECTION_PREFIX + "training_")
-            and conn_id.endswith(tuple(f"_{role}" for role in _MOVED_ROLES))
-            and conn_id not in keep
-        ):
-            try:
-                api.call("DELETE", f"/connections/{quote(conn_id)}")
-            except ApiNotFoundError:
-                continue
-            removed.append(conn_id)
-    return removed
+    suffixes = tuple(f"_{role}" for role in _MOVED_ROLES)
+    listed = [str(c.get("connection_id") or "") for c in api.paginate("/connections", "connections")]
+    stale = [
+        conn_id
+        for conn_id in listed
+        if conn_id.startswith(MOVED_CONNECTION_PREFIX + "training_")
+        and conn_id.endswith(suffixes)
+        and conn_id not in keep
+    ]
+    return _delete_connections(api, stale)
 
 
 # --- waits: one API call per look ----------------------------------------------------------------------
@@ -762,37 +762,48 @@ def wait_until_over(
     return result
 
 
+def _wait_for_watch(
+    api: AirflowApi,
+    record: TrainingRunRecord,
+    options: WaitOptions | None,
+    until: Callable[[RunWatch], bool],
+    what: str,
+) -> TrainingRunRecord:
+    """Look at a run (one API call per look) until ``until(watch)`` holds.
+
+    :param what: what is waited for, after the training id in messages, e.g. ``to stop``.
+    """
+    options = options or WaitOptions()
+    watch = RunWatch(api, record)
+
+    def look() -> TrainingRunRecord | None:
+        watch.look()
+        return watch.record if until(watch) else None
+
+    result: TrainingRunRecord = _wait(
+        look, f"{record.training_id} {what}", record.training_id, options, options.clock()
+    )
+    return result
+
+
 def wait_for_task(
     api: AirflowApi, record: TrainingRunRecord, *, options: WaitOptions | None = None
 ) -> TrainingRunRecord:
     """Wait until a run's task has started (or the run ended without it); one API call per look."""
-    options = options or WaitOptions()
-    watch = RunWatch(api, record)
-    result: TrainingRunRecord = _wait(
-        lambda: watch.record if watch.look() is not None and watch.started else None,
-        f"{record.training_id} to start",
-        record.training_id,
-        options,
-        options.clock(),
-    )
-    return result
+    return _wait_for_watch(api, record, options, lambda watch: watch.started, "to start")
+
+
+#: Task instance states in which a run's task is (or is about to be) running.
+_TASK_BUSY_STATES = ("running", "deferred", "queued", "scheduled", "restarting")
 
 
 def wait_not_running(
     api: AirflowApi, record: TrainingRunRecord, *, options: WaitOptions | None = None
 ) -> TrainingRunRecord:
     """Wait until a run's task is no longer running, scheduled or queued; one API call per look."""
-    options = options or WaitOptions()
-    watch = RunWatch(api, record)
-    busy = ("running", "deferred", "queued", "scheduled", "restarting")
-    result: TrainingRunRecord = _wait(
-        lambda: watch.record if watch.look().ti_state not in busy else None,
-        f"{record.training_id} to stop",
-        record.training_id,
-        options,
-        options.clock(),
+    return _wait_for_watch(
+        api, record, options, lambda watch: watch.record.ti_state not in _TASK_BUSY_STATES, "to stop"
     )
-    return result
 
 
 class _LogFollower:

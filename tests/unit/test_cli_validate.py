@@ -150,3 +150,41 @@ def test_usage_error_exits_2(tmp_path: Path) -> None:
     result = run(WMLTRAIN, "validate", home=tmp_path)
     assert result.returncode == 2
     assert "usage: wmltrain validate" in result.stderr
+
+
+def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    from airflow_wmltrain.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_each_command_its_line_description_and_positionals(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    top = _help(capsys)
+    assert "stage copy the manifest's training data into a directory, as a training run does " in top
+    assert "validate check a model-definition zip and a training manifest without submitting anything " in top
+    assert "train submit a training run (model zip + manifest) to Airflow " in top
+    stage = _help(capsys, "stage")
+    assert (
+        "Stage every object of the manifest's data bucket (or prefix) into DEST_DIR through the host's "
+        in stage
+    )
+    assert (
+        "MANIFEST.yaml the training manifest (YAML) DEST_DIR the directory to fill (created if missing)"
+        in stage
+    )
+    validate = _help(capsys, "validate")
+    assert (
+        "offline: exit 0 with a summary, or exit 2 with the first problem (its code and the field at"
+        in validate
+    )
+    assert "MODEL.zip the zipped training code MANIFEST.yaml" in validate
+    assert "-p NAME=VALUE, --hyperparameter NAME=VALUE override an option of the command" in validate
+    train = _help(capsys, "train")
+    assert "whose run id is the new training id, and print it (\"Model-ID is 'training-...'\")." in train
+    assert "MODEL.zip the zipped training code, or its s3:// / swift:// URL MANIFEST.yaml" in train
+    assert "--param NAME=VALUE, -p NAME=VALUE override an option of the command (repeatable)" in train

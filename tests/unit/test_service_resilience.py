@@ -732,3 +732,52 @@ def test_retention_logs_the_state_by_its_name() -> None:
     now = datetime(2026, 12, 30, tzinfo=timezone.utc)
     assert drop_expired_runs(FakeApi(handler), now=now, days=7, log=Log()) == ["training-old"]
     assert "(n, COMPLETED, submitted 2026-11-30T10:00:00.000Z)" in messages[0], messages
+
+
+def test_waits_for_a_task_to_start_and_to_stop_cost_one_call_per_look() -> None:
+    record = TrainingRunRecord("training-w", "wmltrain_training", "training-w", "train")
+    running = {"state": "running", "try_number": 1}
+    api = FakeApi(scripted({TI: [{"state": "queued"}, running], XCOM: [None]}))
+    assert runs.wait_for_task(api, record, options=fake_options(api)).ti_state == "running"
+    one_call_per_look(api)
+
+    api = FakeApi(
+        scripted({TI: [running, {"state": "restarting"}, {"state": "failed", "try_number": 1}], XCOM: [None]})
+    )
+    assert runs.wait_not_running(api, record, options=fake_options(api)).ti_state == "failed"
+    one_call_per_look(api, final_calls=2)  # the end: the task instance, then the final document
+    with pytest.raises(WaitTimeoutError, match="training-w to stop"):
+        runs.wait_not_running(
+            FakeApi(scripted({TI: [running], XCOM: [None]})), record, options=fake_options(api, timeout=60)
+        )
+
+
+def test_moved_connections_are_deleted_for_one_run_and_swept_for_runs_gone() -> None:
+    listed = [
+        "wmltrain_training_a_data",
+        "wmltrain_training_a_results",
+        "wmltrain_training_gone_data",
+        "wmltrain_training_gone_results",
+        "wmltrain_other_data",  # not made by wmltrain train
+        "aws_default",
+    ]
+
+    def handler(method: str, path: str, params: dict[str, Any], body: Any) -> Any:
+        if method == "GET":
+            return {"connections": [{"connection_id": c} for c in listed], "total_entries": len(listed)}
+        if path.endswith("_results"):
+            raise ApiNotFoundError("HTTP 404")  # already gone: not counted as removed
+        return None
+
+    api = FakeApi(handler)
+    assert runs.delete_moved_connections(api, "training-a") == ["wmltrain_training_a_data"]
+    assert api.calls == [
+        "DELETE /connections/wmltrain_training_a_data",
+        "DELETE /connections/wmltrain_training_a_results",
+    ]
+    api = FakeApi(handler)
+    assert runs.sweep_moved_connections(api, {"training-a"}) == ["wmltrain_training_gone_data"]
+    assert [c for c in api.calls if c.startswith("DELETE")] == [
+        "DELETE /connections/wmltrain_training_gone_data",
+        "DELETE /connections/wmltrain_training_gone_results",
+    ]
