@@ -39,6 +39,24 @@ if TYPE_CHECKING:
 LIVE_STATES = frozenset({"created", "running", "restarting", "paused"})
 #: Log lines quoted in a failure message.
 TAIL_LINES = 20
+#: A trigger event's container fields: (event key, ``ContainerOutcome`` attribute, type).
+_EVENT_FIELDS: tuple[tuple[str, str, type], ...] = (
+    ("container_id", "container_id", str),
+    ("container_status", "status", str),
+    ("exit_code", "exit_code", int),
+    ("oom_killed", "oom_killed", bool),
+    ("finished_at", "finished_at", str),
+    ("docker_error", "error", str),
+)
+#: ``DockerHook.construct_tls_config`` argument ← the hook's TLS parameter.
+_TLS_ARGUMENTS = (
+    ("ca_cert", "tls_ca_cert"),
+    ("client_cert", "tls_client_cert"),
+    ("client_key", "tls_client_key"),
+    ("verify", "tls_verify"),
+    ("assert_hostname", "tls_hostname"),
+    ("ssl_version", "tls_ssl_version"),
+)
 
 
 class DockerHostError(ServerError):
@@ -81,14 +99,7 @@ class ContainerOutcome:
 
     def to_event(self) -> dict[str, Any]:
         """The trigger event's fields (plain JSON; labels are not sent)."""
-        return {
-            "container_id": self.container_id,
-            "container_status": self.status,
-            "exit_code": self.exit_code,
-            "oom_killed": self.oom_killed,
-            "finished_at": self.finished_at,
-            "docker_error": self.error,
-        }
+        return {key: getattr(self, attr) for key, attr, _kind in _EVENT_FIELDS}
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any]) -> ContainerOutcome:
@@ -97,14 +108,7 @@ class ContainerOutcome:
         :raises ValueError: the event does not carry one.
         """
         try:
-            return cls(
-                container_id=str(event["container_id"]),
-                status=str(event["container_status"]),
-                exit_code=int(event["exit_code"]),
-                oom_killed=bool(event["oom_killed"]),
-                finished_at=str(event.get("finished_at") or ""),
-                error=str(event.get("docker_error") or ""),
-            )
+            return cls(**{attr: kind(event[key]) for key, attr, kind in _EVENT_FIELDS})
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"the event carries no container outcome ({exc})") from None
 
@@ -217,12 +221,7 @@ class TrainingDockerHook(DockerHook):
             "timeout": timeout,
         }
         self.tls_config = DockerHook.construct_tls_config(
-            ca_cert=tls_ca_cert,
-            client_cert=tls_client_cert,
-            client_key=tls_client_key,
-            verify=tls_verify,
-            assert_hostname=tls_hostname,
-            ssl_version=tls_ssl_version,
+            **{argument: self.params[name] for argument, name in _TLS_ARGUMENTS}
         )
         super().__init__(
             docker_conn_id=docker_conn_id,

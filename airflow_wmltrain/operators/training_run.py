@@ -25,7 +25,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
@@ -103,6 +103,28 @@ def _airflow_errors() -> Iterator[None]:
         if err.retryable:
             raise
         raise AirflowFailException(f"{err.code} {err}") from err
+
+
+@dataclass
+class _Try:
+    """What one try of the task holds while it runs (``on_kill`` reads it from a signal handler).
+
+    :param owner: the task instance (dag, run, task, map index, try), as the run's status records it.
+    :param ti: the task instance, to ask Airflow for its state when the task is stopped.
+    :param run: the training run, once the submission is valid.
+    :param container_id: the run's container, as soon as it exists.
+    :param halt_requested: a person or a deadline asked for a halt.
+    :param halter_spawned: the detached halter owns the run's end.
+    :param connections: the store connections, resolved for the halter ahead of time.
+    """
+
+    owner: dict[str, Any] = field(default_factory=dict)
+    ti: Any = None
+    run: TrainingRun | None = None
+    container_id: str | None = None
+    halt_requested: bool = False
+    halter_spawned: bool = False
+    connections: dict[str, str] = field(default_factory=dict)
 
 
 class TrainingRunOperator(DockerOperator):
@@ -183,12 +205,7 @@ class TrainingRunOperator(DockerOperator):
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.halt_grace_period = halt_grace_period
-        self._run: TrainingRun | None = None
-        self._ti: Any = None
-        self._container_id: str | None = None
-        self._halt_requested = False
-        self._halter_spawned = False
-        self._halt_connections: dict[str, str] = {}
+        self._try = _Try()
 
     # --- templates: mask the manifest's secrets before Airflow stores the rendered fields -------------
 
@@ -312,7 +329,7 @@ class TrainingRunOperator(DockerOperator):
         settings = Settings.from_airflow_config()
         training_id = self._training_id(context)
         owner = self._airflow_info(context)
-        self._ti = context["ti"]
+        self._try = _Try(owner=owner, ti=context["ti"])
         try:
             with _airflow_errors():
                 submission = self._validate(settings)
@@ -327,7 +344,7 @@ class TrainingRunOperator(DockerOperator):
             raise
         manifest = submission.manifest
         self.image = self.image or manifest.framework.image
-        run = self._run = TrainingRun(
+        run = self._try.run = TrainingRun(
             training_id=training_id,
             manifest=manifest,
             settings=settings,
@@ -346,16 +363,10 @@ class TrainingRunOperator(DockerOperator):
             run.location,
         )
         with _airflow_errors():
-            return self._execute(context, run, submission, settings, owner)
+            return self._execute(run, submission)
 
-    def _execute(
-        self,
-        context: Context,
-        run: TrainingRun,
-        submission: Submission,
-        settings: Settings,
-        owner: dict[str, Any],
-    ) -> dict[str, Any]:
+    def _execute(self, run: TrainingRun, submission: Submission) -> dict[str, Any]:
+        owner = self._try.owner
         training_id = run.training_id
         digest = submission_digest(submission)
         prior = run.resume()
@@ -365,7 +376,7 @@ class TrainingRunOperator(DockerOperator):
         existing = hook.find_run_container(training_id)
         if existing is not None:
             self._check_owner(training_id, owner, existing.owner(), "the container")
-            return self._reattach(context, run, hook, outcome=existing, settings=settings, owner=owner)
+            return self._reattach(run, hook, existing)
         if prior is not None and prior.state is RunState.COMPLETED:
             if prior.digest == digest:
                 # An earlier try (or run) of this task instance completed it: same submission, same result.
@@ -387,27 +398,17 @@ class TrainingRunOperator(DockerOperator):
             lost.retryable = False
             run.end_without_container(RunState.FAILED, lost)
             raise lost
-        return self._start(
-            context, run, hook, submission=submission, settings=settings, owner=owner, digest=digest
-        )
+        return self._start(run, hook, submission, digest)
 
     def _start(
-        self,
-        context: Context,
-        run: TrainingRun,
-        hook: TrainingDockerHook,
-        *,
-        submission: Submission,
-        settings: Settings,
-        owner: dict[str, Any],
-        digest: str,
+        self, run: TrainingRun, hook: TrainingDockerHook, submission: Submission, digest: str
     ) -> dict[str, Any]:
         manifest = submission.manifest
         run.begin(
             data_location=manifest.data.describe(),
             image=str(self.image),
             command=submission.command,
-            airflow=owner,
+            airflow=self._try.owner,
             digest=digest,
             container={"docker_url": hook.docker_url},
         )
@@ -418,34 +419,25 @@ class TrainingRunOperator(DockerOperator):
                 framework=f"{manifest.framework.name} {manifest.framework.version}",
                 log=self.log,
             )
-            inventory = self._gpu_inventory(run, hook, settings)  # before staging: fail fast without GPUs
+            inventory = self._gpu_inventory(run, hook)  # before staging: fail fast without GPUs
             run.download(submission.model_definition)
-            outcome = self._create_and_start(
-                run, hook, submission=submission, settings=settings, owner=owner, inventory=inventory
-            )
+            outcome = self._create_and_start(run, hook, submission, inventory)
         except AirflowRescheduleException:
             raise
         except Exception as err:
-            if self._halter_spawned:  # the halt owns the run's end now
+            if self._try.halter_spawned:  # the halt owns the run's end now
                 raise
-            if not run.status.terminal and self._container_id is None:
+            if not run.status.terminal and self._try.container_id is None:
                 error = err if isinstance(err, WmlTrainError) else ServerError(f"{type(err).__name__}: {err}")
                 state = RunState.HALTED if isinstance(err, RunHaltedError) else RunState.FAILED
                 run.end_without_container(state, error)
             raise
-        return self._wait(context, run, hook, outcome, settings)
+        return self._wait(run, hook, outcome)
 
     def _reattach(
-        self,
-        context: Context,
-        run: TrainingRun,
-        hook: TrainingDockerHook,
-        *,
-        outcome: ContainerOutcome,
-        settings: Settings,
-        owner: dict[str, Any],
+        self, run: TrainingRun, hook: TrainingDockerHook, outcome: ContainerOutcome
     ) -> dict[str, Any]:
-        self._container_id = outcome.container_id
+        self._try.container_id = outcome.container_id
         self.log.info(
             "Re-attaching to the container %s of training run %s on %s (it is %s); no new run is started",
             outcome.container_id[:12],
@@ -457,15 +449,13 @@ class TrainingRunOperator(DockerOperator):
             hook.start(outcome.container_id)
             outcome = hook.inspect(outcome.container_id)
         if not run.status.history:  # the earlier try died before it wrote a status document
-            run.begin(airflow=owner, image=str(self.image))
+            run.begin(airflow=self._try.owner, image=str(self.image))
         run.processing(outcome, hook.docker_url)
-        return self._wait(context, run, hook, outcome, settings)
+        return self._wait(run, hook, outcome)
 
     # --- GPUs and the container -----------------------------------------------------------------------
 
-    def _gpu_inventory(
-        self, run: TrainingRun, hook: TrainingDockerHook, settings: Settings
-    ) -> list[str] | None:
+    def _gpu_inventory(self, run: TrainingRun, hook: TrainingDockerHook) -> list[str] | None:
         """The host's GPUs, or ``None`` for a run without GPUs (a CPU run, or the explicit CPU fallback).
 
         :raises GpuCapacityError: the host has no NVIDIA runtime (and no CPU fallback), or fewer GPUs
@@ -473,7 +463,7 @@ class TrainingRunOperator(DockerOperator):
         """
         from airflow_wmltrain.runtime import gpus
 
-        manifest = run.manifest
+        manifest, settings = run.manifest, run.settings
         count = manifest.gpus
         if count == 0:
             return None
@@ -496,12 +486,13 @@ class TrainingRunOperator(DockerOperator):
         return inventory
 
     def _lease_gpus(
-        self, run: TrainingRun, hook: TrainingDockerHook, settings: Settings, inventory: list[str] | None
+        self, run: TrainingRun, hook: TrainingDockerHook, inventory: list[str] | None
     ) -> list[str]:
         """Lease the run's GPUs on the host: wait for them (the run's phase says who holds them), or
         reschedule the task, as configured."""
         if inventory is None:
             return []
+        settings = run.settings
         manifest = run.manifest
         count = manifest.gpus
 
@@ -541,21 +532,15 @@ class TrainingRunOperator(DockerOperator):
         )
 
     def _create_and_start(
-        self,
-        run: TrainingRun,
-        hook: TrainingDockerHook,
-        *,
-        submission: Submission,
-        settings: Settings,
-        owner: dict[str, Any],
-        inventory: list[str] | None,
+        self, run: TrainingRun, hook: TrainingDockerHook, submission: Submission, inventory: list[str] | None
     ) -> ContainerOutcome:
         from airflow_wmltrain.command import render_command
         from airflow_wmltrain.runtime.gpus import gpu_device_request
 
         self._check_halt("before its container started")
         self._normalize_mounts()
-        gpu_ids = self._lease_gpus(run, hook, settings, inventory)
+        owner = self._try.owner
+        gpu_ids = self._lease_gpus(run, hook, inventory)
         command = render_command(
             submission.manifest.command,
             data_dir=CONTAINER_DIRS["DATA_DIR"],
@@ -611,7 +596,7 @@ class TrainingRunOperator(DockerOperator):
         finally:
             if gpu_ids:
                 hook.release_leases(run.training_id)
-        self._container_id = outcome.container_id
+        self._try.container_id = outcome.container_id
         if not created:  # another try of this task instance created it meanwhile: re-attach to it
             self._check_owner(run.training_id, owner, outcome.owner(), "the container")
             self.log.info(
@@ -623,12 +608,12 @@ class TrainingRunOperator(DockerOperator):
                 outcome = hook.inspect(outcome.container_id)
             run.processing(outcome, hook.docker_url)
             return outcome
-        if self._halt_requested:  # halted while the container was being created: it never starts
+        if self._try.halt_requested:  # halted while the container was being created: it never starts
             hook.remove(outcome.container_id)
-            self._container_id = None
+            self._try.container_id = None
             raise RunHaltedError("the run was halted before its container started")
         hook.start(outcome.container_id)
-        if self._halter_spawned:  # halted while it started: the halter stops it and ends the run
+        if self._try.halter_spawned:  # halted while it started: the halter stops it and ends the run
             raise RunHaltedError("the run was halted as its container started")
         run.processing(outcome, hook.docker_url)
         self.log.info(
@@ -641,19 +626,12 @@ class TrainingRunOperator(DockerOperator):
         return replace(outcome, status="running")  # following the log tells when it ends
 
     def _check_halt(self, when: str) -> None:
-        if self._halt_requested:
+        if self._try.halt_requested:
             raise RunHaltedError(f"the run was halted {when}")
 
     # --- waiting and finishing -----------------------------------------------------------------------
 
-    def _wait(
-        self,
-        context: Context,
-        run: TrainingRun,
-        hook: TrainingDockerHook,
-        outcome: ContainerOutcome,
-        settings: Settings,
-    ) -> dict[str, Any]:
+    def _wait(self, run: TrainingRun, hook: TrainingDockerHook, outcome: ContainerOutcome) -> dict[str, Any]:
         """Wait for the container — look first: one that already ended is finished at once."""
         if outcome.running and self.deferrable:
             from airflow_wmltrain.triggers.training_run import TrainingRunTrigger
@@ -663,14 +641,14 @@ class TrainingRunOperator(DockerOperator):
                     training_id=run.training_id,
                     container_id=outcome.container_id,
                     docker_host=hook.to_dict(),
-                    poll_interval=float(self.poll_interval or settings.poll_interval),
-                    halt=self._halt_params(run, hook, outcome.container_id, settings, "its task was stopped"),
+                    poll_interval=float(self.poll_interval or run.settings.poll_interval),
+                    halt=self._halt_params(run, hook, outcome.container_id, "its task was stopped"),
                 ),
                 method_name="execute_complete",
             )
         if outcome.running:
             # Read now what a halt would need: on_kill runs in a signal handler, with seconds to live.
-            self._halt_connections = connections_as_json(run.manifest)
+            self._try.connections = connections_as_json(run.manifest)
             outcome = self._follow(run, hook, outcome.container_id)
         else:
             self._show_log(run, hook, outcome.container_id)
@@ -730,19 +708,14 @@ class TrainingRunOperator(DockerOperator):
             raise DockerHostError(f"{err}; the run is left as it is, a retry re-attaches to it") from None
 
     def _halt_params(
-        self,
-        run: TrainingRun,
-        hook: TrainingDockerHook,
-        container_id: str | None,
-        settings: Settings,
-        reason: str,
+        self, run: TrainingRun, hook: TrainingDockerHook, container_id: str | None, reason: str
     ) -> dict[str, Any]:
         return {
             "training_id": run.training_id,
             "container_id": container_id,
             "docker_host": hook.to_dict(),
             "manifest": run.manifest.to_dict(redact=False),
-            "grace": int(self.halt_grace_period or settings.halt_grace_period),
+            "grace": int(self.halt_grace_period or run.settings.halt_grace_period),
             "reason": reason,
         }
 
@@ -750,12 +723,12 @@ class TrainingRunOperator(DockerOperator):
         """Finish a deferred run: check the event, show the log, store results and logs, end the run."""
         settings = Settings.from_airflow_config()
         training_id = self._training_id(context)
-        self._ti = context["ti"]
+        self._try = _Try(owner=self._airflow_info(context), ti=context["ti"])
         if not isinstance(event, dict) or event.get("training_id") != training_id:
             raise AirflowException(f"an unexpected event resumed the task of {training_id}: {event!r}")
         with _airflow_errors():
             submission = self._validate(settings)
-            run = self._run = TrainingRun(
+            run = self._try.run = TrainingRun(
                 training_id=training_id,
                 manifest=submission.manifest,
                 settings=settings,
@@ -789,14 +762,14 @@ class TrainingRunOperator(DockerOperator):
                 outcome = ContainerOutcome.from_event(event)
             except ValueError as err:
                 raise AirflowException(f"{err}: {event!r}") from None
-            self._container_id = outcome.container_id
+            self._try.container_id = outcome.container_id
             self._show_log(run, hook, outcome.container_id)
             return self._finish(run, hook, outcome)
 
     def _finish(
         self, run: TrainingRun, hook: TrainingDockerHook, outcome: ContainerOutcome
     ) -> dict[str, Any]:
-        if self._halter_spawned:
+        if self._try.halter_spawned:
             raise RunHaltedError(f"training run {run.training_id} was halted")
         if run.status.terminal:  # ended (e.g. by a halt) while this task was away; tidy what is left
             hook.remove(outcome.container_id)
@@ -835,7 +808,7 @@ class TrainingRunOperator(DockerOperator):
         """
         if isinstance(sys.exc_info()[1], AirflowTaskTimeout):
             return "its task ran past its execution_timeout"
-        ti = self._ti
+        ti = self._try.ti
         if ti is None:
             return None
         try:
@@ -862,8 +835,8 @@ class TrainingRunOperator(DockerOperator):
         Airflow's supervisor kills the task process a few seconds after asking it to stop, so the halt
         (SIGTERM, the grace period, SIGKILL, storing the logs) is done by a detached process.
         """
-        run = self._run
-        if run is None or run.status.terminal or self._halt_requested:
+        run = self._try.run
+        if run is None or run.status.terminal or self._try.halt_requested:
             return
         reason = self._halt_reason()
         if reason is None:
@@ -872,10 +845,10 @@ class TrainingRunOperator(DockerOperator):
                 run.training_id,
             )
             return
-        self._halt_requested = True
+        self._try.halt_requested = True
         settings = run.settings
         hook = self._host_of(run.status)
-        container_id = self._container_id
+        container_id = self._try.container_id
         if container_id is None:
             try:
                 found = hook.find_run_container(run.training_id)
@@ -888,20 +861,20 @@ class TrainingRunOperator(DockerOperator):
             )
             run.end_without_container(RunState.HALTED, RunHaltedError(f"the run was halted: {reason}"))
             return
-        params = self._halt_params(run, hook, container_id, settings, f"the run was halted: {reason}")
+        params = self._halt_params(run, hook, container_id, f"the run was halted: {reason}")
         self.log.info(
             "Halting training run %s (%s): stopping its container (SIGKILL after %d s), then storing logs",
             run.training_id,
             reason,
             params["grace"],
         )
-        params["connections"] = self._halt_connections or connections_as_json(run.manifest)
+        params["connections"] = self._try.connections or connections_as_json(run.manifest)
         # The halter writes the run's end to the bucket (the task is gone by then): the task's XCom says
         # what goes on. Written before the halter starts, so that it never lands after the halter's.
         with contextlib.suppress(Exception):
             run.note_phase(f"halting ({reason}): stopping the container, then storing its logs")
         spawn_halter(params, Path(settings.staging_dir) / "halts" / f"{run.training_id}.log")
-        self._halter_spawned = True
+        self._try.halter_spawned = True
 
 
 def _hyperparameters(value: Mapping[str, Any] | str | None) -> Mapping[str, Any] | None:
