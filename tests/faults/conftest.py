@@ -15,7 +15,7 @@ import pytest
 
 from tests.faults.fault_helpers import SCRIPTS, CreateEvents
 from tests.integration import conftest as integration
-from tests.integration.service_helpers import Cli, api_client
+from tests.integration.service_helpers import Cli, api_client, wait_for
 from tests.integration.training_helpers import model_zip
 
 FAULTS_DIR = Path(__file__).resolve().parent
@@ -38,8 +38,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="module")
 def api(services: dict[str, str]) -> Iterator[httpx.Client]:
     client = api_client(services)
+    _wait_until_warm(client)
     yield client
     client.close()
+
+
+def _wait_until_warm(client: httpx.Client, timeout: float = 300) -> None:
+    """Wait until Airflow has parsed the repository's DAGs once: right after `scripts/services up` (the
+    first thing CI does) its dag-processor and api-server are busy with that, and the scenarios, which
+    start a score of tasks at once, would meet an api-server that does not answer in time."""
+
+    def parsed() -> bool:
+        try:
+            return client.get("/dags/wmltrain_training").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for("Airflow to have parsed the repository's DAGs", timeout, parsed, interval=2.0)
 
 
 @pytest.fixture(scope="module")
