@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -14,17 +16,36 @@ from tests.conftest import SEED_S3, SEED_SECRETS, SEED_SWIFT, zip_bytes
 
 WMLTRAIN = [str(Path(sys.executable).with_name("wmltrain"))]
 MODULE = [sys.executable, "-m", "airflow_wmltrain"]
+#: ``wmltrain`` called in this process (its ``main``): the entry points themselves are tested by the
+#: seed-manifest tests, which start them as programs; the others need no new interpreter each (importing
+#: Airflow costs seconds a process), so that ``make unit`` stays quick.
+IN_PROCESS: list[str] = []
 
 
 def run(command: list[str], *args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "AIRFLOW_HOME": str(home)}
-    result = subprocess.run(
-        [*command, *args], capture_output=True, text=True, env=env, timeout=120, check=False
-    )
+    if command is IN_PROCESS:
+        result = _run_main(list(args))
+    else:
+        env = {**os.environ, "AIRFLOW_HOME": str(home)}
+        result = subprocess.run(
+            [*command, *args], capture_output=True, text=True, env=env, timeout=120, check=False
+        )
     for secret in SEED_SECRETS:
         assert secret not in result.stdout
         assert secret not in result.stderr
     return result
+
+
+def _run_main(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    from airflow_wmltrain.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code if isinstance(exit_.code, int) else 2
+    return subprocess.CompletedProcess(["wmltrain", *argv], code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("manifest", [SEED_S3, SEED_SWIFT], ids=["s3-training_data", "swift-reference"])
@@ -48,7 +69,7 @@ def test_seed_manifests_validate(
 
 def test_json_summary(tf_model_zip: Path, tmp_path: Path) -> None:
     result = run(
-        WMLTRAIN,
+        IN_PROCESS,
         "validate",
         str(tf_model_zip),
         str(SEED_SWIFT),
@@ -78,7 +99,7 @@ def test_json_summary(tf_model_zip: Path, tmp_path: Path) -> None:
 def test_invalid_manifest_exits_2_with_one_line(tf_model_zip: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yml"
     bad.write_text(SEED_SWIFT.read_text().replace("resource: small", "resource: huge"))
-    result = run(WMLTRAIN, "validate", str(tf_model_zip), str(bad), home=tmp_path)
+    result = run(IN_PROCESS, "validate", str(tf_model_zip), str(bad), home=tmp_path)
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr == (
@@ -89,7 +110,7 @@ def test_invalid_manifest_exits_2_with_one_line(tf_model_zip: Path, tmp_path: Pa
 def test_invalid_manifest_json(tf_model_zip: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yml"
     bad.write_text(SEED_S3.read_text().replace("aws_secret_access_key", "aws_secret_key"))
-    result = run(WMLTRAIN, "validate", str(tf_model_zip), str(bad), "--json", home=tmp_path)
+    result = run(IN_PROCESS, "validate", str(tf_model_zip), str(bad), "--json", home=tmp_path)
     assert result.returncode == 2
     error = json.loads(result.stdout)["error"]
     assert error["code"] == "C103"
@@ -99,7 +120,7 @@ def test_invalid_manifest_json(tf_model_zip: Path, tmp_path: Path) -> None:
 def test_script_missing_from_zip(tmp_path: Path) -> None:
     model = tmp_path / "model.zip"
     model.write_bytes(zip_bytes({"input_data.py": "X = 1\n"}))
-    result = run(WMLTRAIN, "validate", str(model), str(SEED_S3), home=tmp_path)
+    result = run(IN_PROCESS, "validate", str(model), str(SEED_S3), home=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("error C102: model_definition.execution.command: ")
     assert "convolutional_network.py" in result.stderr
@@ -108,7 +129,7 @@ def test_script_missing_from_zip(tmp_path: Path) -> None:
 def test_zipped_folder_gets_a_hint(tmp_path: Path) -> None:
     model = tmp_path / "model.zip"
     model.write_bytes(zip_bytes({"tf-model/convolutional_network.py": "", "tf-model/input_data.py": ""}))
-    result = run(WMLTRAIN, "validate", str(model), str(SEED_S3), home=tmp_path)
+    result = run(IN_PROCESS, "validate", str(model), str(SEED_S3), home=tmp_path)
     assert result.returncode == 2
     assert "the zip holds tf-model/convolutional_network.py" in result.stderr
 
@@ -123,14 +144,14 @@ def test_tar_gz_is_refused(tmp_path: Path) -> None:
         archive.addfile(info, io.BytesIO(b""))
     model = tmp_path / "model.zip"
     model.write_bytes(buffer.getvalue())
-    result = run(WMLTRAIN, "validate", str(model), str(SEED_S3), home=tmp_path)
+    result = run(IN_PROCESS, "validate", str(model), str(SEED_S3), home=tmp_path)
     assert result.returncode == 2
     assert "gzip-compressed tar" in result.stderr
     assert "only .zip archives are accepted" in result.stderr
 
 
 def test_bad_hyperparameter_syntax(tf_model_zip: Path, tmp_path: Path) -> None:
-    result = run(WMLTRAIN, "validate", str(tf_model_zip), str(SEED_S3), "-p", "learningRate", home=tmp_path)
+    result = run(IN_PROCESS, "validate", str(tf_model_zip), str(SEED_S3), "-p", "learningRate", home=tmp_path)
     assert result.returncode == 2
     assert "--hyperparameter: 'learningRate' is not NAME=VALUE" in result.stderr
 
@@ -139,7 +160,7 @@ def test_configuration_error_exits_3(tf_model_zip: Path, tmp_path: Path) -> None
     env_var = "AIRFLOW__WMLTRAIN__RESOURCE_CLASSES"
     os.environ[env_var] = "small"
     try:
-        result = run(WMLTRAIN, "validate", str(tf_model_zip), str(SEED_S3), home=tmp_path)
+        result = run(IN_PROCESS, "validate", str(tf_model_zip), str(SEED_S3), home=tmp_path)
     finally:
         del os.environ[env_var]
     assert result.returncode == 3
@@ -147,7 +168,7 @@ def test_configuration_error_exits_3(tf_model_zip: Path, tmp_path: Path) -> None
 
 
 def test_usage_error_exits_2(tmp_path: Path) -> None:
-    result = run(WMLTRAIN, "validate", home=tmp_path)
+    result = run(IN_PROCESS, "validate", home=tmp_path)
     assert result.returncode == 2
     assert "usage: wmltrain validate" in result.stderr
 
