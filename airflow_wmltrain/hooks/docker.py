@@ -15,6 +15,8 @@ create means "the run's container already exists": the caller re-attaches to it,
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import tarfile
 import tempfile
 from collections import deque
@@ -417,10 +419,19 @@ class TrainingDockerHook(DockerHook):
         )
 
     def save_logs(self, container_id: str, path: Path) -> list[str]:
-        """Write the container's whole output to ``path``; its last :data:`TAIL_LINES` lines."""
+        """Write the container's whole output to ``path``; its last :data:`TAIL_LINES` lines.
+
+        ``path`` lies in a directory the container could write: whatever it left under that name (a link
+        to a file of the worker, a FIFO) is removed, never followed, and the file is created afresh.
+        """
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as out:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
             for line in self.log_lines(container_id):
                 out.write(line + "\n")
                 tail.append(line)

@@ -126,6 +126,24 @@ def test_store_of_an_exited_container_completes_the_run(
     assert not run.workspace.exists()
 
 
+def test_a_log_file_the_container_linked_to_a_worker_file_is_not_followed(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook, tmp_path: Path
+) -> None:
+    """The container may leave learner-1/training-log.txt as a link to a file of the worker (a .pth in
+    site-packages, say): storing the log replaces the link, the worker's file stays as it was."""
+    run = processing(new_run(settings))
+    worker_file = tmp_path / "worker-owned.pth"
+    worker_file.write_text("import harmless\n")
+    (run.workspace.logs / "training-log.txt").symlink_to(worker_file)
+    container = docker_api.add_container(
+        NAME, container_labels=container_labels(), status="exited", log="import evil\n"
+    )
+    status = run.store(hook, hook.inspect(container.id))
+    assert status.state is RunState.COMPLETED
+    assert worker_file.read_text() == "import harmless\n"
+    assert results.objects[f"{TRAINING_ID}/learner-1/training-log.txt"] == b"import evil\n"
+
+
 def test_store_of_a_failed_container_fails_the_run_with_the_last_log_lines(
     settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
 ) -> None:
