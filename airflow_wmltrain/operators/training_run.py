@@ -231,22 +231,22 @@ class TrainingRunOperator(DockerOperator):
             timeout=self.timeout,
         )
 
-    def _host_of(self, status: RunStatus) -> TrainingDockerHook:
-        """The Docker host a run lives on (its status records it): a retry never starts a second one.
+    def _host_of(self, training_id: str, recorded: str) -> TrainingDockerHook:
+        """The Docker host a run lives on (``recorded`` by its status or its trigger event; empty:
+        unknown, the task's own): a retry never starts a second container elsewhere.
 
         :raises DockerHostError: the run lives on a host this task is not configured for.
         """
         hook = self.hook
-        recorded = status.container.get("docker_url", "")
         if not recorded or recorded == hook.docker_url:
             return hook
         if recorded in hook.docker_urls:
-            self.log.info("Training run %s lives on %s: going back there", status.training_id, recorded)
+            self.log.info("Training run %s lives on %s: going back there", training_id, recorded)
             return hook.pinned(recorded)
         error = DockerHostError(
-            f"training run {status.training_id} was started on the Docker host {recorded}, but this task "
+            f"training run {training_id} was started on the Docker host {recorded}, but this task "
             f"is configured for {', '.join(hook.docker_urls)}; a run never gets a second container: give "
-            f"the task that docker_url again, or halt the run (wmltrain halt {status.training_id})"
+            f"the task that docker_url again, or halt the run (wmltrain halt {training_id})"
         )
         error.retryable = False
         raise error
@@ -372,7 +372,8 @@ class TrainingRunOperator(DockerOperator):
         prior = run.resume()
         if prior is not None and prior.airflow:
             self._check_owner(training_id, owner, prior.airflow, "the run")
-        hook = self._host_of(prior) if prior is not None and not prior.terminal else self.hook
+        recorded = prior.container.get("docker_url", "") if prior is not None and not prior.terminal else ""
+        hook = self._host_of(training_id, recorded)
         existing = hook.find_run_container(training_id)
         if existing is not None:
             self._check_owner(training_id, owner, existing.owner(), "the container")
@@ -735,14 +736,11 @@ class TrainingRunOperator(DockerOperator):
                 log=self.log,
                 publish=self._publisher(context),
             )
-            hook = self.hook
-            if event.get("docker_url") in hook.docker_urls and event.get("docker_url") != hook.docker_url:
-                hook = hook.pinned(str(event["docker_url"]))
+            hook = self._host_of(training_id, str(event.get("docker_url") or ""))  # the trigger's host
             try:
                 run.resume()
             except ResultsStoreError as err:  # the store is down as the run ends: keep what it made
                 raise run.results_kept(hook, str(event.get("container_id") or ""), err) from None
-            hook = self._host_of(run.status) if run.status.container.get("docker_url") else hook
             recorded = run.status.container.get("id", "")
             if recorded and event.get("container_id") != recorded:
                 raise AirflowException(
@@ -847,7 +845,7 @@ class TrainingRunOperator(DockerOperator):
             return
         self._try.halt_requested = True
         settings = run.settings
-        hook = self._host_of(run.status)
+        hook = self._host_of(run.training_id, run.status.container.get("docker_url", ""))
         container_id = self._try.container_id
         if container_id is None:
             try:
