@@ -51,3 +51,14 @@ def tf_model_zip(tmp_path: Path) -> Path:
         )
     )
     return path
+
+
+@pytest.fixture(autouse=True)
+def no_trigger_settle(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triggers run in-process by a test fire as soon as they have an answer: the hold after a deferral
+    (``PollingTrigger.settle``, for a race of Airflow's scheduler) is its own tests' subject, marked
+    ``trigger_settle``; the triggerer of the real services keeps it."""
+    if request.node.get_closest_marker("trigger_settle") is None:
+        from airflow_wmltrain.triggers.base import PollingTrigger
+
+        monkeypatch.setattr(PollingTrigger, "settle", 0.0)

@@ -7,6 +7,15 @@ capped) on failures worth retrying and give up after :attr:`PollingTrigger.max_f
 row, say every :attr:`PollingTrigger.still_every` seconds that the wait goes on.  A subclass gives only
 its fields (:meth:`fields`), one look (:meth:`look`), and its messages (:attr:`waiting_for`,
 :meth:`error_payload`).  The look is synchronous, so a sensor's ``poke`` calls the same one.
+
+An answer that comes within :attr:`PollingTrigger.settle` seconds of the deferral is held until then.
+Airflow 3.3 fails a deferred task whose trigger fires before the scheduler has processed the executor's
+"success" of the try that deferred (the worker leaving on ``defer()``): the scheduler queues the resumed
+task, then reads that stale event and reports a "state mismatch" (apache/airflow#66374, #67287, #72716;
+3.3.2 guards only the ``scheduled`` state).  A training run whose container ends a few seconds after the
+operator deferred met it on the services' Airflow: the task failed and the run stayed PROCESSING.  The
+hold costs a run that short a few seconds and a longer run nothing; ``deferred_at`` travels in the
+trigger's kwargs, so a trigger rebuilt after a triggerer restart does not hold again.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ class PollingTrigger(BaseTrigger):
     """Look until there is an answer; one event.
 
     :param poll_interval: seconds between two looks.
+    :param deferred_at: when the task deferred (seconds since the epoch); now when not given.
     """
 
     #: Failed looks in a row before the trigger gives up with an error event.
@@ -43,10 +53,14 @@ class PollingTrigger(BaseTrigger):
     max_backoff = 300.0
     #: How often the trigger says that it is still waiting, in seconds.
     still_every = 600.0
+    #: The shortest time between the deferral and the event, in seconds (see the module's docstring: the
+    #: defer-exit of the try, then one scheduler loop; the longest seen on a loaded 2-core machine was 8 s).
+    settle = 15.0
 
-    def __init__(self, *, poll_interval: float) -> None:
+    def __init__(self, *, poll_interval: float, deferred_at: float | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.poll_interval = poll_interval
+        self.deferred_at = time.time() if deferred_at is None else float(deferred_at)
 
     # --- what a subclass gives ------------------------------------------------------------------------
 
@@ -78,7 +92,7 @@ class PollingTrigger(BaseTrigger):
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
             f"{type(self).__module__}.{type(self).__qualname__}",
-            {**self.fields(), "poll_interval": self.poll_interval},
+            {**self.fields(), "poll_interval": self.poll_interval, "deferred_at": self.deferred_at},
         )
 
     def backoff(self, failures: int) -> float:
@@ -91,6 +105,19 @@ class PollingTrigger(BaseTrigger):
     def _error(self, message: str) -> TriggerEvent:
         self.log.error("%s", message)
         return self._event(self.error_payload(message))
+
+    async def _settle(self) -> None:
+        """Hold an answer that came too soon after the deferral (the module's docstring says why)."""
+        hold = self.deferred_at + self.settle - time.time()
+        if hold > 0:
+            self.log.info(
+                "%s: answer ready %.1fs after the deferral; firing it in %.1fs, once Airflow has seen the "
+                "deferred try leave (apache/airflow#72716)",
+                self.waiting_for,
+                self.settle - hold,
+                hold,
+            )
+            await asyncio.sleep(hold)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         self.log.info("Waiting for %s (a look every %ss)", self.waiting_for, self.poll_interval)
@@ -120,6 +147,7 @@ class PollingTrigger(BaseTrigger):
                 await asyncio.sleep(delay)
                 continue
             if isinstance(outcome, dict):
+                await self._settle()
                 yield self._event(outcome)
                 return
             if failures:

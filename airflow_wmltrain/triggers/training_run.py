@@ -83,8 +83,9 @@ class TrainingRunTrigger(PollingTrigger):
         docker_host: dict[str, Any],
         poll_interval: float,
         halt: dict[str, Any] | None = None,
+        deferred_at: float | None = None,
     ) -> None:
-        super().__init__(poll_interval=poll_interval)
+        super().__init__(poll_interval=poll_interval, deferred_at=deferred_at)
         self.training_id = training_id
         self.container_id = container_id
         self.docker_host = docker_host
@@ -218,8 +219,15 @@ class TrainingStatusTrigger(PollingTrigger):
     :param poll_interval: seconds between two reads.
     """
 
-    def __init__(self, *, training_id: str, results: dict[str, str], poll_interval: float) -> None:
-        super().__init__(poll_interval=poll_interval)
+    def __init__(
+        self,
+        *,
+        training_id: str,
+        results: dict[str, str],
+        poll_interval: float,
+        deferred_at: float | None = None,
+    ) -> None:
+        super().__init__(poll_interval=poll_interval, deferred_at=deferred_at)
         self.training_id = training_id
         self.results = results
         self._last_state: RunState | None = None

@@ -73,7 +73,14 @@ def test_training_run_trigger_round_trips() -> None:
     )
     classpath, kwargs = trigger.serialize()
     assert classpath == "airflow_wmltrain.triggers.training_run.TrainingRunTrigger"
-    assert set(kwargs) == {"training_id", "container_id", "docker_host", "poll_interval", "halt"}
+    assert set(kwargs) == {
+        "training_id",
+        "container_id",
+        "docker_host",
+        "poll_interval",
+        "halt",
+        "deferred_at",
+    }
     assert round_trip(trigger) == (classpath, kwargs)
 
 
@@ -112,6 +119,7 @@ def test_training_status_trigger_round_trips() -> None:
         "training_id": "training-abc",
         "results": {"type": "swift", "bucket": "results", "conn_id": "swift_results"},
         "poll_interval": 30.0,
+        "deferred_at": trigger.deferred_at,
     }
     assert round_trip(trigger) == (classpath, kwargs)
 
@@ -287,3 +295,42 @@ def test_on_kill_stops_the_container_when_halt_run_fails(monkeypatch: pytest.Mon
         # halt_run refuses kwargs it does not know: the container is stopped all the same.
         asyncio.run(docker_api.trigger(halt={"not_a_halt_run_argument": 1}).on_kill())
     assert [path.rsplit("/", 1)[-1] for path in docker_api.stops] == ["stop?t=5"]
+
+
+# --- the hold after a deferral (Airflow's stale defer-exit race) --------------------------------------------
+
+
+@pytest.mark.trigger_settle
+def test_an_answer_right_after_the_deferral_is_held_until_the_settle_time(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Airflow 3.3 fails a deferred task whose trigger fires before the scheduler has read the executor's
+    success of the try that deferred (apache/airflow#72716): the container trigger must not fire an
+    answer it has at once (the container ended right after the deferral) before ``settle`` seconds."""
+    import time
+
+    monkeypatch.setattr(TrainingRunTrigger, "settle", 1.5)
+    with FakeDocker([(200, EXITED)]) as docker_api:
+        trigger = docker_api.trigger()
+        began = time.time()
+        [event] = run_trigger(trigger)
+        waited = time.time() - began
+    assert event["status"] == "exited"
+    assert waited >= 1.5 - (began - trigger.deferred_at) - 0.05
+    captured = capfd.readouterr()
+    assert "once Airflow has seen the deferred try leave" in captured.out + captured.err
+
+
+@pytest.mark.trigger_settle
+def test_a_trigger_rebuilt_long_after_its_deferral_does_not_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``deferred_at`` travels in the kwargs: after a triggerer restart the hold is not served again."""
+    import time
+
+    monkeypatch.setattr(TrainingRunTrigger, "settle", 30.0)
+    with FakeDocker([(200, EXITED)]) as docker_api:
+        kwargs = docker_api.trigger().serialize()[1]
+        trigger = TrainingRunTrigger(**{**kwargs, "deferred_at": time.time() - 60})
+        began = time.time()
+        [event] = run_trigger(trigger, timeout=10)
+    assert event["status"] == "exited"
+    assert time.time() - began < 10
