@@ -227,6 +227,7 @@ def test_execute_deferrable_defers_then_completes(
         "training_id": training_id,
         "results": {"type": kind, "bucket": bucket, "conn_id": conn_id},
         "poll_interval": 0.3,
+        "deferred_at": trigger.deferred_at,
     }
 
     writer = store.later(1.0, training_id, RunState.COMPLETED, metrics={"accuracy": 0.95})
