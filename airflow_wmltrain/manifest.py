@@ -288,20 +288,77 @@ class _ModelDefinition(_Model):
 
 
 def _bucket(value: str) -> str:
-    if len(value) > 255 or "/" in value or any(ord(c) < 32 for c in value):
+    if len(value) > 255 or "/" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise PydanticCustomError(
             "wmltrain",
             "'{value}' is not a bucket name: at most 255 characters, no '/' (put folders in source.prefix)",
-            {"value": value[:80]},
+            {"value": _shown_name(value)},
         )
     return value
 
 
+def _shown_name(value: str) -> str:
+    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IP_ADDRESS = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
+_S3_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_S3_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+SWIFT_CONTAINER_MAX_BYTES = 256
+
+
+def bucket_name_problem(store: StoreType, name: str) -> str | None:
+    """Why ``name`` is not a valid bucket (S3) or container (Swift) name, or ``None`` when it is.
+
+    S3 names follow AWS's rules for general purpose buckets, so that a name is always one host label
+    (virtual-hosted addressing puts it in the URL's host): 3 to 63 characters, lowercase letters,
+    digits, dots and hyphens, starting and ending with a letter or digit, no ``..``, not an IP address,
+    none of AWS's reserved prefixes and suffixes.  Swift container names are at most 256 bytes of
+    UTF-8, with no ``/``.
+    """
+    if store == "swift":
+        if not name:
+            return "a container name must not be empty"
+        if "/" in name:
+            return "a container name has no '/' (put folders in source.prefix)"
+        if len(name.encode("utf-8", "surrogatepass")) > SWIFT_CONTAINER_MAX_BYTES:
+            return f"a container name is at most {SWIFT_CONTAINER_MAX_BYTES} bytes of UTF-8"
+        return None
+    rule = (
+        "an S3 bucket name is 3 to 63 lowercase letters, digits, dots and hyphens, starting and ending "
+        "with a letter or digit"
+    )
+    if not _S3_BUCKET.fullmatch(name):
+        return rule
+    if ".." in name:
+        return "an S3 bucket name has no two dots in a row"
+    if _IP_ADDRESS.fullmatch(name):
+        return "an S3 bucket name is not an IP address"
+    if name.startswith(_S3_RESERVED_PREFIXES) or name.endswith(_S3_RESERVED_SUFFIXES):
+        return (
+            f"an S3 bucket name does not start with {', '.join(_S3_RESERVED_PREFIXES)} nor end with "
+            f"{', '.join(_S3_RESERVED_SUFFIXES)} (reserved by AWS)"
+        )
+    return None
+
+
+def _check_bucket_name(store: StoreType, name: str, field: str) -> None:
+    problem = bucket_name_problem(store, name)
+    if problem is not None:
+        raise ManifestError(f"'{_shown_name(name)}' is not a valid name: {problem}", field=field)
+
+
 def _prefix(value: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise PydanticCustomError(
+            "wmltrain", "'{value}' must not contain control characters", {"value": _shown_name(value)}
+        )
     parts = [p for p in value.strip("/").split("/") if p]
     if any(p in (".", "..") for p in parts):
         raise PydanticCustomError(
-            "wmltrain", "'{value}' must not contain '.' or '..' segments", {"value": value}
+            "wmltrain", "'{value}' must not contain '.' or '..' segments", {"value": _shown_name(value)}
         )
     return "/".join(parts) + "/" if parts else ""
 
@@ -626,6 +683,10 @@ def load_manifest(
     results_store = _store(
         results_ref.connection, results_ref.target.type, ("training_results_reference",), "target"
     )
+    _check_bucket_name(data_store[0], data_ref.source.bucket, "training_data_reference[0].source.bucket")
+    _check_bucket_name(
+        results_store[0], results_ref.target.bucket, "training_results_reference.target.bucket"
+    )
     author = raw.model_definition.author
     return TrainingManifest(
         name=raw.model_definition.name,
@@ -846,6 +907,7 @@ __all__ = [
     "StoreReference",
     "SwiftConnection",
     "TrainingManifest",
+    "bucket_name_problem",
     "is_http_url",
     "load_manifest",
     "read_manifest_source",
