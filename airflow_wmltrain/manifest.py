@@ -598,6 +598,7 @@ def read_manifest_source(source: str | os.PathLike[str] | Mapping[str, Any]) -> 
     a file; any other string is YAML text.
     """
     if isinstance(source, Mapping):
+        _check_expanded_size(source, "manifest")
         return dict(source), "manifest"
     if isinstance(source, os.PathLike) or (
         isinstance(source, str)
@@ -606,7 +607,15 @@ def read_manifest_source(source: str | os.PathLike[str] | Mapping[str, Any]) -> 
     ):
         path = Path(source)
         try:
-            text = path.read_text("utf-8")
+            with path.open("rb") as file:
+                raw = file.read(MAX_MANIFEST_BYTES + 1)
+            if len(raw) > MAX_MANIFEST_BYTES:
+                raise ManifestError(
+                    f"is more than the {MAX_MANIFEST_BYTES:,} bytes a training manifest may have; "
+                    "keep data out of the manifest",
+                    field=str(path),
+                )
+            text = raw.decode("utf-8")
         except FileNotFoundError:
             raise ManifestError(
                 "file not found; give the path of the training manifest (YAML)", field=str(path)
@@ -625,15 +634,74 @@ def read_manifest_source(source: str | os.PathLike[str] | Mapping[str, Any]) -> 
     )
 
 
+#: Largest manifest read, in bytes (a manifest is a few hundred bytes; this bounds parsing's time).
+MAX_MANIFEST_BYTES = 1024 * 1024
+#: Most values a manifest may hold once its YAML aliases are expanded (a billion-laughs guard), and
+#: deepest nesting.
+MAX_MANIFEST_VALUES = 10_000
+MAX_MANIFEST_DEPTH = 32
+
+
 def _parse_yaml(text: str, name: str) -> Any:
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"is {size:,} bytes, more than the {MAX_MANIFEST_BYTES:,} a training manifest may have; "
+            "keep data out of the manifest",
+            field=name,
+        )
     try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         # Never echo the offending line: it may hold a credential.
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or "syntax error"
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ManifestError(f"not valid YAML{at}: {problem}", field=name) from None
+    except RecursionError:
+        raise ManifestError(
+            f"not valid YAML: nested more than {MAX_MANIFEST_DEPTH} levels", field=name
+        ) from None
+    except (ValueError, OverflowError, TypeError) as err:  # e.g. a date that does not exist: 2024-02-30
+        raise ManifestError(
+            f"not valid YAML: a value cannot be read ({type(err).__name__})", field=name
+        ) from None
+    _check_expanded_size(data, name)
+    return data
+
+
+def _check_expanded_size(data: Any, name: str) -> None:
+    """Refuse a document that nests too deeply, refers to itself, or expands (through YAML aliases, which
+    share one value among many places) to more than :data:`MAX_MANIFEST_VALUES` values."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: Any, depth: int) -> int:
+        if not isinstance(node, dict | list):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ManifestError("not valid: a YAML alias refers to a value that holds it", field=name)
+        if depth > MAX_MANIFEST_DEPTH:
+            raise ManifestError(f"not valid: nested more than {MAX_MANIFEST_DEPTH} levels", field=name)
+        open_nodes.add(key)
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        total = 1
+        for child in children:
+            total += size(child, depth + 1)
+            if total > MAX_MANIFEST_VALUES:
+                raise ManifestError(
+                    f"not valid: holds more than {MAX_MANIFEST_VALUES:,} values once its YAML aliases "
+                    "are expanded; write the manifest out without such aliases",
+                    field=name,
+                )
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(data, 0)
 
 
 def load_manifest(
