@@ -25,7 +25,7 @@ HYPERPARAMETERS_FIELD = "hyperparameters"
 
 HyperparameterValue = str | int | float | bool | None
 
-_NAME = re.compile(r"^-{0,2}[A-Za-z_][A-Za-z0-9_.\-]*$")
+_NAME = re.compile(r"-{0,2}[A-Za-z_][A-Za-z0-9_.\-]*")
 _VARIABLE = "(?:\\$\\{{{name}\\}}|\\${name}(?![A-Za-z0-9_]))"
 
 
@@ -50,7 +50,7 @@ def validate_hyperparameters(
     checked: dict[str, HyperparameterValue] = {}
     options: dict[str, str] = {}
     for name, value in hyperparameters.items():
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ManifestError(
                 f"'{name}' is not an option name; use letters, digits, '_', '-' or '.', e.g. learningRate",
                 field=field,

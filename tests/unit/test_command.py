@@ -82,7 +82,7 @@ def test_render_applies_overrides_then_variables() -> None:
     assert "--trainImagesFile /d/train-images-idx3-ubyte.gz" in rendered
 
 
-@pytest.mark.parametrize("name", ["bad name", "", "1abc", "a;b", "--"])
+@pytest.mark.parametrize("name", ["bad name", "", "1abc", "a;b", "--", "lr\n", "lr\nreboot"])
 def test_invalid_hyperparameter_names(name: str) -> None:
     with pytest.raises(ManifestError) as info:
         validate_hyperparameters({name: 1})
