@@ -288,20 +288,77 @@ class _ModelDefinition(_Model):
 
 
 def _bucket(value: str) -> str:
-    if len(value) > 255 or "/" in value or any(ord(c) < 32 for c in value):
+    if len(value) > 255 or "/" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise PydanticCustomError(
             "wmltrain",
             "'{value}' is not a bucket name: at most 255 characters, no '/' (put folders in source.prefix)",
-            {"value": value[:80]},
+            {"value": _shown_name(value)},
         )
     return value
 
 
+def _shown_name(value: str) -> str:
+    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IP_ADDRESS = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
+_S3_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_S3_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+SWIFT_CONTAINER_MAX_BYTES = 256
+
+
+def bucket_name_problem(store: StoreType, name: str) -> str | None:
+    """Why ``name`` is not a valid bucket (S3) or container (Swift) name, or ``None`` when it is.
+
+    S3 names follow AWS's rules for general purpose buckets, so that a name is always one host label
+    (virtual-hosted addressing puts it in the URL's host): 3 to 63 characters, lowercase letters,
+    digits, dots and hyphens, starting and ending with a letter or digit, no ``..``, not an IP address,
+    none of AWS's reserved prefixes and suffixes.  Swift container names are at most 256 bytes of
+    UTF-8, with no ``/``.
+    """
+    if store == "swift":
+        if not name:
+            return "a container name must not be empty"
+        if "/" in name:
+            return "a container name has no '/' (put folders in source.prefix)"
+        if len(name.encode("utf-8", "surrogatepass")) > SWIFT_CONTAINER_MAX_BYTES:
+            return f"a container name is at most {SWIFT_CONTAINER_MAX_BYTES} bytes of UTF-8"
+        return None
+    rule = (
+        "an S3 bucket name is 3 to 63 lowercase letters, digits, dots and hyphens, starting and ending "
+        "with a letter or digit"
+    )
+    if not _S3_BUCKET.fullmatch(name):
+        return rule
+    if ".." in name:
+        return "an S3 bucket name has no two dots in a row"
+    if _IP_ADDRESS.fullmatch(name):
+        return "an S3 bucket name is not an IP address"
+    if name.startswith(_S3_RESERVED_PREFIXES) or name.endswith(_S3_RESERVED_SUFFIXES):
+        return (
+            f"an S3 bucket name does not start with {', '.join(_S3_RESERVED_PREFIXES)} nor end with "
+            f"{', '.join(_S3_RESERVED_SUFFIXES)} (reserved by AWS)"
+        )
+    return None
+
+
+def _check_bucket_name(store: StoreType, name: str, field: str) -> None:
+    problem = bucket_name_problem(store, name)
+    if problem is not None:
+        raise ManifestError(f"'{_shown_name(name)}' is not a valid name: {problem}", field=field)
+
+
 def _prefix(value: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise PydanticCustomError(
+            "wmltrain", "'{value}' must not contain control characters", {"value": _shown_name(value)}
+        )
     parts = [p for p in value.strip("/").split("/") if p]
     if any(p in (".", "..") for p in parts):
         raise PydanticCustomError(
-            "wmltrain", "'{value}' must not contain '.' or '..' segments", {"value": value}
+            "wmltrain", "'{value}' must not contain '.' or '..' segments", {"value": _shown_name(value)}
         )
     return "/".join(parts) + "/" if parts else ""
 
@@ -541,6 +598,7 @@ def read_manifest_source(source: str | os.PathLike[str] | Mapping[str, Any]) -> 
     a file; any other string is YAML text.
     """
     if isinstance(source, Mapping):
+        _check_expanded_size(source, "manifest")
         return dict(source), "manifest"
     if isinstance(source, os.PathLike) or (
         isinstance(source, str)
@@ -549,7 +607,15 @@ def read_manifest_source(source: str | os.PathLike[str] | Mapping[str, Any]) -> 
     ):
         path = Path(source)
         try:
-            text = path.read_text("utf-8")
+            with path.open("rb") as file:
+                raw = file.read(MAX_MANIFEST_BYTES + 1)
+            if len(raw) > MAX_MANIFEST_BYTES:
+                raise ManifestError(
+                    f"is more than the {MAX_MANIFEST_BYTES:,} bytes a training manifest may have; "
+                    "keep data out of the manifest",
+                    field=str(path),
+                )
+            text = raw.decode("utf-8")
         except FileNotFoundError:
             raise ManifestError(
                 "file not found; give the path of the training manifest (YAML)", field=str(path)
@@ -568,15 +634,74 @@ def read_manifest_source(source: str | os.PathLike[str] | Mapping[str, Any]) -> 
     )
 
 
+#: Largest manifest read, in bytes (a manifest is a few hundred bytes; this bounds parsing's time).
+MAX_MANIFEST_BYTES = 1024 * 1024
+#: Most values a manifest may hold once its YAML aliases are expanded (a billion-laughs guard), and
+#: deepest nesting.
+MAX_MANIFEST_VALUES = 10_000
+MAX_MANIFEST_DEPTH = 32
+
+
 def _parse_yaml(text: str, name: str) -> Any:
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"is {size:,} bytes, more than the {MAX_MANIFEST_BYTES:,} a training manifest may have; "
+            "keep data out of the manifest",
+            field=name,
+        )
     try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         # Never echo the offending line: it may hold a credential.
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or "syntax error"
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ManifestError(f"not valid YAML{at}: {problem}", field=name) from None
+    except RecursionError:
+        raise ManifestError(
+            f"not valid YAML: nested more than {MAX_MANIFEST_DEPTH} levels", field=name
+        ) from None
+    except (ValueError, OverflowError, TypeError) as err:  # e.g. a date that does not exist: 2024-02-30
+        raise ManifestError(
+            f"not valid YAML: a value cannot be read ({type(err).__name__})", field=name
+        ) from None
+    _check_expanded_size(data, name)
+    return data
+
+
+def _check_expanded_size(data: Any, name: str) -> None:
+    """Refuse a document that nests too deeply, refers to itself, or expands (through YAML aliases, which
+    share one value among many places) to more than :data:`MAX_MANIFEST_VALUES` values."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: Any, depth: int) -> int:
+        if not isinstance(node, dict | list):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ManifestError("not valid: a YAML alias refers to a value that holds it", field=name)
+        if depth > MAX_MANIFEST_DEPTH:
+            raise ManifestError(f"not valid: nested more than {MAX_MANIFEST_DEPTH} levels", field=name)
+        open_nodes.add(key)
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        total = 1
+        for child in children:
+            total += size(child, depth + 1)
+            if total > MAX_MANIFEST_VALUES:
+                raise ManifestError(
+                    f"not valid: holds more than {MAX_MANIFEST_VALUES:,} values once its YAML aliases "
+                    "are expanded; write the manifest out without such aliases",
+                    field=name,
+                )
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(data, 0)
 
 
 def load_manifest(
@@ -625,6 +750,10 @@ def load_manifest(
     data_store = _store(data_ref.connection, data_ref.source.type, ("training_data_reference", 0), "source")
     results_store = _store(
         results_ref.connection, results_ref.target.type, ("training_results_reference",), "target"
+    )
+    _check_bucket_name(data_store[0], data_ref.source.bucket, "training_data_reference[0].source.bucket")
+    _check_bucket_name(
+        results_store[0], results_ref.target.bucket, "training_results_reference.target.bucket"
     )
     author = raw.model_definition.author
     return TrainingManifest(
@@ -846,6 +975,7 @@ __all__ = [
     "StoreReference",
     "SwiftConnection",
     "TrainingManifest",
+    "bucket_name_problem",
     "is_http_url",
     "load_manifest",
     "read_manifest_source",

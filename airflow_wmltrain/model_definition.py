@@ -15,6 +15,9 @@ Rules, all checked when the archive is loaded (before anything is queued):
   undecodable names) are refused;
 * entry paths must be relative and stay inside the archive: absolute paths (``/x``, ``C:\\x``,
   ``C:/x``, ``\\\\server\\x``), any ``..`` component, NUL or other control characters are refused;
+  so are names a file system cannot hold (a file or folder name over 255 bytes, a path over 1024
+  bytes), and two paths that differ only in letter case or Unicode form (``A.py`` and ``a.py``: one
+  file on macOS and Windows);
 * **backslashes are normalised, not refused**: zips made by some Windows tools use ``\\`` as the
   folder separator, so ``src\\train.py`` is read as ``src/train.py`` (as Info-ZIP ``unzip`` does).  The
   absolute-path and ``..`` rules are applied after that normalisation;
@@ -49,6 +52,7 @@ import secrets
 import shutil
 import stat
 import struct
+import unicodedata
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -77,6 +81,10 @@ _ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
 _SUPPORTED_COMPRESSION = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
 _COMPRESSION_NAMES = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA", 9: "deflate64", 98: "PPMd"}
 _DOS_DIRECTORY = 0x10
+# Longest file or folder name (Linux, macOS and Windows file systems: 255 bytes), and longest path in
+# the archive (the extraction folder's own path must still fit in the system's 4096 bytes).
+_MAX_NAME_BYTES = 255
+_MAX_PATH_BYTES = 1024
 _FLAG_ENCRYPTED = 0x1
 # Errors that zipfile and its decompressors raise on damaged input.
 _CORRUPT_ERRORS: tuple[type[BaseException], ...] = (
@@ -199,7 +207,14 @@ def _normalise_entry(raw: str) -> tuple[str, bool] | str:
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if ".." in parts:
         return "has a '..' component (it would be written outside the extraction folder)"
-    return "/".join(parts), name.endswith("/")
+    if any(len(part.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES for part in parts):
+        return (
+            f"has a file or folder name longer than {_MAX_NAME_BYTES} bytes, more than a file system allows"
+        )
+    path = "/".join(parts)
+    if len(path.encode("utf-8", "surrogatepass")) > _MAX_PATH_BYTES:
+        return f"has a path longer than {_MAX_PATH_BYTES} bytes"
+    return path, name.endswith("/")
 
 
 def _normalise_lookup(path: str) -> str | None:
@@ -230,6 +245,7 @@ def _scan(archive: zipfile.ZipFile, field: str, limits: _Limits) -> list[_Entry]
         )
     entries: list[_Entry] = []
     seen: set[str] = set()
+    folded: dict[str, str] = {}
     total = 0
     for info in infos:
         where = f"entry {_show(info.orig_filename)}"
@@ -279,6 +295,14 @@ def _scan(archive: zipfile.ZipFile, field: str, limits: _Limits) -> list[_Entry]
                 field=field,
             )
         seen.add(path)
+        key = unicodedata.normalize("NFC", path).casefold()
+        if key in folded:
+            raise ModelDefinitionError(
+                f"{where} and '{folded[key]}' differ only in letter case (or Unicode form): they would be "
+                f"one file on macOS and Windows; rename one of them and re-create the zip: {ZIP_HINT}",
+                field=field,
+            )
+        folded[key] = path
         if not is_dir:
             total += info.file_size
         entries.append(_Entry(info, path, is_dir, bool(mode & 0o111) and not is_dir))

@@ -41,6 +41,17 @@ def _text(element: ET.Element, tag: str) -> str:
     return (found.text or "") if found is not None else ""
 
 
+def _check_host_label(bucket: str) -> None:
+    """Virtual-hosted addressing puts the bucket in the URL's host: refuse a name that is not one (a
+    ``evil:8443#`` would send the signed request elsewhere), whatever path the name came by."""
+    from airflow_wmltrain.errors import ManifestError
+    from airflow_wmltrain.manifest import bucket_name_problem
+
+    problem = bucket_name_problem("s3", bucket)
+    if problem is not None:
+        raise ManifestError(f"'{bucket[:80]!s}' is not a valid name: {problem}", field="bucket")
+
+
 class S3Store(ObjectStore):
     """One S3 bucket.
 
@@ -76,6 +87,7 @@ class S3Store(ObjectStore):
             addressing_style == "auto" and endpoint_url is None and "." not in bucket
         )
         if virtual:
+            _check_host_label(bucket)
             self._host = f"{bucket}.{parts.netloc}"
             self._base_path = ""
         else:

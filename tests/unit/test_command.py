@@ -82,7 +82,7 @@ def test_render_applies_overrides_then_variables() -> None:
     assert "--trainImagesFile /d/train-images-idx3-ubyte.gz" in rendered
 
 
-@pytest.mark.parametrize("name", ["bad name", "", "1abc", "a;b", "--"])
+@pytest.mark.parametrize("name", ["bad name", "", "1abc", "a;b", "--", "lr\n", "lr\nreboot"])
 def test_invalid_hyperparameter_names(name: str) -> None:
     with pytest.raises(ManifestError) as info:
         validate_hyperparameters({name: 1})
@@ -128,3 +128,91 @@ def test_hyperparameters_must_be_a_mapping() -> None:
 )
 def test_referenced_scripts(command: str, scripts: list[str]) -> None:
     assert referenced_scripts(command) == scripts
+
+
+# --- hyperparameters never change the command's structure (issue 10, hole 5) ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "hyperparameters", "rendered"),
+    [
+        # appended to the training program, not to the end of the line
+        (
+            "python3 main.py && cp model.pt $RESULT_DIR/",
+            {"lr": 0.1},
+            "python3 main.py --lr 0.1 && cp model.pt $RESULT_DIR/",
+        ),
+        ("python3 t.py 2>&1 | tee log.txt", {"lr": 0.1}, "python3 t.py --lr 0.1 2>&1 | tee log.txt"),
+        ("python3 t.py > out.log", {"amp": True}, "python3 t.py --amp > out.log"),
+        ("python3 t.py  # --lr 5", {"lr": 1}, "python3 t.py --lr 1  # --lr 5"),
+        ("bash prep.sh && python3 train.py", {"lr": 1}, "bash prep.sh && python3 train.py --lr 1"),
+        # text inside quotes is not an option
+        (
+            'python3 t.py --name "a --lr 3"',
+            {"lr": 1},
+            'python3 t.py --name "a --lr 3" --lr 1',
+        ),
+        (
+            "sh -c 'python3 t.py --optimizer adam'",
+            {"optimizer": "sgd"},
+            "sh -c 'python3 t.py --optimizer adam' --optimizer sgd",
+        ),
+        # an option of another program is left alone
+        ("echo --lr 3 && python3 t.py", {"lr": 1}, "echo --lr 3 && python3 t.py --lr 1"),
+        # any quoting of the old value is replaced by one quoted word
+        (
+            'python3 t.py --optimizer "$OPT" --n 1',
+            {"optimizer": "x y"},
+            "python3 t.py --optimizer 'x y' --n 1",
+        ),
+        ("python3 t.py --lr=$(cat lr) -v", {"lr": 0.5}, "python3 t.py --lr=0.5 -v"),
+        ("python3 t.py --shift -1", {"shift": 2}, "python3 t.py --shift 2"),
+        ("python3 t.py --seed 3 > out 2>&1", {"seed": None}, "python3 t.py > out 2>&1"),
+        # here-document bodies are not arguments
+        (
+            "cat <<EOF > cfg\n--lr 5\nEOF\npython3 t.py --lr 1",
+            {"lr": 2},
+            "cat <<EOF > cfg\n--lr 5\nEOF\npython3 t.py --lr 2",
+        ),
+    ],
+)
+def test_hyperparameters_are_arguments_of_the_training_program(
+    command: str, hyperparameters: dict[str, object], rendered: str
+) -> None:
+    assert apply_hyperparameters(command, hyperparameters) == rendered
+
+
+def test_a_value_holding_another_option_stays_one_argument() -> None:
+    rendered = apply_hyperparameters("python t.py --a 1 --b 2", {"a": "--b", "b": 3})
+    assert shlex.split(rendered) == ["python", "t.py", "--a", "--b", "--b", "3"]
+
+
+def test_hyperparameter_without_a_place_is_refused() -> None:
+    with pytest.raises(ManifestError) as info:
+        apply_hyperparameters("echo a && echo b", {"lr": 1})
+    assert info.value.field == "hyperparameters.lr"
+    assert "write --lr in model_definition.execution.command" in str(info.value)
+
+
+def test_unreadable_command_is_refused_with_hyperparameters() -> None:
+    assert apply_hyperparameters("python3 'unbalanced", {}) == "python3 'unbalanced"
+    with pytest.raises(ManifestError) as info:
+        apply_hyperparameters("python3 'unbalanced", {"lr": 1})
+    assert info.value.field == "model_definition.execution.command"
+    assert "single quote" in str(info.value)
+
+
+def test_the_same_option_twice_is_refused() -> None:
+    with pytest.raises(ManifestError, match="same option --lr"):
+        validate_hyperparameters({"lr": 1, "--lr": 2})
+
+
+def test_render_substitutes_variables_in_values_as_one_argument() -> None:
+    rendered = render_command(
+        "python3 t.py", data_dir="/d d", result_dir="/r", hyperparameters={"out": "$DATA_DIR/m"}
+    )
+    assert shlex.split(rendered) == ["python3", "t.py", "--out", "/d d/m"]
+
+
+def test_referenced_scripts_after_reserved_words() -> None:
+    assert referenced_scripts("if python3 check.py; then python3 train.py; fi") == ["check.py", "train.py"]

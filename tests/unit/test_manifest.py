@@ -316,6 +316,68 @@ def test_bucket_names(seed_s3: dict[str, Any], bucket: str) -> None:
     assert "is not a bucket name" in str(err)
 
 
+HOSTILE_S3_BUCKETS = [
+    "evil:8443#",  # would send the signed request to another host (virtual-hosted addressing)
+    "evil.com:443/x",
+    "a@evil",
+    "Upper",
+    "under_score",
+    "ab",
+    "x" * 64,
+    "-starts-with-hyphen",
+    "ends-with-hyphen-",
+    "two..dots",
+    "192.168.1.10",
+    "xn--punycode",
+    "bucket-s3alias",
+    "sp ace",
+    "d\u00e9j\u00e0",
+]
+
+
+@pytest.mark.parametrize("bucket", HOSTILE_S3_BUCKETS)
+@pytest.mark.parametrize("where", ["data", "results"])
+def test_s3_bucket_names_follow_aws_rules(seed_s3: dict[str, Any], bucket: str, where: str) -> None:
+    if where == "data":
+        seed_s3["training_data"][0]["source"]["bucket"] = bucket
+        field = "training_data_reference[0].source.bucket"
+    else:
+        seed_s3["training_results"]["target"]["bucket"] = bucket
+        field = "training_results_reference.target.bucket"
+    err = refusal(seed_s3)
+    assert err.code == "C101"
+    assert err.field == field
+    assert "\n" not in str(err)
+
+
+@pytest.mark.parametrize("bucket", ["abc", "my.bucket-1", "x" * 63, "0-9"])
+def test_valid_s3_bucket_names(seed_s3: dict[str, Any], bucket: str) -> None:
+    seed_s3["training_results"]["target"]["bucket"] = bucket
+    assert load_manifest(seed_s3).results.bucket == bucket
+
+
+@pytest.mark.parametrize(
+    ("bucket", "valid"), [("Mixed_Case OK", True), ("\u00e9" * 128, True), ("\u00e9" * 129, False)]
+)
+def test_swift_container_names_follow_swift_rules(
+    seed_swift: dict[str, Any], bucket: str, valid: bool
+) -> None:
+    seed_swift["training_results_reference"]["target"]["bucket"] = bucket
+    if valid:
+        assert load_manifest(seed_swift).results.bucket == bucket
+    else:
+        err = refusal(seed_swift)
+        assert err.field == "training_results_reference.target.bucket"
+        assert "256 bytes" in str(err)
+
+
+def test_source_prefix_refuses_control_characters(seed_s3: dict[str, Any]) -> None:
+    seed_s3["training_data"][0]["source"]["prefix"] = "a\r\nb"
+    err = refusal(seed_s3)
+    assert err.field == "training_data_reference[0].source.prefix"
+    assert "\n" not in str(err)
+
+
 def test_source_prefix_is_normalised_and_cannot_escape(seed_s3: dict[str, Any]) -> None:
     seed_s3["training_data"][0]["source"]["prefix"] = "/mnist/v2"
     assert load_manifest(seed_s3).data.prefix == "mnist/v2/"

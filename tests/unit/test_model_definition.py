@@ -394,6 +394,29 @@ def test_duplicate_entries_are_refused(first: str, second: str, path: str) -> No
     )
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("A.py", "a.py"), ("src/Model.py", "SRC/model.py"), ("Lib/", "lib/"), ("Caf\u00e9.py", "Cafe\u0301.py")],
+)
+def test_paths_differing_only_in_case_are_refused(first: str, second: str) -> None:
+    exc = refusal(make_zip([(first, b"1" if not first.endswith("/") else b""), (second, b"")]))
+    assert_refused(exc, "model_definition", "differ only in letter case", ZIP_FIX)
+
+
+@pytest.mark.parametrize(
+    "name", ["x" * 256 + ".py", "d/" + "\u00e9" * 128 + "/a.py", "/".join(["folder"] * 200) + "/a.py"]
+)
+def test_names_a_file_system_cannot_hold_are_refused(name: str) -> None:
+    exc = refusal(make_zip([("ok.py", b"1"), (name, b"2")]))
+    assert_refused(exc, "model_definition", "longer than")
+
+
+def test_longest_names_are_accepted(tmp_path: Path) -> None:
+    name = "x" * 252 + ".py"
+    dest = ModelDefinition.load(make_zip([(name, b"1")])).extract(tmp_path / "out")
+    assert (dest / name).read_bytes() == b"1"
+
+
 def test_folder_entry_with_data_is_refused() -> None:
     data = make_zip([("ok.py", b"1"), (unix_entry("weird", stat.S_IFDIR | 0o755), b"data")])
     assert_refused(refusal(data), "model_definition", "entry 'weird' is a folder that holds 4 bytes")
