@@ -458,6 +458,8 @@ def test_the_trigger_row_holds_no_credential_and_its_halt_still_stores_the_run(
     assert connection["aws_secret_access_key"] == "***"
     # The triggerer rebuilds the trigger from the row; a person marks the task failed: it halts the run.
     rebuilt = TrainingRunTrigger(**json.loads(row))
+    opened = rebuilt.halt_kwargs()["manifest"]  # what the halt stores the run with: the credentials
+    assert opened["training_results_reference"]["connection"]["aws_secret_access_key"] == SEED_SECRETS[1]
     asyncio.run(rebuilt.on_kill())
     assert container.stops == 1
     document = results.json(f"{training_id_of(ti)}/{STATUS_FILE}")
