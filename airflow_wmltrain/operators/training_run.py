@@ -12,8 +12,11 @@ Airflow moves tasks: a scheduler restart, a missed heartbeat or an orphan reset 
 the old one may still live.  The training id is stable across the tries of a task instance and the
 run's container is named after it and labelled with its task instance, so a new try re-attaches to the
 container (a name conflict on create means "re-attach"), and the status document records the Docker
-host, so a retry goes back there.  A halt comes only from a person (the task marked failed or success,
-``wmltrain halt``) or a deadline (``execution_timeout``), never from a try being replaced.
+host, so a retry goes back there.  Only a try of the task instance that owns a training id (the labels
+of its container, the ``airflow`` of its status document) ever re-attaches to, halts or cleans up its
+run: another task instance giving the same id is refused (``C105``), whoever submitted it.  A halt
+comes only from a person (the task marked failed or success, ``wmltrain halt``) or a deadline
+(``execution_timeout``), never from a try being replaced.
 """
 
 from __future__ import annotations
@@ -439,7 +442,8 @@ class TrainingRunOperator(DockerOperator):
             # Another task instance created the run's container meanwhile: its workspace and container
             # are left alone; only this task's own status document says why it ended.
             self._try.claimed = False
-            run.end(RunState.FAILED, err)
+            with contextlib.suppress(WmlTrainError):  # the store is down too: the task's error says why
+                run.end(RunState.FAILED, err)
             raise
         except Exception as err:
             if self._try.halter_spawned:  # the halt owns the run's end now

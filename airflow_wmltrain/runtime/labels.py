@@ -65,5 +65,5 @@ def check_owner(training_id: str, owner: Mapping[str, Any], found: Mapping[str, 
         raise RunConflictError(
             f"training id {training_id} is already used by {what} of task {theirs['dag_id']}/"
             f"{theirs['run_id']}/{theirs['task_id']}[{theirs['map_index']}]; give this task another "
-            "training_id (or leave it empty: a unique one is derived); nothing of that run was touched"
+            "training_id (or leave it empty: a unique one is derived)"
         )

@@ -24,7 +24,8 @@ from airflow_wmltrain.service.runs import TRAINING_DAG_ID
 MANIFEST_HELP = (
     "The training manifest (YAML): model_definition (name, framework, execution.command, "
     "execution.resource), training_data_reference and training_results_reference. Give credentials as "
-    "connection: {conn_id: ...}."
+    "connection: {conn_id: ...}, a connection that [wmltrain] submission_connections allows. YAML text "
+    "only: never the path of a file."
 )
 MODEL_HELP = (
     "The model-definition zip: an object-store URL (s3://bucket/model.zip or swift://container/model.zip, "
