@@ -21,12 +21,15 @@ import yaml
 from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 
 from airflow_wmltrain.errors import ManifestError, ModelDefinitionError, RunConflictError
-from airflow_wmltrain.lifecycle import STATUS_FILE
+from airflow_wmltrain.lifecycle import STATUS_FILE, RunState
+from airflow_wmltrain.manifest import load_manifest
 from airflow_wmltrain.operators import training_run as operator_module
 from airflow_wmltrain.operators.training_run import TrainingRunOperator
 from airflow_wmltrain.runtime import halter, labels
+from airflow_wmltrain.runtime.run import TrainingRun
 from airflow_wmltrain.runtime.workspace import Workspace
 from airflow_wmltrain.service.runs import moved_connection_id
+from airflow_wmltrain.settings import Settings
 from airflow_wmltrain.training_id import derive_training_id
 from airflow_wmltrain.triggers.training_run import TrainingRunTrigger
 from tests.conftest import SEED_SECRETS, zip_bytes
@@ -172,6 +175,32 @@ def test_a_training_id_of_another_dags_live_run_is_refused_and_its_run_untouched
     untouched(docker_api, container, workspace)
     assert docker_api.created == []
     assert results.keys() == set()
+
+
+def test_a_training_id_whose_status_another_task_instance_wrote_is_refused_untouched(
+    make_op: Callable[..., TrainingRunOperator],
+    docker_api: FakeDocker,
+    settings: Settings,
+    results: MemoryStore,
+) -> None:
+    """Two DAGs sharing a results bucket and giving the same ``training_id``: the second is refused by the
+    first's status document (its run ended, its container is gone), which stays as it was."""
+    training_id = "training-shared_id"
+    theirs = TrainingRun(
+        training_id=training_id,
+        manifest=load_manifest(manifest_doc(command=COMMAND), settings=settings),
+        settings=settings,
+    )
+    theirs.begin(
+        airflow={"dag_id": "victim_dag", "run_id": "scheduled__1", "task_id": "train", "map_index": -1}
+    )
+    theirs.end(RunState.COMPLETED)
+    before = dict(results.objects)
+    with pytest.raises(AirflowFailException, match="C105") as caught:
+        make_op(training_id=training_id).execute(context(FakeTi(dag_id="other_dag")))
+    assert "victim_dag/scheduled__1/train" in str(caught.value)
+    assert results.objects == before
+    assert docker_api.created == []
 
 
 def test_a_task_stopped_before_it_owns_the_training_id_never_halts_the_owners_run(
