@@ -941,12 +941,14 @@ def check_submitted_connections(
     """Refuse a submitted manifest naming an Airflow connection it may not use.
 
     Allowed: the connections ``wmltrain train`` made of this run's inline credentials, and those matching
-    ``[wmltrain] submission_connections`` — but never the moved credentials of another run.  The model
-    definition's URL is read with the data's or the results' connection, so it is covered too.
+    ``[wmltrain] submission_connections`` — but never the moved credentials of another run, nor the
+    provider's own API connection (``wmltrain_api``: Airflow credentials).  The model definition's URL is
+    read with the data's or the results' connection, so it is covered too.
 
     :raises ManifestError: (C101) naming the field, the connection id and the setting to change.
     """
     from airflow_wmltrain.manifest import ConnectionId
+    from airflow_wmltrain.service.retention import API_CONN_ID
     from airflow_wmltrain.service.runs import MOVED_CONNECTION_PREFIX, moved_connection_id
 
     own = {moved_connection_id(training_id, role) for role in ("data", "results")}
@@ -962,7 +964,8 @@ def check_submitted_connections(
         moved = conn_id.startswith(MOVED_CONNECTION_PREFIX + "training_") and conn_id.endswith(
             ("_data", "_results")
         )
-        if not moved and any(fnmatch.fnmatchcase(conn_id, pattern) for pattern in patterns):
+        trusted = moved or conn_id == API_CONN_ID  # never a submitter's, whatever the patterns say
+        if not trusted and any(fnmatch.fnmatchcase(conn_id, pattern) for pattern in patterns):
             continue
         allowed = ", ".join(patterns) or "none"
         raise ManifestError(

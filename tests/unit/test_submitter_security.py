@@ -371,7 +371,14 @@ def test_the_bundled_dag_marks_its_inputs_as_submitted() -> None:
     [
         ("aws_default", "wmltrain_store_s3", "training_data_reference[0].connection.conn_id", "aws_default"),
         ("wmltrain_store_s3", "my_admin_s3", "training_results_reference.connection.conn_id", "my_admin_s3"),
-        # Another run's moved credentials, although they match the default pattern wmltrain_*.
+        # The retention task's Airflow API connection, and another run's moved credentials, although they
+        # match the default pattern wmltrain_*.
+        (
+            "wmltrain_store_s3",
+            "wmltrain_api",
+            "training_results_reference.connection.conn_id",
+            "wmltrain_api",
+        ),
         (
             "wmltrain_training_victim_run_1_data",
             "wmltrain_store_s3",
