@@ -100,7 +100,8 @@ def test_a_trigger_row_without_credentials_still_halts_and_stores_the_run(
     time.sleep(0.5)  # the container has written its log line
     asyncio.run(asyncio.wait_for(rebuilt.on_kill(), 60))
 
-    status = json.loads(s3_client.get_object(Bucket=bucket, Key=f"{training_id}/{STATUS_FILE}")["Body"].read())
+    stored = s3_client.get_object(Bucket=bucket, Key=f"{training_id}/{STATUS_FILE}")
+    status = json.loads(stored["Body"].read())
     assert status["state"] == "HALTED"
     log = s3_client.get_object(Bucket=bucket, Key=f"{training_id}/{TRAINING_LOG}")["Body"].read().decode()
     assert "training started" in log
