@@ -227,7 +227,13 @@ class TrainingRunOperator(DockerOperator):
 
     def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
         super().render_template_fields(context, jinja_env)
-        _mask_manifest_secrets(self.manifest)
+        source = self.manifest
+        if self.submitted_inputs:  # data, never a path: a worker's file is not even read to mask it
+            try:
+                source = submitted_manifest(source)
+            except ManifestError:  # validation says so, later
+                source = {}
+        _mask_manifest_secrets(source)
 
     # --- the Docker host ------------------------------------------------------------------------------
 

@@ -317,6 +317,27 @@ def test_a_submitted_manifest_string_is_yaml_text_never_a_worker_path(
     assert results.keys() == set()
 
 
+def test_rendering_a_submitted_manifest_never_reads_a_worker_file(
+    make_op: Callable[..., TrainingRunOperator],
+    worker_files: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Airflow masks a rendered manifest's credentials before validation: a submitted path is not read
+    for that either (a big file, a FIFO named ``.yml``, would hang or fill the worker)."""
+    read: list[str] = []
+    read_text = Path.read_text
+
+    def recording(path: Path, *args: Any, **kwargs: Any) -> str:
+        read.append(str(path))
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", recording)
+    for which in ("manifest", "secret"):
+        op = make_op(manifest=str(worker_files[which]), submitted_inputs=True)
+        op.render_template_fields({"params": {}}, jinja_env=None)
+    assert not [path for path in read if path in {str(p) for p in worker_files.values()}]
+
+
 def test_a_submitted_manifest_as_yaml_text_is_accepted(
     make_op: Callable[..., TrainingRunOperator], ti: FakeTi, results: MemoryStore
 ) -> None:
