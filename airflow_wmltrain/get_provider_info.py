@@ -189,6 +189,17 @@ _OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "60",
         "30",
     ),
+    "submission_connections": (
+        "The Airflow connections a submitted run (the bundled wmltrain_training DAG: wmltrain train, the "
+        "UI's trigger form) may name for its data, its results and its model-definition URL: "
+        "comma-separated glob patterns of connection ids. The connections wmltrain train makes of a run's "
+        "inline credentials (wmltrain_<training id>_data/_results) are allowed to that run only, and the "
+        "retention task's wmltrain_api to none, whatever the patterns say. DAG authors' own "
+        "TrainingRunOperator tasks may name any connection.",
+        "string",
+        "wmltrain_*,team_a_store_*",
+        "wmltrain_*",
+    ),
 }
 
 

@@ -1,5 +1,8 @@
 """Where a run's model definition comes from: a path, inline base64 data, or an object-store URL.
 
+Only a DAG's author may give a path (of the worker's disk); a submitted value (a DAG run's ``conf``) is
+``base64:`` or a URL, nothing else.
+
 The bundled training DAG receives the zip in its run's ``conf`` (``base64:<data>``, what ``wmltrain
 train`` sends for a small zip) or as a URL of an object in the store (``s3://bucket/key``,
 ``swift://container/key``), read with the manifest's credentials for that kind of store (the results
@@ -26,15 +29,29 @@ def is_url(value: str) -> bool:
 
 
 def resolve_model_definition(
-    value: str | os.PathLike[str] | bytes, manifest: TrainingManifest, *, max_bytes: int
+    value: str | os.PathLike[str] | bytes,
+    manifest: TrainingManifest,
+    *,
+    max_bytes: int,
+    submitted: bool = False,
 ) -> str | os.PathLike[str] | bytes:
     """The zip's path or bytes.
 
     :param value: a path, ``base64:<data>``, ``s3://bucket/key`` or ``swift://container/key``.
     :param manifest: the run's manifest (its credentials read a URL).
     :param max_bytes: the largest zip accepted from a URL.
-    :raises ModelDefinitionError: (C102) bad base64, an object that does not exist, or no credentials for it.
+    :param submitted: the value was submitted (a DAG run's conf, the trigger form), not written by the
+        DAG's author: it is data, never a path of the worker — only ``base64:`` or a URL is accepted.
+    :raises ModelDefinitionError: (C102) bad base64, an object that does not exist, or no credentials for
+        it; a submitted value that is neither ``base64:`` nor a URL.
     """
+    if submitted and not (isinstance(value, str) and (value.startswith(BASE64_PREFIX) or is_url(value))):
+        # Never says what the value is, nor whether such a file exists on the worker.
+        raise ModelDefinitionError(
+            "of a submitted run must be the zip as base64:<data> or an object-store URL (s3://bucket/key, "
+            "swift://container/key); a submitted value is never read from the worker's disk",
+            field=FIELD,
+        )
     if not isinstance(value, str):
         return value
     if value.startswith(BASE64_PREFIX):

@@ -42,6 +42,11 @@ def parse_resource_classes(text: str) -> Mapping[str, int]:
     return MappingProxyType(classes)
 
 
+def parse_patterns(text: str) -> tuple[str, ...]:
+    """Parse ``wmltrain_*, team_a_*`` into glob patterns (``[wmltrain] submission_connections``)."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 _DEFAULTS = _defaults()
 
 
@@ -68,6 +73,7 @@ class Settings:
     :param poll_interval: seconds between two looks at a container from the triggerer.
     :param training_retries: retries of the bundled training DAG's task (``0``: none).
     :param training_retry_delay: seconds before such a retry.
+    :param submission_connections: glob patterns of the connection ids a submitted run may name.
     """
 
     resource_classes: Mapping[str, int] = field(
@@ -91,6 +97,9 @@ class Settings:
     poll_interval: int = int(_DEFAULTS["poll_interval"])
     training_retries: int = int(_DEFAULTS["training_retries"])
     training_retry_delay: int = int(_DEFAULTS["training_retry_delay"])
+    submission_connections: tuple[str, ...] = field(
+        default_factory=lambda: parse_patterns(_DEFAULTS["submission_connections"])
+    )
 
     @property
     def cache_dir(self) -> str:
@@ -167,4 +176,5 @@ class Settings:
             poll_interval=get_int("poll_interval"),
             training_retries=get_int("training_retries", minimum=0),
             training_retry_delay=get_int("training_retry_delay", minimum=0),
+            submission_connections=parse_patterns(get("submission_connections") or ""),
         )

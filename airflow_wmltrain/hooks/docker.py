@@ -345,10 +345,15 @@ class TrainingDockerHook(DockerHook):
 
     # --- the run's container --------------------------------------------------------------------------
 
-    def find_run_container(self, training_id: str) -> ContainerOutcome | None:
+    def find_run_container(
+        self, training_id: str, owner: Mapping[str, Any] | None = None
+    ) -> ContainerOutcome | None:
         """The run's container, or ``None`` when the run has none on this daemon.
 
-        :raises RunConflictError: a container has the run's name but another training id.
+        :param owner: the task instance asking (dag, run, task, map index): a container labelled with
+            another one is refused, never handed over (``None``: the caller owns the run already).
+        :raises RunConflictError: a container has the run's name but another training id, or belongs to
+            another task instance.
         """
         name = labels.run_container_name(training_id)
         try:
@@ -361,6 +366,8 @@ class TrainingDockerHook(DockerHook):
                 f"container {name} exists on the Docker host {self.docker_url} but does not belong to "
                 f"{training_id}; remove it (docker rm) or choose another training id"
             )
+        if owner is not None:
+            labels.check_owner(training_id, owner, found.owner(), "the container")
         return found
 
     def inspect(self, container_id: str) -> ContainerOutcome:
@@ -369,16 +376,20 @@ class TrainingDockerHook(DockerHook):
     def create_run_container(self, training_id: str, **create: Any) -> tuple[ContainerOutcome, bool]:
         """Create the run's container (named after ``training_id``), or find it when it already exists.
 
-        :param create: ``APIClient.create_container`` arguments (the name is set here).
+        :param create: ``APIClient.create_container`` arguments (the name is set here; ``labels`` name the
+            task instance that owns the run).
         :returns: the container, and whether this call created it (``False``: a container of the run
             was there already — another try of the same task instance made it: re-attach to it).
+        :raises RunConflictError: the container there belongs to another task instance (left untouched).
         """
         try:
             created = self.api_client.create_container(name=labels.run_container_name(training_id), **create)
         except APIError as err:
             if getattr(err, "status_code", None) != 409:
                 raise
-            existing = self.find_run_container(training_id)
+            mine = dict(create.get("labels") or {})
+            owner = {key: mine.get(label, "") for key, label in labels.OWNER_LABELS.items()}
+            existing = self.find_run_container(training_id, owner)
             if existing is None:  # removed between the conflict and the look: a transient race
                 raise DockerHostError(
                     f"the Docker host {self.docker_url} reported a conflict creating the container of "

@@ -12,13 +12,17 @@ Airflow moves tasks: a scheduler restart, a missed heartbeat or an orphan reset 
 the old one may still live.  The training id is stable across the tries of a task instance and the
 run's container is named after it and labelled with its task instance, so a new try re-attaches to the
 container (a name conflict on create means "re-attach"), and the status document records the Docker
-host, so a retry goes back there.  A halt comes only from a person (the task marked failed or success,
-``wmltrain halt``) or a deadline (``execution_timeout``), never from a try being replaced.
+host, so a retry goes back there.  Only a try of the task instance that owns a training id (the labels
+of its container, the ``airflow`` of its status document) ever re-attaches to, halts or cleans up its
+run: another task instance giving the same id is refused (``C105``), whoever submitted it.  A halt
+comes only from a person (the task marked failed or success, ``wmltrain halt``) or a deadline
+(``execution_timeout``), never from a try being replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import subprocess
@@ -67,6 +71,7 @@ from airflow_wmltrain.waiting import Backoff, WaitTimeoutError, wait_until
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from airflow_wmltrain.manifest import TrainingManifest
     from airflow_wmltrain.runtime.gpus import GpuAllocation
     from airflow_wmltrain.submission import Submission
 
@@ -116,6 +121,8 @@ class _Try:
     :param halt_requested: a person or a deadline asked for a halt.
     :param halter_spawned: the detached halter owns the run's end.
     :param connections: the store connections, resolved for the halter ahead of time.
+    :param claimed: the training id is this task instance's (no other task instance's status or
+        container has it): only then may a halt touch the run's container and workspace.
     """
 
     owner: dict[str, Any] = field(default_factory=dict)
@@ -125,6 +132,7 @@ class _Try:
     halt_requested: bool = False
     halter_spawned: bool = False
     connections: dict[str, str] = field(default_factory=dict)
+    claimed: bool = False
 
 
 class TrainingRunOperator(DockerOperator):
@@ -150,6 +158,12 @@ class TrainingRunOperator(DockerOperator):
         (``[wmltrain] poll_interval``).
     :param halt_grace_period: seconds between SIGTERM and SIGKILL when the run is halted
         (``[wmltrain] halt_grace_period``).
+    :param submitted_inputs: the manifest and the model definition come from someone who is not the
+        DAG's author (a DAG run's ``conf`` or ``params``, as in the bundled training DAG): they are data,
+        never paths of the worker — the manifest is YAML text or a mapping, the model definition
+        ``base64:`` or an object-store URL — and the run's stores may only name Airflow connections that
+        ``[wmltrain] submission_connections`` allows. Off: the DAG's author wrote them (paths allowed, any
+        connection).
     """
 
     template_fields: Sequence[str] = (
@@ -184,6 +198,7 @@ class TrainingRunOperator(DockerOperator):
         deferrable: bool = _DEFERRABLE_DEFAULT,
         poll_interval: float | None = None,
         halt_grace_period: int | None = None,
+        submitted_inputs: bool = False,
         **kwargs: Any,
     ) -> None:
         refused = {
@@ -205,13 +220,20 @@ class TrainingRunOperator(DockerOperator):
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.halt_grace_period = halt_grace_period
+        self.submitted_inputs = submitted_inputs
         self._try = _Try()
 
     # --- templates: mask the manifest's secrets before Airflow stores the rendered fields -------------
 
     def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
         super().render_template_fields(context, jinja_env)
-        _mask_manifest_secrets(self.manifest)
+        source = self.manifest
+        if self.submitted_inputs:  # data, never a path: a worker's file is not even read to mask it
+            try:
+                source = submitted_manifest(source)
+            except ManifestError:  # validation says so, later
+                source = {}
+        _mask_manifest_secrets(source)
 
     # --- the Docker host ------------------------------------------------------------------------------
 
@@ -294,29 +316,25 @@ class TrainingRunOperator(DockerOperator):
             **{label: str(owner[key]) for key, label in labels.OWNER_LABELS.items()},
         }
 
-    @staticmethod
-    def _check_owner(training_id: str, owner: Mapping[str, Any], found: Mapping[str, Any], what: str) -> None:
-        """Refuse a training id that another task instance's run already uses (no re-attach across tasks)."""
-        mine = {key: str(owner[key]) for key in OWNER_KEYS}
-        theirs = {key: str(found.get(key, "")) for key in OWNER_KEYS}
-        if mine != theirs:
-            raise RunConflictError(
-                f"training id {training_id} is already used by {what} of task {theirs['dag_id']}/"
-                f"{theirs['run_id']}/{theirs['task_id']}[{theirs['map_index']}]; give this task another "
-                "training_id (or leave it empty: a unique one is derived)"
-            )
-
     # --- execute --------------------------------------------------------------------------------------
 
-    def _validate(self, settings: Settings) -> Submission:
+    def _validate(self, settings: Settings, training_id: str) -> Submission:
         from airflow_wmltrain.manifest import load_manifest
         from airflow_wmltrain.model_source import resolve_model_definition
         from airflow_wmltrain.submission import check_submission
 
-        manifest = load_manifest(self.manifest, settings=settings)
-        _mask_secrets(manifest.secret_values())
+        if self.submitted_inputs:
+            manifest = load_manifest(submitted_manifest(self.manifest), settings=settings)
+            _mask_secrets(manifest.secret_values())
+            check_submitted_connections(manifest, training_id, settings.submission_connections)
+        else:
+            manifest = load_manifest(self.manifest, settings=settings)
+            _mask_secrets(manifest.secret_values())
         model_definition = resolve_model_definition(
-            self.model_definition, manifest, max_bytes=settings.model_definition_max_bytes
+            self.model_definition,
+            manifest,
+            max_bytes=settings.model_definition_max_bytes,
+            submitted=self.submitted_inputs,
         )
         return check_submission(
             model_definition,
@@ -332,7 +350,7 @@ class TrainingRunOperator(DockerOperator):
         self._try = _Try(owner=owner, ti=context["ti"])
         try:
             with _airflow_errors():
-                submission = self._validate(settings)
+                submission = self._validate(settings, training_id)
         except AirflowFailException as failure:  # refused before anything started: listed as failed
             err = failure.__cause__
             assert isinstance(err, WmlTrainError)
@@ -371,12 +389,13 @@ class TrainingRunOperator(DockerOperator):
         digest = submission_digest(submission)
         prior = run.resume()
         if prior is not None and prior.airflow:
-            self._check_owner(training_id, owner, prior.airflow, "the run")
+            labels.check_owner(training_id, owner, prior.airflow, "the run")
         recorded = prior.container.get("docker_url", "") if prior is not None and not prior.terminal else ""
         hook = self._host_of(training_id, recorded)
-        existing = hook.find_run_container(training_id)
+        existing = hook.find_run_container(training_id, owner)  # another task instance's: refused
+        # From here on the training id is this task instance's: a halt may touch its container and workspace.
+        self._try.claimed = True
         if existing is not None:
-            self._check_owner(training_id, owner, existing.owner(), "the container")
             return self._reattach(run, hook, existing)
         if prior is not None and prior.state is RunState.COMPLETED:
             if prior.digest == digest:
@@ -424,6 +443,13 @@ class TrainingRunOperator(DockerOperator):
             run.download(submission.model_definition)
             outcome = self._create_and_start(run, hook, submission, inventory)
         except AirflowRescheduleException:
+            raise
+        except RunConflictError as err:
+            # Another task instance created the run's container meanwhile: its workspace and container
+            # are left alone; only this task's own status document says why it ended.
+            self._try.claimed = False
+            with contextlib.suppress(WmlTrainError):  # the store is down too: the task's error says why
+                run.end(RunState.FAILED, err)
             raise
         except Exception as err:
             if self._try.halter_spawned:  # the halt owns the run's end now
@@ -599,7 +625,6 @@ class TrainingRunOperator(DockerOperator):
                 hook.release_leases(run.training_id)
         self._try.container_id = outcome.container_id
         if not created:  # another try of this task instance created it meanwhile: re-attach to it
-            self._check_owner(run.training_id, owner, outcome.owner(), "the container")
             self.log.info(
                 "The container of training run %s already exists (another try created it): re-attaching",
                 run.training_id,
@@ -635,7 +660,7 @@ class TrainingRunOperator(DockerOperator):
     def _wait(self, run: TrainingRun, hook: TrainingDockerHook, outcome: ContainerOutcome) -> dict[str, Any]:
         """Wait for the container — look first: one that already ended is finished at once."""
         if outcome.running and self.deferrable:
-            from airflow_wmltrain.triggers.training_run import TrainingRunTrigger
+            from airflow_wmltrain.triggers.training_run import TrainingRunTrigger, seal_halt
 
             self.defer(
                 trigger=TrainingRunTrigger(
@@ -643,7 +668,9 @@ class TrainingRunOperator(DockerOperator):
                     container_id=outcome.container_id,
                     docker_host=hook.to_dict(),
                     poll_interval=float(self.poll_interval or run.settings.poll_interval),
-                    halt=self._halt_params(run, hook, outcome.container_id, "its task was stopped"),
+                    halt=seal_halt(
+                        self._halt_params(run, hook, outcome.container_id, "its task was stopped")
+                    ),
                 ),
                 method_name="execute_complete",
             )
@@ -728,7 +755,7 @@ class TrainingRunOperator(DockerOperator):
         if not isinstance(event, dict) or event.get("training_id") != training_id:
             raise AirflowException(f"an unexpected event resumed the task of {training_id}: {event!r}")
         with _airflow_errors():
-            submission = self._validate(settings)
+            submission = self._validate(settings, training_id)
             run = self._try.run = TrainingRun(
                 training_id=training_id,
                 manifest=submission.manifest,
@@ -741,6 +768,7 @@ class TrainingRunOperator(DockerOperator):
                 run.resume()
             except ResultsStoreError as err:  # the store is down as the run ends: keep what it made
                 raise run.results_kept(hook, str(event.get("container_id") or ""), err) from None
+            self._try.claimed = True  # its own trigger resumed it: the run is this task instance's
             recorded = run.status.container.get("id", "")
             if recorded and event.get("container_id") != recorded:
                 raise AirflowException(
@@ -749,7 +777,7 @@ class TrainingRunOperator(DockerOperator):
                 )
             if event.get("status") == "error":
                 error = DockerHostError(str(event.get("message") or f"the wait for {training_id} failed"))
-                if hook.find_run_container(training_id) is None and not run.status.terminal:
+                if hook.find_run_container(training_id, self._try.owner) is None and not run.status.terminal:
                     error.retryable = False  # the container is gone: the run is over
                     run.end_without_container(RunState.FAILED, error)
                 # Else the container may still train (the host did not answer): a retry re-attaches to it.
@@ -834,8 +862,8 @@ class TrainingRunOperator(DockerOperator):
         (SIGTERM, the grace period, SIGKILL, storing the logs) is done by a detached process.
         """
         run = self._try.run
-        if run is None or run.status.terminal or self._try.halt_requested:
-            return
+        if run is None or not self._try.claimed or run.status.terminal or self._try.halt_requested:
+            return  # nothing of a run this task instance owns to halt
         reason = self._halt_reason()
         if reason is None:
             self.log.info(
@@ -849,7 +877,7 @@ class TrainingRunOperator(DockerOperator):
         container_id = self._try.container_id
         if container_id is None:
             try:
-                found = hook.find_run_container(run.training_id)
+                found = hook.find_run_container(run.training_id, self._try.owner)
             except Exception:  # the host does not answer: the halter looks again
                 found = None
             container_id = found.container_id if found is not None else None
@@ -867,6 +895,8 @@ class TrainingRunOperator(DockerOperator):
             params["grace"],
         )
         params["connections"] = self._try.connections or connections_as_json(run.manifest)
+        if container_id is None:  # the halter looks for it: only this task instance's container will do
+            params["owner"] = {key: self._try.owner[key] for key in OWNER_KEYS}
         # The halter writes the run's end to the bucket (the task is gone by then): the task's XCom says
         # what goes on. Written before the halter starts, so that it never lands after the halter's.
         with contextlib.suppress(Exception):
@@ -891,6 +921,65 @@ def _hyperparameters(value: Mapping[str, Any] | str | None) -> Mapping[str, Any]
     if not isinstance(parsed, dict):
         raise ManifestError("must be a mapping of option name to value", field="hyperparameters")
     return parsed
+
+
+def submitted_manifest(value: object) -> Mapping[str, Any]:
+    """A submitted manifest as data: YAML text or a mapping, never the path of a file of the worker.
+
+    :raises ManifestError: (C101) it is not the YAML of a mapping (the message never quotes it).
+    """
+    from airflow_wmltrain.manifest import _parse_yaml
+
+    data = _parse_yaml(value, "manifest") if isinstance(value, str) else value
+    if not isinstance(data, Mapping):
+        raise ManifestError(
+            "of a submitted run must be YAML text of a mapping with model_definition, "
+            "training_data_reference and training_results_reference; a submitted manifest is never read "
+            "from the worker's disk",
+            field="manifest",
+        )
+    return data
+
+
+def check_submitted_connections(
+    manifest: TrainingManifest, training_id: str, patterns: Sequence[str]
+) -> None:
+    """Refuse a submitted manifest naming an Airflow connection it may not use.
+
+    Allowed: the connections ``wmltrain train`` made of this run's inline credentials, and those matching
+    ``[wmltrain] submission_connections`` — but never the moved credentials of another run, nor the
+    provider's own API connection (``wmltrain_api``: Airflow credentials).  The model definition's URL is
+    read with the data's or the results' connection, so it is covered too.
+
+    :raises ManifestError: (C101) naming the field, the connection id and the setting to change.
+    """
+    from airflow_wmltrain.manifest import ConnectionId
+    from airflow_wmltrain.service.retention import API_CONN_ID
+    from airflow_wmltrain.service.runs import MOVED_CONNECTION_PREFIX, moved_connection_id
+
+    own = {moved_connection_id(training_id, role) for role in ("data", "results")}
+    for where, reference in (
+        ("training_data_reference[0].connection.conn_id", manifest.data),
+        ("training_results_reference.connection.conn_id", manifest.results),
+    ):
+        if not isinstance(reference.connection, ConnectionId):
+            continue
+        conn_id = reference.connection.conn_id
+        if conn_id in own:
+            continue
+        moved = conn_id.startswith(MOVED_CONNECTION_PREFIX + "training_") and conn_id.endswith(
+            ("_data", "_results")
+        )
+        trusted = moved or conn_id == API_CONN_ID  # never a submitter's, whatever the patterns say
+        if not trusted and any(fnmatch.fnmatchcase(conn_id, pattern) for pattern in patterns):
+            continue
+        allowed = ", ".join(patterns) or "none"
+        raise ManifestError(
+            f"the Airflow connection '{conn_id}' may not be used by a submitted run (allowed: {allowed}, "
+            "and the connections wmltrain train makes of this run's inline credentials); use one of "
+            "those, or ask an Airflow admin to add it to [wmltrain] submission_connections",
+            field=where,
+        )
 
 
 def spawn_halter(params: Mapping[str, Any], log_path: Path) -> None:

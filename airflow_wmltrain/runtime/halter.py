@@ -5,7 +5,9 @@ training container gracefully and store its logs; its ``on_kill`` starts this pr
 session, so it outlives the task) with :func:`~airflow_wmltrain.runtime.run.halt_run`'s parameters as
 JSON on stdin (never on the command line: the manifest may hold credentials), with the Airflow
 connections the manifest names already resolved by the task (this process has no task context to ask
-the API server for them): they become ``AIRFLOW_CONN_<ID>`` variables of this process only.  The task's
+the API server for them): they become ``AIRFLOW_CONN_<ID>`` variables of this process only.  When the
+task did not know the run's container, ``owner`` (its task instance) makes sure the one found by name is
+the task's own.  The task's
 environment blocks the metadata database (``airflow-db-not-allowed:///``); this process needs no
 database, so that setting is dropped before Airflow is imported.
 """
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 
 def main() -> int:
@@ -28,13 +31,26 @@ def main() -> int:
             del os.environ[name]
     from airflow_wmltrain.runtime.run import halt_run
 
+    owner = params.pop("owner", None)
     try:
+        if params.get("container_id") is None and owner is not None:
+            params["container_id"] = _own_container(params, owner)
         result = halt_run(**params)
     except Exception:
         logging.getLogger(__name__).exception("Halting training run %s failed", params.get("training_id"))
         return 1
     logging.getLogger(__name__).info("Training run %s is %s", result["training_id"], result["state"])
     return 0
+
+
+def _own_container(params: dict[str, Any], owner: dict[str, Any]) -> str | None:
+    """The run's container when the task did not know it: only one labelled with the task's own task
+    instance (``owner``); another task instance's is refused (C105) and left untouched."""
+    from airflow_wmltrain.hooks.docker import TrainingDockerHook
+
+    hook = TrainingDockerHook.from_dict(params["docker_host"])
+    found = hook.find_run_container(params["training_id"], owner)
+    return found.container_id if found is not None else None
 
 
 if __name__ == "__main__":

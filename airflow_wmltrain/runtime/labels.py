@@ -9,6 +9,10 @@ container per training id (:func:`run_container_name`), one lease per GPU (:func
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
+
+from airflow_wmltrain.errors import RunConflictError
 
 PREFIX = "wmltrain"
 
@@ -43,3 +47,23 @@ def run_container_name(training_id: str) -> str:
 def gpu_lease_name(gpu_id: str) -> str:
     """The lease container guarding one GPU of a daemon."""
     return f"{PREFIX}-gpu-lease-{_UNSAFE.sub('_', gpu_id)}"
+
+
+def check_owner(training_id: str, owner: Mapping[str, Any], found: Mapping[str, Any], what: str) -> None:
+    """Refuse a training id that another task instance's run already uses: a run (its container, its
+    status document) is only ever re-attached to, halted or stored by a try of the task instance that
+    owns it.
+
+    :param owner: this task instance (:data:`OWNER_LABELS`' keys: dag, run, task, map index).
+    :param found: the owner that the container's labels or the status document record.
+    :param what: what was found, for the message (``the container``, ``the run``).
+    :raises RunConflictError: (C105, not retryable) naming the owner.
+    """
+    mine = {key: str(owner.get(key, "")) for key in OWNER_LABELS}
+    theirs = {key: str(found.get(key, "")) for key in OWNER_LABELS}
+    if mine != theirs:
+        raise RunConflictError(
+            f"training id {training_id} is already used by {what} of task {theirs['dag_id']}/"
+            f"{theirs['run_id']}/{theirs['task_id']}[{theirs['map_index']}]; give this task another "
+            "training_id (or leave it empty: a unique one is derived)"
+        )

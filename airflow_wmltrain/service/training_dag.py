@@ -6,6 +6,11 @@ hyperparameters.  The DAG run id is the training id when it looks like one (``tr
 ``wmltrain train`` names its runs); a run started from the UI with Airflow's own run id gets an id
 derived from it.  Use connection ids in manifests submitted here: a DAG run's ``conf`` is shown by the
 UI and the API (``wmltrain train`` moves inline credentials into Airflow connections for that reason).
+
+Whoever may trigger this DAG is a submitter, not a DAG author: the conf's values are data, never paths of
+the worker (the manifest is YAML text, the model definition a URL or ``base64:``), a manifest may only
+name the connections ``[wmltrain] submission_connections`` allows (and those ``wmltrain train`` made of
+the run's own inline credentials), and a training id of another task instance is refused (C105).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from airflow_wmltrain.service.runs import TRAINING_DAG_ID
 MANIFEST_HELP = (
     "The training manifest (YAML): model_definition (name, framework, execution.command, "
     "execution.resource), training_data_reference and training_results_reference. Give credentials as "
-    "connection: {conn_id: ...}."
+    "connection: {conn_id: ...}, a connection that [wmltrain] submission_connections allows. YAML text "
+    "only: never the path of a file."
 )
 MODEL_HELP = (
     "The model-definition zip: an object-store URL (s3://bucket/model.zip or swift://container/model.zip, "
@@ -83,6 +89,7 @@ def build_training_dag(dag_id: str = TRAINING_DAG_ID, **operator_kwargs: Any) ->
             model_definition="{{ params.model_definition }}",
             hyperparameters="{{ params.hyperparameters }}",
             training_id="{{ run_id if run_id.startswith('training-') else '' }}",
+            submitted_inputs=True,
             **{**defaults, **operator_kwargs},
         )
     return dag

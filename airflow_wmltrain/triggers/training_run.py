@@ -6,14 +6,18 @@ status document, ``<results-bucket>/<training-id>/_status.json``, until the run 
 deferrable mode; the sensor's ``poke`` is the same look).
 
 A trigger's kwargs are stored in the metadata database and shown to whoever can see the trigger: they
-hold connection ids and Docker parameters, never a credential.  The results store is given as a plain
-dict ``{"type": "s3" | "swift", "bucket": ..., "conn_id": ...}`` (:func:`results_reference` turns it into
+hold connection ids and Docker parameters, never a credential.  The halt of a run whose manifest holds
+inline credentials needs them to store the run: they travel sealed with Airflow's Fernet key
+(:func:`seal_halt`), which the worker and the triggerer share; the kwargs show the redacted manifest.
+The results store is given as a plain dict ``{"type": "s3" | "swift", "bucket": ..., "conn_id": ...}``
+(:func:`results_reference` turns it into
 the :class:`~airflow_wmltrain.manifest.StoreReference` the storage layer opens).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from functools import cached_property
 from typing import Any
 
@@ -28,7 +32,7 @@ from airflow_wmltrain.manifest import ConnectionId, StoreReference, StoreType
 from airflow_wmltrain.runtime.run import read_status_at
 from airflow_wmltrain.triggers.base import LookFailed, PollingTrigger
 
-__all__ = ["TrainingRunTrigger", "TrainingStatusTrigger", "results_reference"]
+__all__ = ["TrainingRunTrigger", "TrainingStatusTrigger", "results_reference", "seal_halt"]
 
 _RESULTS_TYPES = ("s3", "swift")
 #: Terminal state → the ``status`` of :class:`TrainingStatusTrigger`'s event.
@@ -53,6 +57,39 @@ def results_reference(type_: str, bucket: str, conn_id: str) -> StoreReference:
     return StoreReference(type=kind, bucket=bucket, connection=ConnectionId(conn_id=conn_id))
 
 
+def seal_halt(halt: dict[str, Any]) -> dict[str, Any]:
+    """The kwargs of :func:`~airflow_wmltrain.runtime.run.halt_run` as a trigger may hold them: the
+    manifest redacted, and, when it holds inline credentials, the whole manifest encrypted with
+    Airflow's Fernet key under ``sealed_manifest`` (:meth:`TrainingRunTrigger.halt_kwargs` opens it).
+
+    Without a Fernet key (``[core] fernet_key`` empty or invalid) nothing secret is kept: a halt from the
+    triggerer then stops the container but cannot store the run (the task log says so when it defers).
+    """
+    import json
+
+    from airflow.sdk.crypto import get_fernet
+
+    from airflow_wmltrain.manifest import redact_manifest, secret_values_of
+
+    manifest = halt.get("manifest")
+    sealed = {**halt, "manifest": redact_manifest(manifest)}
+    if not secret_values_of(manifest):
+        return sealed
+    try:
+        fernet = get_fernet()
+    except AirflowException:  # a [core] fernet_key that is no Fernet key
+        fernet = None
+    if fernet is None or not fernet.is_encrypted:
+        logging.getLogger(__name__).warning(
+            "Airflow has no usable Fernet key ([core] fernet_key): the manifest's inline credentials are not "
+            "handed to the triggerer, so a halt of this deferred run stops its container but cannot store "
+            "its logs; use Airflow connections (conn_id) in the manifest, or set a Fernet key"
+        )
+        return sealed
+    sealed["sealed_manifest"] = fernet.encrypt(json.dumps(manifest).encode()).decode("ascii")
+    return sealed
+
+
 # --- the container ------------------------------------------------------------------------------------
 
 
@@ -70,9 +107,9 @@ class TrainingRunTrigger(PollingTrigger):
     :param container_id: the id of the run's container.
     :param docker_host: the Docker host's parameters (:meth:`TrainingDockerHook.to_dict`).
     :param poll_interval: seconds between two looks at the container.
-    :param halt: keyword arguments of :func:`airflow_wmltrain.runtime.run.halt_run`, used by
-        :meth:`on_kill` when a person marks the deferred task failed or success; without them
-        :meth:`on_kill` only stops the container.
+    :param halt: keyword arguments of :func:`airflow_wmltrain.runtime.run.halt_run` as
+        :func:`seal_halt` makes them (no credential in the clear), used by :meth:`on_kill` when a person
+        marks the deferred task failed or success; without them :meth:`on_kill` only stops the container.
     """
 
     def __init__(
@@ -166,10 +203,22 @@ class TrainingRunTrigger(PollingTrigger):
         # A client that failed may hold a dead connection pool: build a new one on the next look.
         self.hook.close()
 
+    def halt_kwargs(self) -> dict[str, Any]:
+        """The kwargs of :func:`~airflow_wmltrain.runtime.run.halt_run`, the sealed manifest opened."""
+        import json
+
+        from airflow.sdk.crypto import get_fernet
+
+        kwargs = dict(self.halt or {})
+        sealed = kwargs.pop("sealed_manifest", None)
+        if sealed:
+            kwargs["manifest"] = json.loads(get_fernet().decrypt(sealed.encode("ascii")))
+        return kwargs
+
     def _halt(self) -> None:
         from airflow_wmltrain.runtime.run import halt_run
 
-        halt_run(**(self.halt or {}))
+        halt_run(**self.halt_kwargs())
 
     def _stop_container(self) -> None:
         from airflow_wmltrain.settings import Settings

@@ -61,5 +61,6 @@ def test_provider_info_declares_every_setting_with_a_description() -> None:
         "halt_grace_period",
         "poll_interval",
         "retention_days",
+        "submission_connections",
     }
     assert all(spec["description"].strip() and "default" in spec for spec in options.values())
