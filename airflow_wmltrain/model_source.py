@@ -17,7 +17,7 @@ import os
 import re
 
 from airflow_wmltrain.errors import ModelDefinitionError
-from airflow_wmltrain.manifest import StoreReference, TrainingManifest
+from airflow_wmltrain.manifest import StoreReference, TrainingManifest, bucket_name_problem
 
 FIELD = "model_definition"
 BASE64_PREFIX = "base64:"
@@ -71,6 +71,11 @@ def _fetch(store_type: str, bucket: str, key: str, manifest: TrainingManifest, m
     from airflow_wmltrain.storage import open_store
     from airflow_wmltrain.storage.transfer import TransferError
 
+    problem = bucket_name_problem("s3" if store_type == "s3" else "swift", bucket)
+    if problem:  # the bucket would reach the request's host (S3's virtual-hosted addressing)
+        raise ModelDefinitionError(
+            f"{store_type}://{bucket}/...: not a valid bucket name: {problem}", field=FIELD
+        )
     same = [ref for ref in (manifest.results, manifest.data) if ref.type == store_type]
     if not same:
         raise ModelDefinitionError(

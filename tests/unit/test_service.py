@@ -176,6 +176,19 @@ def test_model_definitions_in_base64_are_decoded_or_refused() -> None:
         resolve_model_definition("base64:%%%", manifest, max_bytes=10)
 
 
+@pytest.mark.parametrize(
+    "url", ["s3://evil:8443#/model.zip", "s3://Evil.example/model.zip", "s3://a/model.zip"]
+)
+def test_a_model_url_with_a_bad_bucket_is_refused_before_any_request(url: str) -> None:
+    """A bucket in a model-definition URL reaches the request's host like a manifest's bucket: same rules
+    (issue 10, hole 6); refused before the manifest's credentials are even looked at."""
+    from airflow_wmltrain.model_source import resolve_model_definition
+
+    with pytest.raises(ModelDefinitionError, match="not a valid") as refused:
+        resolve_model_definition(url, None, max_bytes=10)  # type: ignore[arg-type]
+    assert refused.value.code == "C102"
+
+
 def test_hyperparameters_rendered_as_json_text_are_read() -> None:
     from airflow_wmltrain.errors import ManifestError
     from airflow_wmltrain.operators.training_run import _hyperparameters
