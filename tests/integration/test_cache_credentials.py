@@ -163,18 +163,18 @@ def test_a_principal_that_can_list_but_not_read_gets_nothing_through_the_cache(
     assert result.fetched_files == 2
     assert secret in _digests(tmp_path / "owner")
 
-    # The reader's staging of the same bucket on the same host, with the owner's entries in the cache.
+    # The reader's stagings on the same host, with the owner's entries in the cache.  What it may read it
+    # fetches itself (the owner's entry is not linked), then re-stages warm from its own entry.
     with open_store(data_reference(kind, bucket, reader), retry=retry) as store:
+        first = stage(store, tmp_path / "reader-open-1", prefix="open/", cache=cache)
+        again = stage(store, tmp_path / "reader-open-2", prefix="open/", cache=cache)
+        assert (first.fetched_files, first.from_cache) == (1, 0), "not linked from the owner's entry"
+        assert (again.fetched_files, again.from_cache) == (0, 1), "the reader's own re-stage is warm"
+        assert (tmp_path / "reader-open-2" / "a.bin").read_bytes() == shared_data["open/a.bin"]
+        # What it may list but not read it does not get: its own GET is refused, whatever the cache holds.
         with pytest.raises(DataLoadError, match=r"secret/model\.bin") as refused:
             stage(store, tmp_path / "reader", cache=cache)
         assert refused.value.code == "S302"
         assert secret not in _digests(tmp_path / "reader"), "the reader got the secret through the cache"
-
-        # What it may read, it stages: fetched with its own credentials once, then warm from the cache.
-        first = stage(store, tmp_path / "reader-open-1", prefix="open/", cache=cache)
-        again = stage(store, tmp_path / "reader-open-2", prefix="open/", cache=cache)
-    assert (first.fetched_files, first.from_cache) == (1, 0), "not linked from the owner's entry"
-    assert (again.fetched_files, again.from_cache) == (0, 1), "the reader's own re-stage is warm"
-    assert (tmp_path / "reader-open-2" / "a.bin").read_bytes() == shared_data["open/a.bin"]
     cached = [hashlib.sha256(p.read_bytes()).hexdigest() for p in cache.objects.rglob("*") if p.is_file()]
     assert cached.count(secret) == 1, "the owner's entry only"

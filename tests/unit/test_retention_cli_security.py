@@ -1,24 +1,35 @@
-"""Issue 10, holes 9 and 11 (CLI): retention's ``as_of`` and dry run; the CLI's password and config file."""
+"""Issue 10, holes 9, 10 and 11 (CLI): retention's ``as_of`` and dry run; the staging cache across
+principals; the CLI's password and config file."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import logging
+import threading
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 
 from airflow_wmltrain.cli import server
 from airflow_wmltrain.cli.main import build_parser, main
 from airflow_wmltrain.cli.server import api_from_args
-from airflow_wmltrain.errors import ConfigurationError
+from airflow_wmltrain.errors import ConfigurationError, DataLoadError
 from airflow_wmltrain.lifecycle import RunState, RunStatus
 from airflow_wmltrain.service import retention
 from airflow_wmltrain.service.retention import drop_expired_runs, retention_moment
 from airflow_wmltrain.service.runs import TrainingRunRecord
+from airflow_wmltrain.storage.cache import ObjectCache
+from airflow_wmltrain.storage.s3 import S3Store
+from airflow_wmltrain.storage.sigv4 import Credentials
+from airflow_wmltrain.storage.staging import stage
+from airflow_wmltrain.storage.transfer import RetryPolicy
 
 NOW = datetime(2026, 11, 26, tzinfo=timezone.utc)
 
@@ -188,3 +199,90 @@ def test_the_default_config_file_is_checked_too(clean_env: None, tmp_path: Path)
     default.chmod(0o644)
     with pytest.raises(ConfigurationError, match="chmod 600"):
         api_from_args(_args())
+
+
+# --- hole 10: the staging cache and principals ----------------------------------------------------------
+
+_OBJECTS = {"open/a.bin": b"anyone may read this", "secret/model.bin": b"only the owner may read this"}
+_READABLE = {"owner": set(_OBJECTS), "reader": {"open/a.bin"}}  # both may list the bucket
+
+
+class _PermissionsS3(BaseHTTPRequestHandler):
+    """A stand-in S3 bucket ``b`` with per-object permissions by access key id (from ``Authorization``):
+    both principals list and HEAD the bucket, only the owner GETs ``secret/model.bin``."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _principal(self) -> str:
+        return self.headers.get("authorization", "").partition("Credential=")[2].partition("/")[0]
+
+    def _reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for name, value in {"content-length": str(len(body)), **(headers or {})}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        self._reply(200 if self.path.split("?")[0] == "/b" else 404)
+
+    def do_GET(self) -> None:
+        path, _, query = self.path.partition("?")
+        if path == "/b":
+            prefix = parse_qs(query).get("prefix", [""])[0]
+            items = "".join(
+                f"<Contents><Key>{key}</Key><Size>{len(data)}</Size>"
+                f'<ETag>"{hashlib.md5(data, usedforsecurity=False).hexdigest()}"</ETag></Contents>'
+                for key, data in _OBJECTS.items()
+                if key.startswith(prefix)
+            )
+            xml = f'<ListBucketResult xmlns="{_S3_NS}"><IsTruncated>false</IsTruncated>{items}'
+            xml += "</ListBucketResult>"
+            self._reply(200, xml.encode())
+            return
+        key = path.removeprefix("/b/")
+        if key not in _READABLE.get(self._principal(), set()):
+            self._reply(403, b"<Error><Code>AccessDenied</Code></Error>")
+            return
+        data = _OBJECTS[key]
+        self._reply(200, data, {"etag": f'"{hashlib.md5(data, usedforsecurity=False).hexdigest()}"'})
+
+
+_S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
+
+
+@pytest.fixture
+def permissions_s3() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _PermissionsS3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_cache_gives_no_principal_bytes_it_could_not_get_itself(
+    permissions_s3: str, tmp_path: Path
+) -> None:
+    def store(access_key: str) -> S3Store:
+        keys = Credentials(access_key, "secret-of-" + access_key)
+        return S3Store(
+            "b", credentials=lambda: keys, endpoint_url=permissions_s3, retry=RetryPolicy(attempts=1)
+        )
+
+    cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 30)
+    owner = stage(store("owner"), tmp_path / "owner", cache=cache)
+    assert owner.fetched_files == 2
+    # What the reader may read it fetches itself (the owner's entry is not linked), then re-stages warm.
+    first = stage(store("reader"), tmp_path / "reader-1", prefix="open/", cache=cache)
+    again = stage(store("reader"), tmp_path / "reader-2", prefix="open/", cache=cache)
+    assert (first.fetched_files, first.from_cache) == (1, 0)
+    assert (again.fetched_files, again.from_cache) == (0, 1)
+    # What it may list but not read, it does not get: its own GET is refused, whatever the cache holds.
+    with pytest.raises(DataLoadError, match=r"secret/model\.bin"):
+        stage(store("reader"), tmp_path / "reader", cache=cache)
+    staged = [p.read_bytes() for p in (tmp_path / "reader").rglob("*") if p.is_file()]
+    assert _OBJECTS["secret/model.bin"] not in staged, "the reader got the owner's object through the cache"
+    assert stage(store("owner"), tmp_path / "owner-2", cache=cache).from_cache == 2, "the owner's stays warm"
