@@ -10,7 +10,10 @@ before the change), each also against its own cold stage (empty cache), on the s
 Run it from the repository root with the project's virtual environment, after starting the services::
 
     eval "$(scripts/services up)"
-    .venv/bin/python benchmarks/cache_principal.py --before 7f0c1e2 [--objects 2000 --size 65536 --repeat 5]
+    .venv/bin/python benchmarks/cache_principal.py --before REVISION [--objects 2000 --size 65536 --repeat 5]
+
+``--stand-in`` serves the bucket from a stand-in S3 in this process instead (no services needed: it
+measures our side alone, listing and linking, when the services are busy).
 
 Each measurement is a fresh worker process per version (alternating, ``--repeat`` times) that opens the
 S3 store once, then times ``stage()`` cold (new cache, new destination) and warm (same cache, new
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import os
 import shutil
@@ -28,9 +32,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "wmltrain-bench-principal"
@@ -106,6 +115,65 @@ def ensure_bucket(env: dict[str, str], objects: int, size: int) -> None:
         print(f"created {len(missing)} objects in {BUCKET}", file=sys.stderr)
 
 
+@contextmanager
+def stand_in(objects: int, size: int) -> Iterator[dict[str, str]]:
+    """A stand-in S3 endpoint in this process serving the bucket (listing in pages of 1,000, GETs)."""
+    data = {f"data/{i:05d}.bin": os.urandom(size) for i in range(objects)}
+    etags = {key: hashlib.md5(body, usedforsecurity=False).hexdigest() for key, body in data.items()}
+    keys = sorted(data)
+    ns = "http://s3.amazonaws.com/doc/2006-03-01/"
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def reply(self, body: bytes, headers: dict[str, str] | None = None) -> None:
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def do_HEAD(self) -> None:
+            self.reply(b"")
+
+        def do_GET(self) -> None:
+            path, _, query = self.path.partition("?")
+            if path == f"/{BUCKET}":
+                start = int(parse_qs(query).get("continuation-token", ["0"])[0])
+                page = keys[start : start + 1000]
+                more = start + 1000 < len(keys)
+                items = "".join(
+                    f'<Contents><Key>{k}</Key><Size>{len(data[k])}</Size><ETag>"{etags[k]}"</ETag></Contents>'
+                    for k in page
+                )
+                tail = f"<NextContinuationToken>{start + 1000}</NextContinuationToken>" if more else ""
+                xml = f'<ListBucketResult xmlns="{ns}"><IsTruncated>{str(more).lower()}</IsTruncated>{tail}'
+                self.reply((xml + items + "</ListBucketResult>").encode())
+                return
+            key = path.removeprefix(f"/{BUCKET}/")
+            self.reply(data[key], {"etag": f'"{etags[key]}"'})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield {
+            "WMLTRAIN_S3_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+            "WMLTRAIN_S3_REGION": "us-east-1",
+            "WMLTRAIN_STORE_USER": "bench",
+            "WMLTRAIN_STORE_KEY": "bench-secret",
+        }
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def checkout(revision: str, into: Path) -> Path:
     """The package as it was at ``revision`` (``git archive``), importable from the returned folder."""
     into.mkdir(parents=True)
@@ -152,9 +220,23 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=64 * 1024)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
+    parser.add_argument(
+        "--stand-in", action="store_true", help="a stand-in S3 in this process, not the services"
+    )
     args = parser.parse_args()
-    env = services_env()
-    ensure_bucket(env, args.objects, args.size)
+    with ExitStack() as stack:
+        if args.stand_in:
+            env = stack.enter_context(stand_in(args.objects, args.size))
+        else:
+            env = services_env()
+            ensure_bucket(env, args.objects, args.size)
+        runs = run_all(args, env)
+    store = "a stand-in S3 in the benchmark's process" if args.stand_in else "the services' Swift (S3 API)"
+    report(args, runs, store)
+    return 0
+
+
+def run_all(args: argparse.Namespace, env: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
     with tempfile.TemporaryDirectory(prefix="wmltrain-bench-principal-", dir="/var/tmp") as work:
         versions = {"before": checkout(args.before, Path(work) / "before"), "after": REPO}
         scratch = Path(work) / "scratch"
@@ -165,12 +247,18 @@ def main() -> int:
             for name in order:
                 runs[name].append(measure(versions[name], env, scratch, name))
                 print(f"{name} #{repeat + 1}: {runs[name][-1]}", file=sys.stderr)
+    return runs
+
+
+def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], store: str) -> None:
     median = {
         name: {phase: statistics.median(r[phase]["s"] for r in rs) for phase in ("cold", "warm")}
         for name, rs in runs.items()
     }
     mb = args.objects * args.size / 1e6
-    print(f"{args.objects} objects × {args.size} B ({mb:.0f} MB), medians of {args.repeat}, seconds:\n")
+    print(
+        f"{args.objects} objects × {args.size} B ({mb:.0f} MB) from {store}; medians of {args.repeat}, s:\n"
+    )
     print("| code | cold stage | warm re-stage | warm ÷ cold | warm runs |")
     print("| --- | --- | --- | --- | --- |")
     for name, rs in runs.items():
@@ -183,7 +271,6 @@ def main() -> int:
         args.json.write_text(
             json.dumps({"runs": runs, "median": median, "args": vars(args) | {"json": None}})
         )
-    return 0
 
 
 if __name__ == "__main__":
