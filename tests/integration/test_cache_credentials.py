@@ -3,8 +3,9 @@
 Two principals of one Swift account, on the real Swift all-in-one (both APIs): the owner ``test:tester``
 and ``test:reader``, a user without rights of its own to whom the container's ACL
 (``X-Container-Read: test:reader``) grants listing and reading.  The object ``secret/model.bin`` is a
-static large object whose segments live in ``<container>_segments``, which the ACL does not open: the
-reader can list the object, with its size and ETag, but cannot GET its bytes — list-without-read, which
+multipart upload, a static large object whose segments s3api keeps in ``<container>+segments``, whose
+ACL does not name the reader: the reader can list the object, with its size and ETag, but cannot GET its
+bytes (the proxy reads the segments as the reader) — list-without-read, which
 the services' Swift (s3api without S3 ACLs, tempauth) cannot express otherwise (bucket policies and
 per-object ACLs need ``s3_acl``).
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import configparser
 import hashlib
-import json
 import os
 import socket
 import subprocess
@@ -27,6 +27,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import swiftclient
@@ -110,24 +111,27 @@ def _creds(services: dict[str, str], proxy: str, user: str, key: str) -> dict[st
 
 @pytest.fixture
 def shared_data(
-    bucket: str, swift_connection: swiftclient.Connection, segments_cleanup: str
+    bucket: str, s3_client: Any, swift_connection: swiftclient.Connection, segments_cleanup: str
 ) -> dict[str, bytes]:
     """``bucket`` readable by the reader through its ACL, holding ``open/a.bin`` (readable) and
-    ``secret/model.bin`` (a static large object whose segments the reader cannot read)."""
-    objects = {"open/a.bin": os.urandom(300 * 1024), "secret/model.bin": os.urandom(MiB + 200 * 1024)}
+    ``secret/model.bin``: a multipart upload, i.e. a static large object whose segments s3api keeps in
+    ``<bucket>+segments``, which is not open to the reader."""
+    objects = {"open/a.bin": os.urandom(300 * 1024), "secret/model.bin": os.urandom(5 * MiB + 100 * 1024)}
     swift_connection.post_container(bucket, {"X-Container-Read": READER})
-    segments = f"{bucket}_segments"
-    swift_connection.put_container(segments)
     secret = objects["secret/model.bin"]
-    manifest = []
-    for number, part in enumerate((secret[:MiB], secret[MiB:]), start=1):
-        name = f"secret/model.bin/{number:08d}"
-        etag = swift_connection.put_object(segments, name, part)
-        manifest.append({"path": f"/{segments}/{name}", "etag": etag, "size_bytes": len(part)})
-    swift_connection.put_object(
-        bucket, "secret/model.bin", json.dumps(manifest), query_string="multipart-manifest=put"
+    upload = s3_client.create_multipart_upload(Bucket=bucket, Key="secret/model.bin")["UploadId"]
+    parts = []
+    for number, part in enumerate((secret[: 5 * MiB], secret[5 * MiB :]), start=1):
+        answer = s3_client.upload_part(
+            Bucket=bucket, Key="secret/model.bin", UploadId=upload, PartNumber=number, Body=part
+        )
+        parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+    s3_client.complete_multipart_upload(
+        Bucket=bucket, Key="secret/model.bin", UploadId=upload, MultipartUpload={"Parts": parts}
     )
-    swift_connection.put_object(bucket, "open/a.bin", objects["open/a.bin"])
+    # s3api gives the segments' container the bucket's ACL when it makes it: take it away.
+    swift_connection.post_container(f"{bucket}+segments", {"X-Remove-Container-Read": "x"})
+    s3_client.put_object(Bucket=bucket, Key="open/a.bin", Body=objects["open/a.bin"])
     return objects
 
 
