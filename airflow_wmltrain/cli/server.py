@@ -1,14 +1,21 @@
 """How ``wmltrain`` reaches Airflow: the API server's URL and credentials, from flags, environment or a file.
 
-Precedence: ``--api-url``/``--user``/``--password``, then ``WMLTRAIN_API_URL``/``WMLTRAIN_USER``/
+Precedence: ``--api-url``/``--user``/``--password-file``, then ``WMLTRAIN_API_URL``/``WMLTRAIN_USER``/
 ``WMLTRAIN_PASSWORD``, then the YAML config file (``--config``, ``$WMLTRAIN_CONFIG``, or
-``~/.config/wmltrain/config.yaml``) with keys ``api_url``, ``user``, ``password``.
+``~/.config/wmltrain/config.yaml``) with keys ``api_url``, ``user``, ``password``; a password found
+nowhere is asked for when stdin is a terminal.
+
+A password is never taken from the command line: ``--password`` is refused (every user of the machine
+sees a process's arguments in ``ps``).  A config file that holds a password must be readable by its
+owner only (``chmod 600``), like ssh's keys, or it is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,14 +34,36 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Airflow API server")
     group.add_argument("--api-url", help=f"the API server's URL (WMLTRAIN_API_URL; default {DEFAULT_URL})")
     group.add_argument("--user", help="Airflow user (WMLTRAIN_USER)")
-    group.add_argument("--password", help="their password (WMLTRAIN_PASSWORD; better in the environment)")
-    group.add_argument("--config", help="YAML file with api_url, user, password (WMLTRAIN_CONFIG)")
+    group.add_argument("--password", action=_RefusedPassword, help=argparse.SUPPRESS)
+    group.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="read their password from the first line of FILE ('-': stdin); or WMLTRAIN_PASSWORD, the config "
+        "file, or a prompt on a terminal",
+    )
+    group.add_argument(
+        "--config", help="YAML file with api_url, user, password (WMLTRAIN_CONFIG); chmod 600 if it holds one"
+    )
     group.add_argument(
         "--api-timeout",
         type=float,
         metavar="SECONDS",
         help=f"seconds one API call may take before it is tried again (default {DEFAULT_TIMEOUT:.0f})",
     )
+
+
+PASSWORD_ON_COMMAND_LINE = (
+    "--password: a password on the command line is visible to every user of this machine (ps, /proc) and "
+    "stays in the shell's history; set WMLTRAIN_PASSWORD, give --password-file FILE ('-' reads stdin), "
+    f"write it in the config file ({DEFAULT_CONFIG}, chmod 600), or let wmltrain ask for it on a terminal"
+)
+
+
+class _RefusedPassword(argparse.Action):
+    """``--password VALUE`` is refused (usage error, exit 2) with the ways that do not show it in ``ps``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        parser.error(PASSWORD_ON_COMMAND_LINE)
 
 
 def add_wait_options(parser: argparse.ArgumentParser) -> None:
@@ -80,12 +109,42 @@ def _config_file(args: argparse.Namespace) -> dict[str, Any]:
             )
         return {}
     try:
-        data = yaml.safe_load(path.read_text("utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
+        with path.open("rb") as file:
+            mode = os.fstat(file.fileno()).st_mode  # of the file read, not of what the path names later
+            data = yaml.safe_load(file.read().decode("utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ConfigurationError(f"cannot be read as YAML: {err}", field=str(path)) from None
     if not isinstance(data, dict):
         raise ConfigurationError("must be a mapping with api_url, user, password", field=str(path))
+    if data.get("password") is not None and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigurationError(
+            f"holds a password but its permissions are {stat.S_IMODE(mode):04o}: group or others may read or "
+            f"change it; run `chmod 600 {path}` (or move the password to WMLTRAIN_PASSWORD)",
+            field=str(path),
+        )
     return data
+
+
+def _password_file(name: str) -> str:
+    """The first line of ``--password-file`` (``-``: stdin), without its line end."""
+    try:
+        if name == "-":
+            line = sys.stdin.readline()
+        else:
+            with open(name, encoding="utf-8") as file:
+                line = file.readline()
+    except OSError as err:
+        raise ConfigurationError(
+            f"{name}: cannot be read ({err.strerror})", field="--password-file"
+        ) from None
+    except UnicodeDecodeError:  # its message would quote the password's bytes
+        raise ConfigurationError(f"{name}: not UTF-8 text", field="--password-file") from None
+    password = line.rstrip("\r\n")
+    if not password:
+        raise ConfigurationError(
+            f"{'stdin' if name == '-' else name} holds no password on its first line", field="--password-file"
+        )
+    return password
 
 
 def api_from_args(args: argparse.Namespace) -> AirflowApi:
@@ -97,12 +156,15 @@ def api_from_args(args: argparse.Namespace) -> AirflowApi:
 
     url = pick(args.api_url, "WMLTRAIN_API_URL", "api_url") or DEFAULT_URL
     user = pick(args.user, "WMLTRAIN_USER", "user")
-    password = pick(args.password, "WMLTRAIN_PASSWORD", "password")
+    password_file = getattr(args, "password_file", None)
+    password = pick(_password_file(password_file) if password_file else None, "WMLTRAIN_PASSWORD", "password")
+    if user and password is None and sys.stdin.isatty():
+        password = getpass.getpass(f"Airflow password for {user} at {url}: ")
     if not user or password is None:
         raise ConfigurationError(
-            "no Airflow credentials: give --user and --password, set WMLTRAIN_USER and WMLTRAIN_PASSWORD, or "
-            f"write them in {DEFAULT_CONFIG}",
-            field="--user/--password",
+            "no Airflow credentials: give --user and --password-file, set WMLTRAIN_USER and "
+            f"WMLTRAIN_PASSWORD, or write them in {DEFAULT_CONFIG} (chmod 600)",
+            field="--user/--password-file",
         )
     timeout = getattr(args, "api_timeout", None) or DEFAULT_TIMEOUT
     return AirflowApi(url, user, password, timeout=timeout)

@@ -191,7 +191,7 @@ class AirflowApi:
             if status in (401, 403):
                 raise ApiAuthError(
                     f"the Airflow API server at {self.url} refused the credentials of user "
-                    f"'{self.username}'; check --user/--password (WMLTRAIN_USER, WMLTRAIN_PASSWORD)",
+                    f"'{self.username}'; check --user/--password-file (WMLTRAIN_USER, WMLTRAIN_PASSWORD)",
                     status=status,
                 )
             if status not in (200, 201):

@@ -1,15 +1,21 @@
-"""The content cache shared by the runs of one host: each object is fetched once and hard-linked into
-every run's data directory that needs it.
+"""The content cache shared by the runs of one host: each object is fetched once per principal and
+hard-linked into every data directory of that principal's runs that needs it.
 
-An entry is a file named by the SHA-256 of ``(endpoint, bucket, key, ETag, size)``: a changed object
-has another ETag, hence another entry, and is fetched again.  Entries are read-only, written under a
-temporary name and renamed into place, so a reader never sees a partial entry.  Fetches of the same
-entry by several runs at once (a grid starting on one host) are serialised by ``flock`` on one of
-4,096 lock files, so each object is fetched once (and runs staging the same data at once let the first
-one fetch it all, then only link), and at most ``fetch_slots`` objects are fetched at
-once on the host, however many runs stage together.  The cache's size is capped: least recently used
-entries (by modification time, which every use refreshes) are evicted after a staging; a run that
-linked an evicted entry keeps its data (a hard link is a name of the same file).
+An entry is a file named by the SHA-256 of ``(principal, endpoint, bucket, key, ETag, size)``: a
+changed object has another ETag, hence another entry, and is fetched again.  The principal (who
+reads: the S3 access key id, the Swift auth URL, domain and user) is part of the key because a
+store's permissions are per principal and may be per object: a principal that can list a bucket
+but not read an object in it must not get that object's bytes from an entry another principal
+fetched.  So no principal ever obtains through the cache bytes it did not GET itself with its own
+credentials; runs of different principals on the same data each fetch it once.
+
+Entries are read-only, written under a temporary name and renamed into place, so a reader never sees a
+partial entry.  Fetches of the same entry by several runs at once (a grid starting on one host) are
+serialised by ``flock`` on one of 4,096 lock files, so each object is fetched once (and runs staging the
+same data at once let the first one fetch it all, then only link), and at most ``fetch_slots`` objects
+are fetched at once on the host, however many runs stage together.  The cache's size is capped: least
+recently used entries (by modification time, which every use refreshes) are evicted after a staging; a
+run that linked an evicted entry keeps its data (a hard link is a name of the same file).
 
 The cache and the runs' data directories must be on the same file system (hard links); the staging
 directory ``[wmltrain] staging_dir`` holds both.
@@ -78,9 +84,10 @@ class ObjectCache:
     def __repr__(self) -> str:
         return f"ObjectCache({str(self.root)!r}, max_bytes={self.max_bytes})"
 
-    def entry(self, endpoint: str, bucket: str, info: ObjectInfo) -> Path:
-        """Where the entry for this version of this object is (whether or not it exists)."""
-        identity = "\0".join((endpoint, bucket, info.key, info.etag, str(info.size)))
+    def entry(self, endpoint: str, bucket: str, info: ObjectInfo, *, principal: str) -> Path:
+        """Where the entry for this version of this object, as fetched by ``principal``, is (whether or
+        not it exists)."""
+        identity = "\0".join((principal, endpoint, bucket, info.key, info.etag, str(info.size)))
         digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()
         return self.objects / digest[:2] / digest
 

@@ -3,7 +3,8 @@
 1. List the objects and plan their local paths (a key that would leave the data directory, or that is
    both a file and a folder, is refused before anything is fetched).
 2. Objects already staged (a previous, interrupted staging) are kept as they are.
-3. Each other object is hard-linked from the host's content cache, or fetched into it first: one
+3. Each other object is hard-linked from the host's content cache (the entries this principal fetched:
+   :func:`cache_principal`), or fetched into it first: one
    streamed GET, verified (size always, MD5 when the ETag is one), retried with backoff, written
    under a temporary name and renamed.  When another run is fetching the same object, this one does
    other objects first and links that one once it is there (a grid on one host fetches each object
@@ -36,6 +37,8 @@ from airflow_wmltrain.errors import DataLoadError
 from airflow_wmltrain.storage.base import ObjectInfo, ObjectStore
 from airflow_wmltrain.storage.cache import ObjectCache
 from airflow_wmltrain.storage.progress import DEFAULT_INTERVAL, Progress, TransferResult, megabytes
+from airflow_wmltrain.storage.s3 import S3Store
+from airflow_wmltrain.storage.swift import SwiftStore
 from airflow_wmltrain.storage.transfer import TransferError, download_to_fd, download_to_memory, with_retries
 
 DEFAULT_WORKERS = 16
@@ -133,6 +136,35 @@ def plan_objects(objects: Sequence[ObjectInfo], prefix: str) -> list[PlannedObje
     return sorted(planned.values(), key=lambda p: p.path)
 
 
+def cache_principal(store: ObjectStore) -> str | None:
+    """Who reads ``store``, as the cache keys its entries (:meth:`ObjectCache.entry`); ``None`` when the
+    store's kind has no known principal (it is then staged without the cache).
+
+    S3: the access key id (temporary credentials: each session's own).  Swift: the auth URL, the user's
+    domain and the user (the project is in the storage URL, the entries' endpoint).  A principal given
+    with a wrong secret never reaches the cache: :meth:`ObjectStore.check_bucket` refuses it first.
+    """
+    if isinstance(store, S3Store):
+        return f"s3\0{store.credentials().access_key}"
+    if isinstance(store, SwiftStore):
+        config = store.auth.hook.auth_config
+        return f"swift\0{config.auth_url}\0{config.user_domain_name or ''}\0{config.user}"
+    return None
+
+
+def _cache_for(
+    store: ObjectStore, cache: ObjectCache | None, prefix: str, log: logging.Logger
+) -> tuple[ObjectCache | None, str, str]:
+    """The cache to stage ``store`` through (``None``: none), the principal its entries are keyed by, and
+    the identity of this staging's data for that principal (its listing and its lock in the cache)."""
+    principal = cache_principal(store) if cache is not None else None
+    if cache is not None and principal is None:
+        log.warning("%s: no principal known for this kind of store: staging without the cache", store.kind)
+        cache = None
+    principal = principal or ""
+    return cache, principal, f"{principal}\0{store.endpoint}\0{store.bucket}\0{prefix}"
+
+
 @dataclass(eq=False)
 class _Stager:
     """One staging: the store, the destination, the cache, and the counters."""
@@ -143,6 +175,7 @@ class _Stager:
     progress: Progress
     log: logging.Logger
     range_size: int | None = None
+    principal: str = ""
     fetched_files: int = field(default=0, init=False)
     fetched_bytes: int = field(default=0, init=False)
     lock: threading.Lock = field(default_factory=threading.Lock, init=False)
@@ -163,7 +196,7 @@ class _Stager:
         if st.st_size != item.info.size:
             return False
         if self.cache is not None:
-            entry = self.cache.entry(self.endpoint, self.store.bucket, item.info)
+            entry = self.cache.entry(self.endpoint, self.store.bucket, item.info, principal=self.principal)
             with contextlib.suppress(FileNotFoundError):
                 if os.path.samestat(st, entry.stat()):
                     return True
@@ -178,7 +211,7 @@ class _Stager:
         if self.cache is None:
             self.fetch(item, self.dest / item.path, final=True)
             return Outcome.FETCHED
-        entry = self.cache.entry(self.endpoint, self.store.bucket, item.info)
+        entry = self.cache.entry(self.endpoint, self.store.bucket, item.info, principal=self.principal)
         for _ in range(3):  # an entry evicted between the check and the link is fetched again
             if self.cache.has(entry, item.info.size):
                 if self.link(entry, item):
@@ -207,7 +240,7 @@ class _Stager:
         """Link the object from the cache when it is there; ``False`` when it must be fetched."""
         if self.cache is None:
             return False
-        entry = self.cache.entry(self.endpoint, self.store.bucket, item.info)
+        entry = self.cache.entry(self.endpoint, self.store.bucket, item.info, principal=self.principal)
         return self.cache.has(entry, item.info.size) and self.link(entry, item)
 
     def link(self, entry: Path, item: PlannedObject) -> bool:
@@ -393,7 +426,7 @@ def stage(
         prefix += "/"  # a prefix is a folder: "data" must not take "dataset/x"
     try:
         store.check_bucket(field="training_data_reference[0].source.bucket")
-        identity = f"{store.endpoint}\0{store.bucket}\0{prefix}"
+        cache, principal, identity = _cache_for(store, cache, prefix, log)
         with contextlib.ExitStack() as single_flight:
             objects = None
             if cache is not None and not single_flight.enter_context(
@@ -423,7 +456,13 @@ def stage(
             )
             progress = Progress("staged", len(planned), total, log, progress_interval)
             stager = _Stager(
-                store=store, dest=target, cache=cache, progress=progress, log=log, range_size=range_size
+                store=store,
+                dest=target,
+                cache=cache,
+                progress=progress,
+                log=log,
+                range_size=range_size,
+                principal=principal,
             )
             target.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(stager.partial, ignore_errors=True)  # leftovers of a killed staging

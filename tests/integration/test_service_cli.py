@@ -292,7 +292,7 @@ def test_cli_error_paths(cli: Cli, model: Path, work: Path, buckets: tuple[str, 
         assert result.code == 2, result.describe()
         assert f"no training run {unknown}" in one_line_error(result)
 
-    result = cli.run("list", "--password", "not-the-password")
+    result = cli.run("list", env={"WMLTRAIN_PASSWORD": "not-the-password"})
     assert result.code == 3, result.describe()
     assert "refused the credentials" in one_line_error(result)
 
@@ -752,7 +752,7 @@ def api_connection(services: dict[str, str], api: httpx.Client) -> Iterator[None
         api.delete(f"/connections/{conn_id}")
 
 
-def test_retention_drops_old_runs_by_time_travel(
+def test_retention_previews_old_runs_by_time_travel_and_refuses_a_future_as_of(
     cli: Cli,
     api: httpx.Client,
     model: Path,
@@ -774,30 +774,43 @@ def test_retention_drops_old_runs_by_time_travel(
     old_files = keys(s3_client, results, f"{old}/")
     assert f"{old}/_status.json" in old_files
 
-    # "Now" moved 7 days ahead of a moment between the two runs: the old one is past retention.
+    # "Now" moved 7 days ahead of a moment between the two runs: the old one is past retention.  A dry
+    # run lists it and removes nothing; the same as_of without the dry run is refused (it lies in the
+    # future) and removes nothing either.
     as_of = old_at + timedelta(days=RETENTION_DAYS) + (new_at - old_at) / 2
     was_paused = api.get(f"/dags/{RETENTION_DAG_ID}").json()["is_paused"]
     try:
         if was_paused:
             assert api.patch(f"/dags/{RETENTION_DAG_ID}", json={"is_paused": False}).status_code == 200
-        run_id = trigger(api, RETENTION_DAG_ID, {"as_of": iso_utc(as_of)})
-        wait_for_dag_run(api, RETENTION_DAG_ID, run_id, RUN_TIMEOUT_S)
+        preview = trigger(api, RETENTION_DAG_ID, {"as_of": iso_utc(as_of), "dry_run": True})
+        wait_for_dag_run(api, RETENTION_DAG_ID, preview, RUN_TIMEOUT_S)
+        refused = trigger(api, RETENTION_DAG_ID, {"as_of": iso_utc(as_of)})
+        ended = wait_for(
+            f"run {refused} of {RETENTION_DAG_ID} to end",
+            RUN_TIMEOUT_S,
+            lambda: (
+                api.get(f"/dags/{RETENTION_DAG_ID}/dagRuns/{quote(refused)}").json().get("state")
+                in ("success", "failed")
+            ),
+        )
+        assert ended
     finally:
         if was_paused:
             api.patch(f"/dags/{RETENTION_DAG_ID}", json={"is_paused": True})
     response = api.get(
-        f"/dags/{RETENTION_DAG_ID}/dagRuns/{quote(run_id)}/taskInstances/drop_expired_runs/xcomEntries/"
+        f"/dags/{RETENTION_DAG_ID}/dagRuns/{quote(preview)}/taskInstances/drop_expired_runs/xcomEntries/"
         "return_value",
         params={"deserialize": True},
     )
     assert response.status_code == 200, response.text
-    removed = response.json()["value"]
-    assert old in removed, removed
-    assert new not in removed, removed
+    would = response.json()["value"]
+    assert old in would, would
+    assert new not in would, would
+    assert api.get(f"/dags/{RETENTION_DAG_ID}/dagRuns/{quote(refused)}").json()["state"] == "failed"
+    assert "is in the future" in task_log(api, RETENTION_DAG_ID, refused, "drop_expired_runs")
 
     listed = {r["training_id"] for r in cli.listing()}
-    assert old not in listed
-    assert new in listed
-    assert cli.run("show", old).code == 2
+    assert {old, new} <= listed, "neither the dry run nor the refused run removed anything"
     assert keys(s3_client, results, f"{old}/") == old_files, "retention never touches the bucket"
+    cli.ok("delete", old)
     cli.ok("delete", new)

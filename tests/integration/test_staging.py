@@ -28,7 +28,7 @@ import pytest
 from airflow_wmltrain.errors import BucketNotFoundError, CredentialsError, DataLoadError
 from airflow_wmltrain.storage import ObjectInfo, open_store
 from airflow_wmltrain.storage.cache import ObjectCache
-from airflow_wmltrain.storage.staging import plan_objects, stage
+from airflow_wmltrain.storage.staging import cache_principal, plan_objects, stage
 from airflow_wmltrain.storage.swift import SwiftStore
 from airflow_wmltrain.storage.transfer import RetryPolicy
 from tests.integration.storage_helpers import (
@@ -343,8 +343,12 @@ def test_interrupted_staging_resumes(
     store = open_data_store("s3", bucket, creds)
     infos = {info.key: info for info in store.list_objects()}
     cache = ObjectCache(cache_dir, max_bytes=BIG_CACHE)
+    principal = cache_principal(store)
+    assert principal is not None
     cached = {
-        key for key, info in infos.items() if cache.has(cache.entry(store.endpoint, bucket, info), size)
+        key
+        for key, info in infos.items()
+        if cache.has(cache.entry(store.endpoint, bucket, info, principal=principal), size)
     }
     linked = {key for key in objects if (dest / key).exists()}
     assert count // 2 <= len(cached) < count

@@ -74,7 +74,7 @@ def test_tables_align_columns() -> None:
 
 
 def _args(**kw: Any) -> argparse.Namespace:
-    return argparse.Namespace(**{"api_url": None, "user": None, "password": None, "config": None, **kw})
+    return argparse.Namespace(**{"api_url": None, "user": None, "password_file": None, "config": None, **kw})
 
 
 def test_server_options_flags_then_environment_then_file(
@@ -82,6 +82,7 @@ def test_server_options_flags_then_environment_then_file(
 ) -> None:
     config = tmp_path / "wmltrain.yaml"
     config.write_text("api_url: http://file:1\nuser: fileuser\npassword: filepw\n")
+    config.chmod(0o600)
     monkeypatch.setenv("WMLTRAIN_CONFIG", str(config))
     monkeypatch.delenv("WMLTRAIN_API_URL", raising=False)
     monkeypatch.delenv("WMLTRAIN_USER", raising=False)

@@ -16,7 +16,7 @@ from airflow_wmltrain.storage.cache import ObjectCache
 from airflow_wmltrain.storage.progress import Progress
 from airflow_wmltrain.storage.s3 import S3Store
 from airflow_wmltrain.storage.sigv4 import EMPTY_SHA256, Credentials, SigV4Signer, canonical_query
-from airflow_wmltrain.storage.staging import StagingResult, plan_objects
+from airflow_wmltrain.storage.staging import StagingResult, cache_principal, plan_objects
 from airflow_wmltrain.storage.transfer import RetryPolicy, etag_is_md5
 from airflow_wmltrain.storage.upload import UploadResult
 
@@ -127,21 +127,42 @@ def test_plan_refuses_clashes() -> None:
 
 def test_cache_entries_depend_on_every_part_of_the_identity(tmp_path: Path) -> None:
     cache = ObjectCache(tmp_path, max_bytes=10)
-    base = cache.entry("http://e", "b", ObjectInfo("k", 1, "etag"))
-    assert base == cache.entry("http://e", "b", ObjectInfo("k", 1, "etag", "md5-does-not-matter"))
+    base = cache.entry("http://e", "b", ObjectInfo("k", 1, "etag"), principal="p")
+    assert base == cache.entry(
+        "http://e", "b", ObjectInfo("k", 1, "etag", "md5-does-not-matter"), principal="p"
+    )
     for other in (
-        cache.entry("http://other", "b", ObjectInfo("k", 1, "etag")),
-        cache.entry("http://e", "c", ObjectInfo("k", 1, "etag")),
-        cache.entry("http://e", "b", ObjectInfo("k2", 1, "etag")),
-        cache.entry("http://e", "b", ObjectInfo("k", 2, "etag")),
-        cache.entry("http://e", "b", ObjectInfo("k", 1, "etag2")),
+        cache.entry("http://other", "b", ObjectInfo("k", 1, "etag"), principal="p"),
+        cache.entry("http://e", "c", ObjectInfo("k", 1, "etag"), principal="p"),
+        cache.entry("http://e", "b", ObjectInfo("k2", 1, "etag"), principal="p"),
+        cache.entry("http://e", "b", ObjectInfo("k", 2, "etag"), principal="p"),
+        cache.entry("http://e", "b", ObjectInfo("k", 1, "etag2"), principal="p"),
     ):
         assert other != base
     assert base.parent.parent == cache.objects
 
 
+def test_cache_entries_belong_to_the_principal_that_fetched_them(tmp_path: Path) -> None:
+    """Issue 10: another principal (who may list but not read the object) never finds the entry."""
+    cache = ObjectCache(tmp_path, max_bytes=10)
+    info = ObjectInfo("k", 1, "etag")
+
+    def s3(access_key: str, secret: str) -> S3Store:
+        return S3Store("b", credentials=lambda: Credentials(access_key, secret), endpoint_url="http://e")
+
+    owner, other, owner_again = s3("owner", "x"), s3("other", "y"), s3("owner", "x")
+    principals = [cache_principal(store) for store in (owner, other, owner_again)]
+    assert None not in principals
+    assert principals[0] != principals[1]
+    assert principals[0] == principals[2], "the same principal's re-stage stays warm"
+    assert "x" not in str(principals[0]), "no secret in the key"
+    entries = [cache.entry("http://e", "b", info, principal=str(p)) for p in principals]
+    assert entries[0] != entries[1]
+    assert entries[0] == entries[2]
+
+
 def _put(cache: ObjectCache, name: str, size: int, age: float) -> Path:
-    entry = cache.entry("e", "b", ObjectInfo(name, size, "x"))
+    entry = cache.entry("e", "b", ObjectInfo(name, size, "x"), principal="p")
     temp = cache.temp_file()
     temp.write_bytes(b"x" * size)
     cache.commit(temp, entry)
@@ -190,7 +211,7 @@ def test_stale_temporary_files_are_removed(tmp_path: Path) -> None:
 
 def test_non_blocking_lock(tmp_path: Path) -> None:
     cache = ObjectCache(tmp_path, max_bytes=1000)
-    entry = cache.entry("e", "b", ObjectInfo("k", 1, "x"))
+    entry = cache.entry("e", "b", ObjectInfo("k", 1, "x"), principal="p")
     with cache.lock(entry, blocking=True) as first:
         assert first
         with cache.lock(entry, blocking=False) as second:
