@@ -355,10 +355,13 @@ class MetadataDb:
         except Exception:
             return text
 
-    def triggers(self) -> list[tuple[int, str, str]]:
-        """Every trigger row: id, classpath and its kwargs decrypted."""
-        rows = self.query("SELECT id, classpath, kwargs FROM trigger")
-        return [(int(i), str(c), self.decrypt(str(k))) for i, c, k in rows]
+    def triggers(self) -> list[tuple[int, str, str, str]]:
+        """Every trigger row: id, classpath, its kwargs decrypted, and the DAG of the task deferred on it."""
+        rows = self.query(
+            "SELECT t.id, t.classpath, t.kwargs, coalesce(min(ti.dag_id), '') FROM trigger t "
+            "LEFT JOIN task_instance ti ON ti.trigger_id = t.id GROUP BY t.id, t.classpath, t.kwargs"
+        )
+        return [(int(i), str(c), self.decrypt(str(k)), str(d)) for i, c, k, d in rows]
 
     def tables(self) -> list[str]:
         rows = self.query(
@@ -388,8 +391,9 @@ class Sampler:
     docker_urls: list[str]
     seen_triggers: set[int] = field(default_factory=set)
     inspected: set[str] = field(default_factory=set)
+    names: set[str] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
-    triggers_seen: list[str] = field(default_factory=list)
+    trigger_dags: set[str] = field(default_factory=set)  # the DAGs of the tasks deferred on them
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -415,10 +419,9 @@ class Sampler:
             self._stop.wait(0.5)
 
     def sample_triggers(self) -> None:
-        for trigger_id, classpath, kwargs in self.db.triggers():
-            if trigger_id not in self.seen_triggers:
-                self.seen_triggers.add(trigger_id)
-                self.triggers_seen.append(classpath)
+        for trigger_id, classpath, kwargs, dag_id in self.db.triggers():
+            self.seen_triggers.add(trigger_id)
+            self.trigger_dags.add(dag_id)
             self.scanner.scan("trigger", f"trigger row {trigger_id} ({classpath}) kwargs, decrypted", kwargs)
 
     def sample_processes(self) -> None:
@@ -454,6 +457,7 @@ class Sampler:
         except docker.errors.NotFound:
             return
         name = str(info.get("Name", container_id[:12]))
+        self.names.add(name.lstrip("/"))
         self.scanner.scan("docker", f"docker inspect {name} on {url}", json.dumps(info))
 
 

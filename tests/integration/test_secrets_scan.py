@@ -31,6 +31,7 @@ import httpx
 import pytest
 import yaml
 
+from airflow_wmltrain.runtime import labels
 from tests.faults.fault_helpers import (
     SCRIPTS,
     DroppedDag,
@@ -91,12 +92,17 @@ exit "${2:-0}"
 """
 DEFER = "deferrable=True, poll_interval=2, priority_weight=10,"
 
-# Where each table of the metadata database belongs among the tests below.
+# Where each table of the metadata database belongs among the tests below; "db" for the others.
 TABLE_CATEGORY = {
     "trigger": "trigger",
     "xcom": "xcom",
     "rendered_task_instance_fields": "rendered",
     "dag_run": "conf",
+    "serialized_dag": "serialized_dag",
+    # Airflow's credential store (login in clear, password and extra Fernet-encrypted) and its audit
+    # log of the connections API: they may show an access key id as a connection's login, never a
+    # secret key (test_no_secret_key_in_the_connection_store).
+    "connection": "connection_store",
 }
 
 
@@ -292,9 +298,10 @@ def collect(
                     f"dag_code holds a DAG file's source (its author's inline manifest): {row[:80]}"
                 )
                 continue
-            scanner.scan(
-                TABLE_CATEGORY.get(table, "db"), f"metadata database, table {table}, row {row[:100]}", row
-            )
+            category = TABLE_CATEGORY.get(table, "db")
+            if table == "log" and any(f",{e}," in row[:300] for e in ("post_connection", "patch_connection")):
+                category = "connection_store"
+            scanner.scan(category, f"metadata database, table {table}, row {row[:100]}", row)
     scan.sampler.sample_triggers()
 
 
@@ -339,8 +346,8 @@ def scan(
             "extra": json.dumps({"endpoint_url": relay.endpoint}),
         },
     )
-    assert response.status_code in (200, 201), response.text
-    scanner.scan("api", f"REST API POST /connections {conn_id} (response)", response.text)
+    # Not scanned: the connections API serves a connection's login to its admins by design.
+    assert response.status_code in (200, 201), response.status_code
 
     def inline(prefix: str) -> dict[str, str]:
         return {
@@ -448,11 +455,13 @@ def test_every_path_ran_with_the_marker_credentials(scan: Scan) -> None:
             problems.append(f"no request reached the store with the {scan.markers[f'{prefix}_ak'].name}")
     if scan.relay.refused:
         problems.append(f"requests the relay refused: {scan.relay.refused[:10]}")
-    deferred = sum(1 for r in scan.runs if r.name.endswith("_deferred"))
-    if len(scan.sampler.seen_triggers) < deferred:
-        problems.append(
-            f"the sampler saw {len(scan.sampler.seen_triggers)} trigger rows for {deferred} deferred runs"
-        )
+    for run in scan.runs:
+        if run.name.endswith("_deferred") and run.dag_id not in scan.sampler.trigger_dags:
+            problems.append(f"{run.name}: the sampler never saw the trigger row of {run.training_id}")
+    for run in scan.runs:
+        name = labels.run_container_name(run.training_id) if run.training_id else "(never started)"
+        if name not in scan.sampler.names:
+            problems.append(f"{run.name}: its container {name} was never inspected")
     if scan.sampler.errors:
         problems.append(f"sampler errors: {scan.sampler.errors[:5]}")
     assert not problems, "\n".join(problems)
@@ -502,6 +511,31 @@ def test_no_marker_in_container_inspect(scan: Scan) -> None:
 
 def test_no_marker_in_the_metadata_database(scan: Scan) -> None:
     assert_no_hits(scan, "db", "the other tables of the metadata database")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="leak: an operator's inline manifest (its template field `manifest`) is stored in clear in "
+    "the serialized_dag table: Airflow 3.3's serialize_template_field no longer redacts; the fix "
+    "belongs to operators/training_run.py (see the report); remove this marker once merged",
+)
+def test_no_marker_in_the_serialized_dags(scan: Scan) -> None:
+    scan.scanner.count("serialized_dag")
+    assert_no_hits(scan, "serialized_dag", "the serialized DAGs (serialized_dag table)")
+
+
+def test_no_secret_key_in_the_connection_store(scan: Scan) -> None:
+    """Airflow's connections (and its audit log of the connections API) show a login in clear, here an
+    access key id; a secret key only Fernet-encrypted or masked."""
+    found = scan.scanner.hits.get("connection_store", [])
+    assert any(h.marker == scan.markers["conn_ak"] for h in found), (
+        "the scan did not find the test's own connection (its login, an access key id) in the connection "
+        "table: the scan of the connection store is broken"
+    )
+    secrets = {m.value for key, m in scan.markers.items() if key.endswith("_sk")}
+    hits = [h for h in found if h.marker.value in secrets]
+    listed = "\n".join(f"  - {hit}" for hit in hits)
+    assert not hits, f"a marker secret key appears in Airflow's connections or their audit log:\n{listed}"
 
 
 def test_no_marker_in_process_command_lines(scan: Scan) -> None:
