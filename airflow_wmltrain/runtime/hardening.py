@@ -169,7 +169,9 @@ def harden(
             ]
         )
     )
-    host_config["SecurityOpt"] = list(dict.fromkeys([*SECURITY_OPTIONS, *host_config.get("SecurityOpt", [])]))
+    host_config["SecurityOpt"] = list(
+        dict.fromkeys([*SECURITY_OPTIONS, *(host_config.get("SecurityOpt") or [])])
+    )
     if not host_config.get("PidsLimit") and settings.training_pids_limit > 0:
         host_config["PidsLimit"] = settings.training_pids_limit
     if not host_config.get("Memory"):
