@@ -200,6 +200,64 @@ _OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "wmltrain_*,team_a_store_*",
         "wmltrain_*",
     ),
+    # --- the training container's hardening (airflow_wmltrain.runtime.hardening) ---
+    "training_network": (
+        "Docker network of training containers whose task sets no ``network_mode``: ``bridge`` (Docker's "
+        "default; the training code can reach the network, e.g. to download pretrained weights or "
+        "packages, and also the services the Docker host's bridge reaches) or ``none`` (no network at "
+        "all: the hardened choice, for images that hold all they need; data and results go through the "
+        "run's mounted directories either way), or the name of a Docker network. A DAG author's "
+        "``network_mode`` overrides it for a task (``host`` and ``container:...`` are refused); a "
+        "submitter cannot.",
+        "string",
+        "none",
+        "bridge",
+    ),
+    "training_user": (
+        "User (``uid:gid``, ``uid`` or a name of the image) that training containers run as when their "
+        "task sets no ``user``; empty: the image's own user (root for most framework images). A non-root "
+        "user keeps root-owned files out of the results; the run's writable directories are open to any "
+        "user, the data and the model code readable by any user.",
+        "string",
+        "1000:1000",
+        "",
+    ),
+    "training_cap_add": (
+        "Capabilities given back to training containers, which start with none (``cap_drop=ALL``): the "
+        "default is what framework images need to run as root (change file owners and modes, read and "
+        "write any file of the container, switch user, signal their processes). NET_RAW, MKNOD, SETFCAP, "
+        "SETPCAP, NET_BIND_SERVICE, SYS_CHROOT and AUDIT_WRITE of Docker's default set are left out; "
+        "only Docker's default set plus IPC_LOCK and SYS_NICE may be named. A DAG author's ``cap_add`` "
+        "adds to it. Empty: no capability at all. Every training container also runs with "
+        "``no-new-privileges`` (setuid programs do not raise privileges) and no ``privileged``.",
+        "string",
+        "CHOWN,DAC_OVERRIDE,FOWNER",
+        "CHOWN,DAC_OVERRIDE,FOWNER,FSETID,KILL,SETGID,SETUID",
+    ),
+    "training_pids_limit": (
+        "Most processes and threads a training container may have at once (a fork bomb stops there). "
+        "PyTorch's data-loader workers and their threads count; ``0``: no limit.",
+        "integer",
+        "16384",
+        "4096",
+    ),
+    "training_memory": (
+        "Memory limit of training containers whose task sets no ``mem_limit``: a size (``64g``), a share "
+        "of the Docker host's memory (``90pct``: the host keeps some for its daemon and the worker, and "
+        "a run that takes too much is killed as out of memory, C201, instead of the host), or ``0`` (no "
+        "limit). ``/dev/shm`` counts in it.",
+        "string",
+        "64g",
+        "90pct",
+    ),
+    "training_shm_size": (
+        "Size of ``/dev/shm`` of training containers whose task sets no ``shm_size`` (Docker's default "
+        "64m is too small for PyTorch's data-loader workers, which pass batches through it). Memory is "
+        "only used as it is written, within ``training_memory``.",
+        "string",
+        "8g",
+        "2g",
+    ),
 }
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from airflow_wmltrain.errors import ConfigurationError
 from airflow_wmltrain.get_provider_info import get_provider_info
+from airflow_wmltrain.runtime.hardening import parse_capabilities, parse_memory
 
 SECTION = "wmltrain"
 
@@ -74,6 +75,13 @@ class Settings:
     :param training_retries: retries of the bundled training DAG's task (``0``: none).
     :param training_retry_delay: seconds before such a retry.
     :param submission_connections: glob patterns of the connection ids a submitted run may name.
+    :param training_network: Docker network of training containers whose task sets none.
+    :param training_user: user of training containers whose task sets none (empty: the image's).
+    :param training_cap_add: capabilities given back to training containers (all others are dropped).
+    :param training_pids_limit: most processes and threads of a training container (``0``: no limit).
+    :param training_memory: memory limit (``64g``, ``90pct`` of the host, ``""``: none) of training
+        containers whose task sets no ``mem_limit``.
+    :param training_shm_size: size of ``/dev/shm`` of training containers whose task sets none.
     """
 
     resource_classes: Mapping[str, int] = field(
@@ -99,6 +107,17 @@ class Settings:
     training_retry_delay: int = int(_DEFAULTS["training_retry_delay"])
     submission_connections: tuple[str, ...] = field(
         default_factory=lambda: parse_patterns(_DEFAULTS["submission_connections"])
+    )
+    # The training container's hardening (airflow_wmltrain.runtime.hardening).
+    training_network: str = _DEFAULTS["training_network"]
+    training_user: str = _DEFAULTS["training_user"]
+    training_cap_add: tuple[str, ...] = parse_capabilities(
+        _DEFAULTS["training_cap_add"], field=f"[{SECTION}] training_cap_add"
+    )
+    training_pids_limit: int = int(_DEFAULTS["training_pids_limit"])
+    training_memory: str = parse_memory(_DEFAULTS["training_memory"], field=f"[{SECTION}] training_memory")
+    training_shm_size: str = parse_memory(
+        _DEFAULTS["training_shm_size"], field=f"[{SECTION}] training_shm_size"
     )
 
     @property
@@ -156,6 +175,35 @@ class Settings:
                 )
             return ",".join(ids)
 
+        def hardening_settings() -> dict[str, Any]:
+            """The training container's hardening; an empty ``training_cap_add`` gives no capability."""
+            network = (get("training_network") or "").strip()
+            if network == "host" or network.startswith("container:"):
+                raise ConfigurationError(
+                    f"'{network}' shares a network namespace of the host or of another container; use "
+                    "bridge, none or a Docker network's name",
+                    field=f"[{SECTION}] training_network",
+                )
+            cap_add = conf.get(SECTION, "training_cap_add", fallback=_DEFAULTS["training_cap_add"])
+            shm_size = parse_memory(get("training_shm_size") or "", field=f"[{SECTION}] training_shm_size")
+            if shm_size.endswith("pct"):
+                raise ConfigurationError(
+                    f"'{shm_size}' is not a size; write e.g. 2g (0: Docker's default)",
+                    field=f"[{SECTION}] training_shm_size",
+                )
+            return {
+                "training_network": network or _DEFAULTS["training_network"],
+                "training_user": (conf.get(SECTION, "training_user", fallback="") or "").strip(),
+                "training_cap_add": parse_capabilities(
+                    str(cap_add or ""), field=f"[{SECTION}] training_cap_add"
+                ),
+                "training_pids_limit": get_int("training_pids_limit", minimum=0),
+                "training_memory": parse_memory(
+                    get("training_memory") or "", field=f"[{SECTION}] training_memory"
+                ),
+                "training_shm_size": shm_size,
+            }
+
         return cls(
             resource_classes=parse_resource_classes(get("resource_classes") or ""),
             frameworks_file=get("frameworks_file"),
@@ -177,4 +225,5 @@ class Settings:
             training_retries=get_int("training_retries", minimum=0),
             training_retry_delay=get_int("training_retry_delay", minimum=0),
             submission_connections=parse_patterns(get("submission_connections") or ""),
+            **hardening_settings(),
         )

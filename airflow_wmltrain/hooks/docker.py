@@ -32,10 +32,12 @@ from docker.constants import DEFAULT_TIMEOUT_SECONDS
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
 from airflow_wmltrain.errors import ImageMissingError, RunConflictError, ServerError
-from airflow_wmltrain.runtime import labels
+from airflow_wmltrain.runtime import hardening, labels
+from airflow_wmltrain.runtime.workspace import Workspace
 
 if TYPE_CHECKING:
     from airflow_wmltrain.runtime.gpus import GpuAllocation
+    from airflow_wmltrain.settings import Settings
 
 #: Docker states in which a container may still run (and holds the GPUs of its label).
 LIVE_STATES = frozenset({"created", "running", "restarting", "paused"})
@@ -373,15 +375,28 @@ class TrainingDockerHook(DockerHook):
     def inspect(self, container_id: str) -> ContainerOutcome:
         return ContainerOutcome.from_inspect(self.api_client.inspect_container(container_id))
 
-    def create_run_container(self, training_id: str, **create: Any) -> tuple[ContainerOutcome, bool]:
+    def create_run_container(
+        self, training_id: str, *, settings: Settings, **create: Any
+    ) -> tuple[ContainerOutcome, bool]:
         """Create the run's container (named after ``training_id``), or find it when it already exists.
 
+        The container is hardened first (:func:`~airflow_wmltrain.runtime.hardening.harden`): no host
+        path but the run's workspace, no privilege, the ``[wmltrain] training_*`` limits.
+
+        :param settings: the ``[wmltrain]`` settings (the hardening, the run's workspace).
         :param create: ``APIClient.create_container`` arguments (the name is set here; ``labels`` name the
             task instance that owns the run).
         :returns: the container, and whether this call created it (``False``: a container of the run
             was there already — another try of the same task instance made it: re-attach to it).
         :raises RunConflictError: the container there belongs to another task instance (left untouched).
+        :raises ConfigurationError: ``create`` gives the container what the hardening refuses (``S001``).
         """
+        create = hardening.harden(
+            create,
+            settings=settings,
+            workspace_mounts=Workspace.for_run(settings.staging_dir, training_id).mounts(),
+            host_memory=lambda: self.api_client.info().get("MemTotal"),
+        )
         try:
             created = self.api_client.create_container(name=labels.run_container_name(training_id), **create)
         except APIError as err:

@@ -89,6 +89,7 @@ REFUSED_PARAMETERS = {
     "retrieve_output_path": "write outputs into $RESULT_DIR: they are stored in the results bucket",
     "host_tmp_dir": "a run's directories are under [wmltrain] staging_dir",
     "mount_tmp_dir": "a run's directories are under [wmltrain] staging_dir",
+    "privileged": "the training code is not trusted: its container gets no privilege (training_cap_add)",
 }
 #: The task-instance states that mean a person (or the scheduler, for a task with no try left) ended the
 #: task: its run is halted.  Any other state while the task is being stopped means that Airflow moved
@@ -594,6 +595,7 @@ class TrainingRunOperator(DockerOperator):
             self._check_halt("while it waited for GPUs")
             outcome, created = hook.create_run_container(
                 run.training_id,
+                settings=run.settings,
                 image=self.image,
                 command=["sh", "-c", command],
                 environment=environment,

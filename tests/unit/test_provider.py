@@ -62,5 +62,11 @@ def test_provider_info_declares_every_setting_with_a_description() -> None:
         "poll_interval",
         "retention_days",
         "submission_connections",
+        "training_network",
+        "training_user",
+        "training_cap_add",
+        "training_pids_limit",
+        "training_memory",
+        "training_shm_size",
     }
     assert all(spec["description"].strip() and "default" in spec for spec in options.values())
