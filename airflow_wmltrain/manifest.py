@@ -562,6 +562,32 @@ def redact_manifest(manifest: Any) -> Any:
     return _map_secrets(manifest, lambda _: REDACTED)
 
 
+def restore_secrets(redacted: Any, original: Any) -> Any:
+    """``redacted`` (a copy of ``original`` made by :func:`redact_manifest`, then perhaps rendered by
+    Jinja) with each value that is still the redaction of the original's value at the same place given
+    its original value back; what rendering changed stays as rendered.  A mapping manifest written in a
+    DAG file is kept redacted in the operator's template field (Airflow stores template fields in its
+    ``serialized_dag`` table) and restored on the worker, which builds the operator from the DAG file.
+    """
+    if isinstance(redacted, Mapping) and isinstance(original, Mapping):
+        restored = {}
+        for key, value in redacted.items():
+            before = original.get(key)
+            if before is not None and value != before and redact_manifest({key: before})[key] == value:
+                restored[key] = before  # a secret value (or a mapping of them), as the DAG file wrote it
+            else:
+                restored[key] = restore_secrets(value, before)
+        return restored
+    if isinstance(redacted, list | tuple) and isinstance(original, list | tuple):
+        return [
+            restore_secrets(value, original[i] if i < len(original) else None)
+            for i, value in enumerate(redacted)
+        ]
+    if original is not None and redacted != original and redact_manifest(original) == redacted:
+        return original
+    return redacted
+
+
 def secret_values_of(source: Any) -> list[str]:
     """Every secret value in a manifest (path, YAML text, mapping, valid or not; a
     :class:`TrainingManifest`), for log maskers: what :func:`redact_manifest` would replace.

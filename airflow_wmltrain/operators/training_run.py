@@ -214,6 +214,14 @@ class TrainingRunOperator(DockerOperator):
             )
         kwargs["mount_tmp_dir"] = False
         super().__init__(image=image or "", **kwargs)
+        # A manifest mapping in a DAG file may hold inline credentials: Airflow stores template fields in
+        # its serialized_dag table, so the field holds it redacted; the worker, which builds the task
+        # from the DAG file, puts the secrets back when it renders the fields.
+        self._inline_manifest = manifest if isinstance(manifest, Mapping) else None
+        if self._inline_manifest is not None:
+            from airflow_wmltrain.manifest import redact_manifest
+
+            manifest = redact_manifest(manifest)
         self.manifest = manifest
         self.model_definition = model_definition
         self.hyperparameters = hyperparameters
@@ -228,13 +236,21 @@ class TrainingRunOperator(DockerOperator):
 
     def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
         super().render_template_fields(context, jinja_env)
-        source = self.manifest
+        self.manifest = source = self._manifest_source()
         if self.submitted_inputs:  # data, never a path: a worker's file is not even read to mask it
             try:
                 source = submitted_manifest(source)
             except ManifestError:  # validation says so, later
                 source = {}
         _mask_manifest_secrets(source)
+
+    def _manifest_source(self) -> Any:
+        """The manifest as written, its inline secrets back in place (see ``__init__``)."""
+        if self._inline_manifest is None:
+            return self.manifest
+        from airflow_wmltrain.manifest import restore_secrets
+
+        return restore_secrets(self.manifest, self._inline_manifest)
 
     # --- the Docker host ------------------------------------------------------------------------------
 
@@ -325,11 +341,11 @@ class TrainingRunOperator(DockerOperator):
         from airflow_wmltrain.submission import check_submission
 
         if self.submitted_inputs:
-            manifest = load_manifest(submitted_manifest(self.manifest), settings=settings)
+            manifest = load_manifest(submitted_manifest(self._manifest_source()), settings=settings)
             _mask_secrets(manifest.secret_values())
             check_submitted_connections(manifest, training_id, settings.submission_connections)
         else:
-            manifest = load_manifest(self.manifest, settings=settings)
+            manifest = load_manifest(self._manifest_source(), settings=settings)
             _mask_secrets(manifest.secret_values())
         model_definition = resolve_model_definition(
             self.model_definition,

@@ -480,11 +480,6 @@ def test_no_marker_in_rendered_template_fields(scan: Scan) -> None:
     assert_no_hits(scan, "rendered", "rendered template fields (REST API, rendered_task_instance_fields)")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known leak (issue 10, hole 11): TrainingRunTrigger's kwargs (the halt parameters) hold the "
-    "unredacted manifest in the trigger table; remove this marker once that fix is merged",
-)
 def test_no_marker_in_trigger_rows(scan: Scan) -> None:
     assert_no_hits(scan, "trigger", "the trigger table's kwargs (decrypted)")
 
@@ -513,12 +508,6 @@ def test_no_marker_in_the_metadata_database(scan: Scan) -> None:
     assert_no_hits(scan, "db", "the other tables of the metadata database")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leak: an operator's inline manifest (its template field `manifest`) is stored in clear in "
-    "the serialized_dag table: Airflow 3.3's serialize_template_field no longer redacts; the fix "
-    "belongs to operators/training_run.py (see the report); remove this marker once merged",
-)
 def test_no_marker_in_the_serialized_dags(scan: Scan) -> None:
     scan.scanner.count("serialized_dag")
     assert_no_hits(scan, "serialized_dag", "the serialized DAGs (serialized_dag table)")

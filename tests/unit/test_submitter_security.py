@@ -531,3 +531,38 @@ def test_without_a_fernet_key_the_trigger_row_still_holds_no_credential(
     trigger = defer(make_op(manifest=secret_manifest(), deferrable=True), ti)
     assert leaks(json.dumps(trigger.serialize()[1])) == []
     assert "sealed_manifest" not in (trigger.halt or {})
+
+
+def test_a_dag_files_inline_credentials_are_not_in_the_serialized_task(seed_s3: dict[str, Any]) -> None:
+    """Airflow stores a task's template fields in its serialized_dag table (3.3 no longer redacts
+    them): the ``manifest`` field holds the inline credentials redacted, and the task built from the DAG
+    file (the worker's) still renders and loads them (issue 10, found by the secrets scan)."""
+    from airflow.serialization.serialized_objects import OperatorSerialization
+
+    op = TrainingRunOperator(task_id="train", manifest=seed_s3, model_definition="/m.zip")
+    stored = json.dumps(OperatorSerialization.serialize_operator(op), default=str)
+    for secret in SEED_SECRETS:
+        for form in (secret, base64.b64encode(secret.encode()).decode(), urllib.parse.quote(secret)):
+            assert form not in stored
+    assert "***" in stored
+    manifest = load_manifest(op._manifest_source())
+    assert manifest.data.connection.aws_secret_access_key.get_secret_value() == SEED_SECRETS[1]
+    op.render_template_fields({"ti": None, "params": {}}, None)
+    assert load_manifest(op.manifest).secret_values() == manifest.secret_values()
+
+
+def test_restoring_secrets_keeps_what_rendering_changed() -> None:
+    from airflow_wmltrain.manifest import redact_manifest, restore_secrets
+
+    original = {
+        "a": {"password": "p1", "name": "{{ ds }}"},
+        "url": "https://u:pw@h/x",
+        "l": [{"password": "p2"}],
+    }
+    rendered = redact_manifest(original)
+    rendered["a"]["name"] = "2026-12-01"
+    assert restore_secrets(rendered, original) == {
+        "a": {"password": "p1", "name": "2026-12-01"},
+        "url": "https://u:pw@h/x",
+        "l": [{"password": "p2"}],
+    }
