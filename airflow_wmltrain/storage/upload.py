@@ -98,9 +98,9 @@ class _Tree:
 
 
 def _is_reserved(relative: str, reserved: Collection[str]) -> str | None:
-    """The reserved name (``name`` or folder ``name/``) that ``relative`` falls under, if any."""
+    """The reserved name (``name`` or folder ``name/``) that ``relative`` is or falls under, if any."""
     for name in reserved:
-        if relative == name or (name.endswith("/") and relative.startswith(name)):
+        if relative == name or relative.startswith(name.rstrip("/") + "/"):
             return name
     return None
 
