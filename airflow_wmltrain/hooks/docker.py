@@ -177,7 +177,10 @@ def _lines(chunks: Iterable[bytes | str]) -> Iterator[str]:
         buffer += decoder.decode(chunk) if isinstance(chunk, bytes) else chunk
         *lines, buffer = buffer.split("\n")
         for line in lines:
-            for start in range(0, max(len(line), 1), MAX_LINE_CHARS):
+            if len(line) <= MAX_LINE_CHARS:
+                yield line.rstrip("\r")
+                continue
+            for start in range(0, len(line), MAX_LINE_CHARS):
                 yield line[start : start + MAX_LINE_CHARS].rstrip("\r")
         while len(buffer) >= MAX_LINE_CHARS:
             yield buffer[:MAX_LINE_CHARS]
