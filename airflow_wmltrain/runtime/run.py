@@ -461,10 +461,14 @@ class TrainingRun:
         worker writes: on this machine, or copied out through Docker.
 
         A directory the worker cannot read all of (files and folders the container's root user kept for
-        itself) is copied out of the container too: the Docker daemon reads it as root.
+        itself) is copied out of the container too: the Docker daemon reads it as root.  Copies go to a
+        folder only the worker may enter (in the run's directory, not mounted, when it is here).
         """
-        with tempfile.TemporaryDirectory(prefix=f"{self.training_id}-") as tmp:
-            if self.workspace.exists():
+        here = self.workspace.exists()
+        with tempfile.TemporaryDirectory(
+            prefix=f"{self.training_id}-", dir=self.workspace.root if here else None
+        ) as tmp:
+            if here:
                 own = self.workspace.worker_dir()
                 yield (
                     self._readable(hook, container_id, self.workspace.results, "RESULT_DIR", Path(tmp)),
@@ -488,11 +492,10 @@ class TrainingRun:
             return path
         where = CONTAINER_DIRS[name]
         self.log.warning(
-            "The worker may not read %s in $%s (%s made by the container's user for itself); "
+            "The worker may not read %s in $%s (the container's user kept them for itself); "
             "copying %s out of the container",
             ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else ""),
             name,
-            "files or folders",
             where,
         )
         copy = tmp / name
