@@ -37,9 +37,6 @@ DEFAULT_PART_SIZE = 64 * 1024 * 1024
 DEFAULT_MULTIPART_THRESHOLD = 128 * 1024 * 1024
 
 logger = logging.getLogger(__name__)
-_QUIET = logging.getLogger(__name__ + ".scan")  # the look of unreadable_entries: the upload itself warns
-_QUIET.addHandler(logging.NullHandler())
-_QUIET.propagate = False
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,7 @@ def _is_reserved(relative: str, reserved: Collection[str]) -> str | None:
     return None
 
 
-def _files(root: Path, log: logging.Logger, reserved: Collection[str] = ()) -> _Tree:
+def _files(root: Path, log: logging.Logger | None, reserved: Collection[str] = ()) -> _Tree:
     """Regular files under ``root``, found without following any link.
 
     What is under ``root`` may have been written by the training container: a symbolic link (to a file
@@ -123,16 +120,18 @@ def _files(root: Path, log: logging.Logger, reserved: Collection[str] = ()) -> _
 class _Walk:
     """The walk of :func:`_files`."""
 
-    log: logging.Logger
+    log: logging.Logger | None
     reserved: Collection[str]
     tree: _Tree = field(default_factory=_Tree)
 
     def skip(self, path: Path, why: str) -> None:
-        self.log.warning("Not uploading %s: %s", path, why)
+        if self.log is not None:
+            self.log.warning("Not uploading %s: %s", path, why)
         self.tree.skipped += 1
 
     def unreadable(self, path: Path, relative: str, what: str) -> None:
-        self.log.warning("Cannot upload %s: the worker may not read this %s", path, what)
+        if self.log is not None:
+            self.log.warning("Cannot upload %s: the worker may not read this %s", path, what)
         self.tree.unreadable.append(relative)
 
     def folder(self, parent: int | None, path: Path, relative: str) -> None:
@@ -179,7 +178,7 @@ def unreadable_entries(root: str | os.PathLike[str]) -> list[str]:
     Files a container's root user made for itself (``0600``, folders ``0700``): the caller copies the
     tree out through the Docker API instead (``TrainingDockerHook.copy_out``).
     """
-    return _files(Path(root), _QUIET).unreadable
+    return _files(Path(root), None).unreadable  # quiet: the upload itself warns
 
 
 def _object_key(prefix: str, relative: str) -> str:

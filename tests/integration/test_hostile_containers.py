@@ -26,6 +26,7 @@ from airflow_wmltrain.lifecycle import MANIFEST_FILE, STATUS_FILE, SUBMITTED_COD
 from airflow_wmltrain.manifest import load_manifest
 from airflow_wmltrain.runtime import labels
 from airflow_wmltrain.runtime.run import TrainingRun
+from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS
 from airflow_wmltrain.settings import Settings
 from tests.integration.training_helpers import manifest
 
@@ -115,6 +116,7 @@ def run_container(hook: TrainingDockerHook, run: TrainingRun, image: str, script
         image,
         command=["sh", "-c", script],
         user="0:0",
+        environment={**CONTAINER_DIRS, "TRAINING_ID": run.training_id},
         name=labels.run_container_name(run.training_id),
         labels={labels.ROLE: labels.ROLE_RUN, labels.TRAINING_ID: run.training_id, labels.GPUS: ""},
         host_config=client.create_host_config(mounts=run.workspace.mounts()),
