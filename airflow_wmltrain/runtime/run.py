@@ -494,7 +494,8 @@ class TrainingRun:
         self.log.warning(
             "The worker may not read %s in $%s (the container's user kept them for itself); "
             "copying %s out of the container",
-            ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else ""),
+            ", ".join(entry or "the folder itself" for entry in unreadable[:5])
+            + (" ..." if len(unreadable) > 5 else ""),
             name,
             where,
         )
