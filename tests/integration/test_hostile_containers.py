@@ -159,7 +159,7 @@ METRICS = {
 HOSTILE_SH = """\
 set -e
 echo "training output"
-rm -f "$LOG_DIR/training-log.txt"
+rm -f "$LOG_DIR/training-log.txt" "$LOG_DIR/load-data.log"
 ln -s "$PTH" "$LOG_DIR/training-log.txt"
 ln -s "$PTH" "$LOG_DIR/load-data.log"
 ln -s "$PTH" "$LOG_DIR/notes.txt"
@@ -321,8 +321,8 @@ def test_a_log_flood_bounds_the_task_log_the_stored_log_and_the_workers_memory(
     s3_client: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(docker_hook, "STORED_LOG_BYTES", 8 * 1024 * 1024)
-    monkeypatch.setattr(docker_hook, "TASK_LOG_BYTES", 1024 * 1024)
+    monkeypatch.setattr(docker_hook, "STORED_LOG_BYTES", 8 * 1024 * 1024, raising=False)
+    monkeypatch.setattr(docker_hook, "TASK_LOG_BYTES", 1024 * 1024, raising=False)
     run = new_run(shared_dir, test_image, results_bucket, store_credentials)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     container_id = run_container(hook, run, test_image, FLOOD_SH)
@@ -346,7 +346,7 @@ def test_a_log_flood_bounds_the_task_log_the_stored_log_and_the_workers_memory(
     stored = objects(s3_client, results_bucket, run.prefix)
     assert_records_intact(stored)
     log = stored["learner-1/training-log.txt"]
-    assert len(log) < 8 * 1024 * 1024 + docker_hook.STORED_TAIL_LINES * (docker_hook.MAX_LINE_CHARS + 1) + 200
+    assert len(log) < 8 * 1024 * 1024 + 2000 * (16 * 1024 + 1) + 200  # STORED_TAIL_LINES of MAX_LINE_CHARS
     assert log.startswith(b"x" * 999 + b"\n")
     assert log.endswith(b"y\nthe last line\n") or log.endswith(b"\nthe last line\n")
     assert b"characters of the training's output left out of this file" in log
