@@ -70,8 +70,12 @@ def worker_files(shared_dir: Path) -> dict[str, Path]:
 
 @pytest.fixture
 def hook(services: dict[str, str]) -> Iterator[TrainingDockerHook]:
+    """The plain Docker daemon; the containers a test started are removed after it, also on failure."""
     hook = TrainingDockerHook(docker_url=services["DOCKER_HOST"], timeout=120)
+    hook.started = []  # type: ignore[attr-defined]
     yield hook
+    for container_id in hook.started:  # type: ignore[attr-defined]
+        hook.remove(container_id)
     hook.close()
 
 
@@ -121,6 +125,7 @@ def run_container(hook: TrainingDockerHook, run: TrainingRun, image: str, script
         labels={labels.ROLE: labels.ROLE_RUN, labels.TRAINING_ID: run.training_id, labels.GPUS: ""},
         host_config=client.create_host_config(mounts=run.workspace.mounts()),
     )
+    hook.started.append(container["Id"])  # type: ignore[attr-defined]
     client.start(container["Id"])
     run.record(RunState.PROCESSING, container={"id": container["Id"], "docker_url": hook.docker_url})
     return str(container["Id"])
