@@ -83,7 +83,7 @@ def read_metrics(path: Path) -> dict[str, Any]:
     """The scalar entries of a small ``metrics.json`` (anything else is ignored, not an error).
 
     The container wrote it: only a regular file is read (never through a link, never a FIFO or a
-    device), and only up to a size cap.
+    device), only up to a size cap, and a document too deeply nested to parse is ignored too.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -95,7 +95,7 @@ def read_metrics(path: Path) -> dict[str, Any]:
             return {}
         with os.fdopen(fd, "rb", closefd=False) as handle:
             document = json.loads(handle.read(_MAX_METRICS_BYTES + 1).decode("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     finally:
         os.close(fd)

@@ -155,6 +155,7 @@ def assert_records_intact(stored: dict[str, bytes], state: str = "COMPLETED") ->
 METRICS = {
     "link-to-a-worker-file": 'ln -s "$SECRET" "$RESULT_DIR/metrics.json"',
     "fifo": 'mkfifo "$RESULT_DIR/metrics.json"',
+    "nested-too-deep": 'head -c 60000 /dev/zero | tr "\\0" "[" > "$RESULT_DIR/metrics.json"',
     "link-to-dev-zero": 'ln -s /dev/zero "$RESULT_DIR/metrics.json"',
     # a JSON document over the cap: stored as a result, not read as the run's metrics
     "huge": '{ printf \'{"accuracy": 1, "pad": "\'; head -c 2000000 /dev/zero | tr "\\0" x; echo \'"}\'; } '
@@ -214,6 +215,8 @@ def test_links_fifos_devices_and_reserved_names_are_contained(
         assert not any(key.startswith(name) for key in stored), name
     if metrics == "huge":
         assert len(stored["metrics.json"]) > 2000000
+    elif metrics == "nested-too-deep":
+        assert stored["metrics.json"] == b"[" * 60000
     else:
         assert "metrics.json" not in stored
     assert not any(b"worker-secret" in body or b"forged" in body for body in stored.values())

@@ -200,6 +200,20 @@ def test_unreadable_entries_are_listed_for_a_copy_out(world_readable: Path) -> N
     assert found == repr(["private/", "secret.bin"])
 
 
+def test_metrics_nested_too_deep_to_parse_are_ignored_and_the_run_is_stored(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    """64 KiB of ``[`` is under the size cap, but Python's parser gives up (RecursionError): STORING
+    must not stop because of it."""
+    run = processing(new_run(settings))
+    (run.workspace.results / "metrics.json").write_text("[" * 60000)
+    status = store_exited(run, docker_api, hook, log="done\n")
+    assert status.state is RunState.COMPLETED
+    assert status.metrics == {}
+    assert stored_status(results)["state"] == "COMPLETED"
+    assert not run.workspace.root.exists()
+
+
 # --- the worker's own files ------------------------------------------------------------------------------
 
 
