@@ -35,6 +35,8 @@ from airflow_wmltrain.storage.transfer import (
 DEFAULT_WORKERS = 16
 DEFAULT_PART_SIZE = 64 * 1024 * 1024
 DEFAULT_MULTIPART_THRESHOLD = 128 * 1024 * 1024
+#: The longest object name S3 and Swift accept (bytes of UTF-8).
+MAX_KEY_BYTES = 1024
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,14 @@ class _Tree:
     files: list[_Listed] = field(default_factory=list)
     skipped: int = 0
     unreadable: list[str] = field(default_factory=list)
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, kept by the file system's surrogateescape
+        return False
+    return True
 
 
 def _is_reserved(relative: str, reserved: Collection[str]) -> str | None:
@@ -164,6 +174,8 @@ class _Walk:
         elif not stat.S_ISREG(info.st_mode):
             kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
             self.skip(path, f"{kind} (links and special files are never followed)")
+        elif not _is_utf8(relative):
+            self.skip(path, "its name is not UTF-8 (object names are); rename it")
         elif (name := _is_reserved(relative, self.reserved)) is not None:
             self.skip(path, f"the name {name} is reserved for the run's own records; use another name")
         elif not os.access(entry.name, os.R_OK, dir_fd=fd):
@@ -351,7 +363,17 @@ def upload_tree(
         files, skipped = [_Listed(root, "", info.st_size, info.st_dev, info.st_ino)], 0
     elif stat.S_ISDIR(info.st_mode):
         tree = _files(root, log, reserved)
-        files, skipped = tree.files, tree.skipped + len(tree.unreadable)
+        files, skipped = [], tree.skipped + len(tree.unreadable)
+        for listed in tree.files:
+            if len(_object_key(prefix, listed.relative).encode()) > MAX_KEY_BYTES:
+                log.warning(
+                    "Not uploading %s: its object name would be longer than %d bytes",
+                    listed.path,
+                    MAX_KEY_BYTES,
+                )
+                skipped += 1
+            else:
+                files.append(listed)
     else:
         raise ResultsStoreError(f"nothing to upload: {root} is not a regular file or a folder")
     try:

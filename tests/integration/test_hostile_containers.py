@@ -176,6 +176,9 @@ ln -s /dev/zero "$RESULT_DIR/zero"
 mkfifo "$RESULT_DIR/fifo"
 mknod "$RESULT_DIR/null" c 1 3
 echo weights > "$RESULT_DIR/model.bin"
+touch "$RESULT_DIR/$(printf 'not-utf8-\\377')"
+D=$(printf 'd%.0s' $(seq 200)); DEEP="$RESULT_DIR/$D/$D/$D/$D/$D/$D"
+mkdir -p "$DEEP" && touch "$DEEP/long"
 ln -s model.bin "$RESULT_DIR/alias.bin"
 mkdir -p "$RESULT_DIR/_submitted_code" "$RESULT_DIR/learner-1"
 for name in _status.json _manifest.yml _submitted_code/model.zip learner-1/training-log.txt; do
@@ -211,7 +214,17 @@ def test_links_fifos_devices_and_reserved_names_are_contained(
     assert stored["model.bin"] == b"weights\n"
     assert stored["learner-1/training-log.txt"] == b"training output\n"
     assert stored["learner-1/epochs.log"] == b"user log\n"
-    for name in ("leak.json", "worker-folder", "zero", "fifo", "null", "alias.bin", "notes.txt"):
+    for name in (
+        "leak.json",
+        "worker-folder",
+        "zero",
+        "fifo",
+        "null",
+        "alias.bin",
+        "notes.txt",
+        "not-utf8",
+        "ddd",
+    ):
         assert not any(key.startswith(name) for key in stored), name
     if metrics == "huge":
         assert len(stored["metrics.json"]) > 2000000

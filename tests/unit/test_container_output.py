@@ -165,6 +165,19 @@ def test_reserved_names_are_not_uploaded_and_each_is_named(
     assert any("_submitted_code/ is reserved" in r.getMessage() for r in caplog.records)
 
 
+def test_names_no_store_accepts_are_skipped_not_fatal(tmp_path: Path, results: MemoryStore) -> None:
+    """A name that is not UTF-8, or too long for an object name, would fail every try of STORING."""
+    root = tmp_path / "results"
+    root.mkdir()
+    os.close(os.open(os.fsencode(root) + b"/bad-\xff-name", os.O_CREAT | os.O_WRONLY, 0o644))
+    deep = root / "/".join(["d" * 200] * 6)
+    deep.mkdir(parents=True)
+    (deep / "model.bin").write_bytes(b"weights")
+    result = upload.upload_tree(results, root, "run/", log=LOG)
+    assert (result.files, result.skipped) == (0, 2)
+    assert results.keys("run/") == set()
+
+
 def test_unreadable_entries_are_listed_for_a_copy_out(world_readable: Path) -> None:
     """The worker in a test runs as root, which reads everything: drop to nobody in a child."""
     tmp_path = world_readable
