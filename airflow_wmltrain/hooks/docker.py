@@ -41,8 +41,9 @@ if TYPE_CHECKING:
 
 #: Docker states in which a container may still run (and holds the GPUs of its label).
 LIVE_STATES = frozenset({"created", "running", "restarting", "paused"})
-#: Log lines quoted in a failure message.
+#: Log lines quoted in a failure message, and the characters kept of each.
 TAIL_LINES = 20
+TAIL_LINE_CHARS = 1000
 #: The longest log line kept as one line; a longer one (or output without line ends) is cut.
 MAX_LINE_CHARS = 16 * 1024
 #: How much of the training's output goes into the task log (the stored log has more).
@@ -478,7 +479,8 @@ class TrainingDockerHook(DockerHook):
         return _lines(self.api_client.logs(container_id, stdout=True, stderr=True, stream=True, follow=False))
 
     def save_logs(self, container_id: str, path: Path) -> list[str]:
-        """Write the container's output to ``path``; its last :data:`TAIL_LINES` lines.
+        """Write the container's output to ``path``; its last :data:`TAIL_LINES` lines (for a failure
+        message: each cut to :data:`TAIL_LINE_CHARS`).
 
         The file keeps the output's first :data:`STORED_LOG_BYTES` characters and its last
         :data:`STORED_TAIL_LINES` lines, with a line between saying how much was left out: a flood of
@@ -508,7 +510,7 @@ class TrainingDockerHook(DockerHook):
             if left_out:
                 out.write(_left_out(left_out, "this file; its last lines follow") + "\n")
             out.writelines(line + "\n" for line in tail)
-        return list(last)
+        return [line if len(line) <= TAIL_LINE_CHARS else line[:TAIL_LINE_CHARS] + " [...]" for line in last]
 
     def wait(self, container_id: str) -> ContainerOutcome:
         """Block until the container stops; how it ended."""

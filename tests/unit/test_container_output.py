@@ -336,6 +336,19 @@ def test_lines_keep_a_character_split_between_chunks() -> None:
     assert list(_lines([text[:1], text[1:3], text[3:]])) == ["é€"]
 
 
+def test_the_last_lines_quoted_in_a_failure_are_cut(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    run = processing(new_run(settings))
+    output = "".join("z" * 50000 + "\n" for _ in range(30))
+    container = docker_api.add_container(
+        NAME, container_labels=container_labels(), status="exited", exit_code=1, log=output
+    )
+    status = run.store(hook, hook.inspect(container.id))
+    assert status.error is not None
+    assert len(status.error["message"]) < docker_hook.TAIL_LINES * (docker_hook.TAIL_LINE_CHARS + 10) + 500
+
+
 def test_a_flood_of_output_is_bounded_in_the_stored_log_and_the_task_log(
     settings: Settings,
     results: MemoryStore,
