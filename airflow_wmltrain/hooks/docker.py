@@ -14,6 +14,7 @@ create means "the run's container already exists": the caller re-attaches to it,
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import shutil
@@ -32,6 +33,7 @@ from docker.constants import DEFAULT_TIMEOUT_SECONDS
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
 from airflow_wmltrain.errors import ImageMissingError, RunConflictError, ServerError
+from airflow_wmltrain.lifecycle import TRAINING_LOG
 from airflow_wmltrain.runtime import hardening, labels
 from airflow_wmltrain.runtime.workspace import Workspace
 
@@ -41,8 +43,18 @@ if TYPE_CHECKING:
 
 #: Docker states in which a container may still run (and holds the GPUs of its label).
 LIVE_STATES = frozenset({"created", "running", "restarting", "paused"})
-#: Log lines quoted in a failure message.
+#: Log lines quoted in a failure message, and the characters kept of each.
 TAIL_LINES = 20
+TAIL_LINE_CHARS = 1000
+#: The longest log line kept as one line; a longer one (or output without line ends) is cut.
+MAX_LINE_CHARS = 16 * 1024
+#: How much of the training's output goes into the task log (the stored log has more).
+TASK_LOG_BYTES = 16 * 1024 * 1024
+#: How much of the training's output the stored log keeps from its start ...
+STORED_LOG_BYTES = 128 * 1024 * 1024
+#: ... and how many of its last lines, after a line saying how much was left out between.
+STORED_TAIL_LINES = 2000
+_STORED_LOG_NAME = TRAINING_LOG
 #: A trigger event's container fields: (event key, ``ContainerOutcome`` attribute, type).
 _EVENT_FIELDS: tuple[tuple[str, str, type], ...] = (
     ("container_id", "container_id", str),
@@ -160,13 +172,29 @@ class ContainerOutcome:
 
 
 def _lines(chunks: Iterable[bytes | str]) -> Iterator[str]:
+    """The lines of a stream of output, none longer than :data:`MAX_LINE_CHARS` (a longer one is cut):
+    the training writes what it likes, the worker holds at most one line of it at a time."""
     buffer = ""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
     for chunk in chunks:
-        buffer += chunk.decode("utf-8", "replace") if isinstance(chunk, bytes) else chunk
+        buffer += decoder.decode(chunk) if isinstance(chunk, bytes) else chunk
         *lines, buffer = buffer.split("\n")
-        yield from (line.rstrip("\r") for line in lines)
+        for line in lines:
+            if len(line) <= MAX_LINE_CHARS:
+                yield line.rstrip("\r")
+                continue
+            for start in range(0, len(line), MAX_LINE_CHARS):
+                yield line[start : start + MAX_LINE_CHARS].rstrip("\r")
+        while len(buffer) >= MAX_LINE_CHARS:
+            yield buffer[:MAX_LINE_CHARS]
+            buffer = buffer[MAX_LINE_CHARS:]
+    buffer += decoder.decode(b"", final=True)
     if buffer:
         yield buffer.rstrip("\r")
+
+
+def _left_out(count: int, where: str) -> str:
+    return f"[wmltrain] {count} characters of the training's output left out of {where}"
 
 
 def remove_container(client: APIClient, container_id: str) -> None:
@@ -433,35 +461,82 @@ class TrainingDockerHook(DockerHook):
             ) from None
 
     def follow_logs(self, container_id: str, log: Any) -> None:
-        """Copy the container's output into ``log``, line by line as it comes, until it stops."""
+        """Copy the container's output into ``log``, line by line as it comes, until it stops.
+
+        Only its first :data:`TASK_LOG_BYTES` go into ``log`` (then one line says so); the rest is read
+        and dropped, so that a flood of output neither fills the task log nor the worker's memory.
+        """
         stream = self.api_client.logs(container_id, stdout=True, stderr=True, stream=True, follow=True)
-        for line in _lines(stream):
-            log.info("%s", line)
+        self._to_log(_lines(stream), log)
 
     def log_lines(self, container_id: str) -> Iterator[str]:
-        """The container's whole output so far, line by line (streamed, not held in memory)."""
-        yield from _lines(
-            self.api_client.logs(container_id, stdout=True, stderr=True, stream=True, follow=False)
-        )
+        """The container's output so far, line by line (streamed, not held in memory): its first
+        :data:`TASK_LOG_BYTES`, then one line saying how much was left out (the task log's copy)."""
+        written = left_out = 0
+        for line in self._output(container_id):
+            if written < TASK_LOG_BYTES:
+                written += len(line) + 1
+                yield line
+            else:
+                left_out += len(line) + 1
+        if left_out:
+            yield _left_out(left_out, f"the task log (the stored {_STORED_LOG_NAME} has more)")
+
+    @staticmethod
+    def _to_log(lines: Iterable[str], log: Any) -> None:
+        written = left_out = 0
+        for line in lines:
+            if written < TASK_LOG_BYTES:
+                written += len(line) + 1
+                log.info("%s", line)
+                if written >= TASK_LOG_BYTES:
+                    log.warning(
+                        "[wmltrain] the task log shows no more of the training's output "
+                        "(over %d characters); the stored %s has more",
+                        TASK_LOG_BYTES,
+                        _STORED_LOG_NAME,
+                    )
+            else:
+                left_out += len(line) + 1
+        if left_out:
+            log.warning("%s", _left_out(left_out, "the task log"))
+
+    def _output(self, container_id: str) -> Iterator[str]:
+        return _lines(self.api_client.logs(container_id, stdout=True, stderr=True, stream=True, follow=False))
 
     def save_logs(self, container_id: str, path: Path) -> list[str]:
-        """Write the container's whole output to ``path``; its last :data:`TAIL_LINES` lines.
+        """Write the container's output to ``path``; its last :data:`TAIL_LINES` lines (for a failure
+        message: each cut to :data:`TAIL_LINE_CHARS`).
 
-        ``path`` lies in a directory the container could write: whatever it left under that name (a link
-        to a file of the worker, a FIFO) is removed, never followed, and the file is created afresh.
+        The file keeps the output's first :data:`STORED_LOG_BYTES` characters and its last
+        :data:`STORED_TAIL_LINES` lines, with a line between saying how much was left out: a flood of
+        output bounds neither the file nor the worker's memory.  ``path`` should lie in a folder only
+        the worker writes; whatever is there under that name anyway (a link to a file of the worker, a
+        FIFO, a folder) is removed, never followed, and the file is created afresh.
         """
-        tail: deque[str] = deque(maxlen=TAIL_LINES)
+        last: deque[str] = deque(maxlen=TAIL_LINES)
+        tail: deque[str] = deque(maxlen=STORED_TAIL_LINES)  # the lines after the first part
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            for line in self.log_lines(container_id):
-                out.write(line + "\n")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        written = left_out = 0
+        with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as out:
+            for line in self._output(container_id):
+                last.append(line)
+                if written < STORED_LOG_BYTES:
+                    out.write(line + "\n")
+                    written += len(line) + 1
+                    continue
+                if len(tail) == tail.maxlen:
+                    left_out += len(tail[0]) + 1
                 tail.append(line)
-        return list(tail)
+            if left_out:
+                out.write(_left_out(left_out, "this file; its last lines follow") + "\n")
+            out.writelines(line + "\n" for line in tail)
+        return [line if len(line) <= TAIL_LINE_CHARS else line[:TAIL_LINE_CHARS] + " [...]" for line in last]
 
     def wait(self, container_id: str) -> ContainerOutcome:
         """Block until the container stops; how it ended."""

@@ -817,7 +817,7 @@ class TrainingRunOperator(DockerOperator):
             raise RunHaltedError(f"training run {run.training_id} was halted")
         if run.status.terminal:  # ended (e.g. by a halt) while this task was away; tidy what is left
             hook.remove(outcome.container_id)
-            run.workspace.remove()
+            run.remove_workspace(hook)
             return self._result(run)
         skip = frozenset(int(code) for code in cast("Iterable[int]", self.skip_on_exit_code))
         run.store(hook, outcome, mem_limit=self.mem_limit, skip_exit_codes=skip)

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import stat
+import tarfile
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
@@ -25,7 +26,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from docker.errors import NotFound
+from docker.errors import DockerException, NotFound
+from requests import RequestException
 
 from airflow_wmltrain.errors import (
     ResultsStoreError,
@@ -48,7 +50,7 @@ from airflow_wmltrain.storage import open_store
 from airflow_wmltrain.storage.cache import ObjectCache
 from airflow_wmltrain.storage.staging import StagingResult, stage
 from airflow_wmltrain.storage.transfer import TransferError
-from airflow_wmltrain.storage.upload import upload_tree
+from airflow_wmltrain.storage.upload import unreadable_entries, upload_tree
 
 if TYPE_CHECKING:
     from airflow_wmltrain.hooks.docker import ContainerOutcome, TrainingDockerHook
@@ -65,13 +67,23 @@ METRICS_FILE = "metrics.json"
 _MAX_METRICS_BYTES = 64 * 1024
 #: Where a run's logs go under its results folder (``learner-1/``).
 LOGS_PREFIX = str(Path(TRAINING_LOG).parent) + "/"
+#: The run's own records under its results folder (a folder ends in ``/``): what the training writes
+#: under these names (in ``$RESULT_DIR``, or ``$LOG_DIR`` for the logs) is not stored, the run's win.
+RESERVED_RESULTS = (
+    STATUS_FILE,
+    MANIFEST_FILE,
+    str(Path(SUBMITTED_CODE).parent) + "/",
+    TRAINING_LOG,
+    LOAD_DATA_LOG,
+)
+RESERVED_LOGS = tuple(name.removeprefix(LOGS_PREFIX) for name in (TRAINING_LOG, LOAD_DATA_LOG))
 
 
 def read_metrics(path: Path) -> dict[str, Any]:
     """The scalar entries of a small ``metrics.json`` (anything else is ignored, not an error).
 
     The container wrote it: only a regular file is read (never through a link, never a FIFO or a
-    device), and only up to a size cap.
+    device), only up to a size cap, and a document too deeply nested to parse is ignored too.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -83,7 +95,7 @@ def read_metrics(path: Path) -> dict[str, Any]:
             return {}
         with os.fdopen(fd, "rb", closefd=False) as handle:
             document = json.loads(handle.read(_MAX_METRICS_BYTES + 1).decode("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     finally:
         os.close(fd)
@@ -129,12 +141,15 @@ def submission_digest(submission: Submission) -> str:
 
 
 class _FileLog(logging.Handler):
-    """Copies a logger's records into a file (``learner-1/load-data.log``)."""
+    """Copies a logger's records into a file (``learner-1/load-data.log``), never through a link."""
 
     def __init__(self, path: Path) -> None:
         super().__init__()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.stream = path.open("a", encoding="utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(f"{path} is not a regular file")
+        self.stream = os.fdopen(fd, "a", encoding="utf-8")
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -337,8 +352,8 @@ class TrainingRun:
 
     @contextlib.contextmanager
     def _load_data_log(self) -> Iterator[logging.Logger]:
-        """The task's logger, also writing into ``<logs>/load-data.log``."""
-        handler = _FileLog(self.workspace.logs / Path(LOAD_DATA_LOG).name)
+        """The task's logger, also writing into ``<worker>/load-data.log`` (stored in ``learner-1/``)."""
+        handler = _FileLog(self.workspace.worker_dir() / Path(LOAD_DATA_LOG).name)
         log = logging.getLogger(f"airflow_wmltrain.load_data.{self.training_id}")
         log.setLevel(logging.INFO)
         log.propagate = False
@@ -365,6 +380,11 @@ class TrainingRun:
     ) -> RunStatus:
         """Store the logs and results of an ended container, end the run, remove the container.
 
+        What the container left is never followed nor read unbounded (:func:`upload_tree`,
+        :func:`read_metrics`, ``save_logs``); what it wrote under the names of the run's own records is
+        not stored (:data:`RESERVED_RESULTS`); what its root user kept for itself is copied out through
+        the Docker API; the workspace is removed whatever the container's user made there.
+
         When the results store fails, the run ends ``FAILED`` (``S303``) in the task's XCom, and the
         container and the workspace are kept for a retry to store them; the message says where they are.
 
@@ -379,11 +399,12 @@ class TrainingRun:
         container_id = outcome.container_id
         try:
             self.record(RunState.STORING, exit_code=outcome.exit_code, phase="")
-            with self._collected_dirs(hook, container_id) as (results_dir, logs_dir):
-                tail = hook.save_logs(container_id, logs_dir / Path(TRAINING_LOG).name)
+            with self._collected_dirs(hook, container_id) as (results_dir, logs_dir, own_dir):
+                tail = hook.save_logs(container_id, own_dir / Path(TRAINING_LOG).name)
                 metrics = read_metrics(results_dir / METRICS_FILE)
-                self._upload(results_dir, self.prefix, "results")
-                self._upload(logs_dir, self.prefix + LOGS_PREFIX, "logs")
+                self._upload(results_dir, self.prefix, "results", reserved=RESERVED_RESULTS)
+                self._upload(logs_dir, self.prefix + LOGS_PREFIX, "logs", reserved=RESERVED_LOGS)
+                self._upload(own_dir, self.prefix + LOGS_PREFIX, "run's own logs")
             error: WmlTrainError | None = None
             state, phase = RunState.COMPLETED, ""
             if halted:
@@ -399,8 +420,22 @@ class TrainingRun:
         except ResultsStoreError as err:
             raise self.results_kept(hook, container_id, err) from None
         hook.remove(container_id)
-        self.workspace.remove()
+        self.remove_workspace(hook)
         return status
+
+    def remove_workspace(self, hook: TrainingDockerHook | None = None) -> None:
+        """Remove the run's directories; what the container's root user made, through its Docker host."""
+        try:
+            docker = hook.api_client if hook is not None else None
+        except WmlTrainError:
+            docker = None
+        if not self.workspace.remove(docker, self.manifest.framework.image):
+            self.log.warning(
+                "Cannot remove %s on %s: the training container left files the worker may not delete; "
+                "remove it as root",
+                self.workspace.root,
+                socket.gethostname(),
+            )
 
     def results_kept(self, hook: TrainingDockerHook, container_id: str, err: WmlTrainError) -> WmlTrainError:
         """The run ends FAILED S303 in the XCom; the error says where its results wait for a retry."""
@@ -419,20 +454,67 @@ class TrainingRun:
         return error
 
     @contextlib.contextmanager
-    def _collected_dirs(self, hook: TrainingDockerHook, container_id: str) -> Iterator[tuple[Path, Path]]:
-        """The run's results and logs directories: on this machine, or copied out through Docker."""
-        if self.workspace.exists():
-            yield self.workspace.results, self.workspace.logs
-            return
-        self.log.info("The run's directories are not on this machine; copying them out of the container")
-        with tempfile.TemporaryDirectory(prefix=f"{self.training_id}-") as tmp:
-            results, logs = Path(tmp, "results"), Path(tmp, "logs")
+    def _collected_dirs(
+        self, hook: TrainingDockerHook, container_id: str
+    ) -> Iterator[tuple[Path, Path, Path]]:
+        """The run's results and logs directories, and a folder for the run's own logs that only the
+        worker writes: on this machine, or copied out through Docker.
+
+        A directory the worker cannot read all of (files and folders the container's root user kept for
+        itself) is copied out of the container too: the Docker daemon reads it as root.  Copies go to a
+        folder only the worker may enter (in the run's directory, not mounted, when it is here).
+        """
+        here = self.workspace.exists()
+        with tempfile.TemporaryDirectory(
+            prefix=f"{self.training_id}-", dir=self.workspace.root if here else None
+        ) as tmp:
+            if here:
+                own = self.workspace.worker_dir()
+                yield (
+                    self._readable(hook, container_id, self.workspace.results, "RESULT_DIR", Path(tmp)),
+                    self._readable(hook, container_id, self.workspace.logs, "LOG_DIR", Path(tmp)),
+                    own,
+                )
+                return
+            self.log.info("The run's directories are not on this machine; copying them out of the container")
+            results, logs, own = Path(tmp, "results"), Path(tmp, "logs"), Path(tmp, "worker")
             hook.copy_out(container_id, CONTAINER_DIRS["RESULT_DIR"], results)
             hook.copy_out(container_id, CONTAINER_DIRS["LOG_DIR"], logs)
-            yield results, logs
+            own.mkdir(mode=0o700)
+            yield results, logs, own
 
-    def _upload(self, source: Path, prefix: str, what: str) -> None:
-        if not source.is_dir() or not any(source.iterdir()):
+    def _readable(
+        self, hook: TrainingDockerHook, container_id: str, path: Path, name: str, tmp: Path
+    ) -> Path:
+        """``path``, or a copy out of the container where the worker may not read all of it."""
+        unreadable = unreadable_entries(path)
+        if not unreadable:
+            return path
+        where = CONTAINER_DIRS[name]
+        self.log.warning(
+            "The worker may not read %s in $%s (the container's user kept them for itself); "
+            "copying %s out of the container",
+            ", ".join(entry or "the folder itself" for entry in unreadable[:5])
+            + (" ..." if len(unreadable) > 5 else ""),
+            name,
+            where,
+        )
+        copy = tmp / name
+        try:
+            hook.copy_out(container_id, where, copy)
+        except (DockerException, RequestException, OSError, tarfile.TarError) as err:
+            self.log.warning(
+                "Cannot copy %s out of the container (%s); storing what the worker may read", where, err
+            )
+            return path
+        return copy
+
+    def _upload(self, source: Path, prefix: str, what: str, *, reserved: tuple[str, ...] = ()) -> None:
+        try:
+            empty = not source.is_dir() or not any(source.iterdir())
+        except OSError:
+            empty = False  # the upload says what it cannot read
+        if empty:
             self.log.info("No %s to store", what)
             return
         result = upload_tree(
@@ -443,6 +525,7 @@ class TrainingRun:
             part_size=self.settings.part_size,
             multipart_threshold=self.settings.multipart_threshold,
             log=self.log,
+            reserved=reserved,
         )
         self.log.info("Stored the %s in %s: %s", what, self.results_store.describe(prefix), result.summary())
 
@@ -453,7 +536,7 @@ class TrainingRun:
         try:
             self.record(RunState.STORING, phase="")
             with contextlib.suppress(WmlTrainError):
-                self._upload(self.workspace.logs, self.prefix + LOGS_PREFIX, "logs")
+                self._upload(self.workspace.worker, self.prefix + LOGS_PREFIX, "logs")
             self.end(state, error)
         except ResultsStoreError:  # the store is down too: the XCom still says how the run ended
             self.status = self.status.fail(state, error.code, str(error))

@@ -2,20 +2,36 @@
 
 ``<[wmltrain] staging_dir>/runs/<training-id>/`` holds ``data`` (the staged bucket, mounted read-only:
 its files are hard links of the host's staging cache), ``model`` (the extracted model definition),
-``results``, ``logs`` and ``checkpoints``.  The staging directory must be a path that the worker and the
+``results``, ``logs`` and ``checkpoints`` (all mounted into the training container), and ``worker``: the
+worker's own files (the logs it writes), never mounted, so that nothing the container does reaches
+them.  The staging directory must be a path that the worker and the
 Docker daemon both see (SPEC §4); when a worker resumes a run it cannot see there (another machine), the
 results are read through the Docker API instead (``TrainingDockerHook.copy_out``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
+from docker.errors import DockerException
 from docker.types import Mount
+from requests import RequestException
+
+from airflow_wmltrain.runtime import labels
+
+if TYPE_CHECKING:
+    from docker import APIClient
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the helper container that removes what the worker may not may take.
+REMOVAL_TIMEOUT = 120
 
 #: Where the container sees each directory, and the environment variable naming it.
 CONTAINER_DIRS = {
@@ -61,6 +77,8 @@ class Workspace:
     logs = _RunDirectory()
     #: The training's checkpoints (not uploaded).
     checkpoints = _RunDirectory()
+    #: The worker's own files (the logs it writes), not mounted: the container cannot reach them.
+    worker = _RunDirectory()
 
     @classmethod
     def for_run(cls, staging_dir: str, training_id: str) -> Workspace:
@@ -79,6 +97,11 @@ class Workspace:
     def exists(self) -> bool:
         return self.results.is_dir()
 
+    def worker_dir(self) -> Path:
+        """:attr:`worker`, made when missing (only the worker may enter it)."""
+        self.worker.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return self.worker
+
     def mounts(self) -> list[Mount]:
         """Bind mounts for the training container (the data read-only)."""
         paths = {
@@ -93,6 +116,44 @@ class Workspace:
             for name, path in paths.items()
         ]
 
-    def remove(self) -> None:
-        """Delete the run's directories (the cache entries the data links to stay)."""
+    def remove(self, docker: APIClient | None = None, image: str = "") -> bool:
+        """Delete the run's directories (the cache entries the data links to stay); whether they are gone.
+
+        What the container's root user made for itself (a ``0700`` folder, its files) the worker may not
+        delete: given the run's Docker host and image, a short-lived container of that image, as root,
+        with only this run's directory mounted, deletes it (its entrypoint ``rm``; no network).
+        """
         shutil.rmtree(self.root, ignore_errors=True)
+        if not os.path.lexists(self.root):
+            return True
+        if docker is not None and image:
+            try:
+                _remove_as_root(docker, image, self.root)
+            except (DockerException, RequestException, OSError) as err:
+                logger.warning("Cannot remove %s through the Docker host: %s", self.root, err)
+            shutil.rmtree(self.root, ignore_errors=True)
+        return not os.path.lexists(self.root)
+
+
+def _remove_as_root(docker: APIClient, image: str, root: Path) -> None:
+    """Delete what is in ``root`` from a container of ``image``, as root, ``root`` its only mount."""
+    inside = "/run-directory"
+    names = sorted(os.listdir(root))
+    if names:
+        container = docker.create_container(
+            image,
+            entrypoint=["rm", "-rf", "--"],
+            command=[f"{inside}/{name}" for name in names],
+            user="0:0",
+            network_disabled=True,
+            labels={labels.ROLE: "workspace-removal"},
+            host_config=docker.create_host_config(
+                mounts=[Mount(inside, str(root.resolve()), type="bind")], network_mode="none"
+            ),
+        )
+        try:
+            docker.start(container["Id"])
+            docker.wait(container["Id"], timeout=REMOVAL_TIMEOUT)
+        finally:
+            with contextlib.suppress(DockerException, RequestException):
+                docker.remove_container(container["Id"], force=True)
