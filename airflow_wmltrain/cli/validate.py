@@ -154,9 +154,9 @@ def _logs_dropped() -> Iterator[None]:
 def run(args: argparse.Namespace) -> int:
     """Check a model-definition zip and a training manifest without submitting anything.
 
-    Check a model-definition zip and a training manifest offline (and, with ``--check-stores``, that the
-    stores answer): exit 0 with a summary, or exit with the first problem's status (2 for bad input), its
-    code and the field at fault.
+    Check a model-definition zip and a training manifest offline: exit 0 with a summary, or exit 2 with
+    the first problem (its code and the field at fault). With --check-stores, also check online that the
+    stores given with inline credentials answer and accept them (exit 3 when one cannot be reached).
     """
     try:
         settings = Settings.from_airflow_config()
