@@ -1,9 +1,11 @@
 """``wmltrain train MODEL.zip MANIFEST.yaml``: submit a training run to Airflow (the bundled DAG).
 
-The submission is checked locally first (``wmltrain validate``); nothing reaches Airflow when it is
-invalid.  The zip travels in the run's ``conf`` as base64 when it is at most ``--max-inline`` bytes; a
-larger one is refused with that limit named — put it in the object store and give its URL
-(``s3://bucket/model.zip``) instead of a path.  Inline credentials of the manifest are moved into
+The submission is checked locally first (``wmltrain validate``), then each store the manifest gives with
+inline credentials must answer and accept them (:func:`~airflow_wmltrain.cli.validate.check_stores`, a
+few seconds at most; ``--no-store-check`` skips it for stores only the workers reach); nothing reaches
+Airflow when a check fails.  The zip travels in the run's ``conf`` as base64 when it is at most
+``--max-inline`` bytes; a larger one is refused with that limit named — put it in the object store and
+give its URL (``s3://bucket/model.zip``) instead of a path.  Inline credentials of the manifest are moved into
 Airflow connections named after the run (``wmltrain_<id>_data``/``_results``; ``wmltrain delete``
 removes them), so the ``conf`` that the UI and the API show holds connection ids only.
 """
@@ -20,7 +22,7 @@ import yaml
 
 from airflow_wmltrain.cli.arguments import MANIFEST, MODEL_ZIP, add_command
 from airflow_wmltrain.cli.server import add_server_options, add_wait_options, api_from_args, wait_options
-from airflow_wmltrain.cli.validate import add_hyperparameter_option, parse_hyperparameters
+from airflow_wmltrain.cli.validate import add_hyperparameter_option, check_stores, parse_hyperparameters
 from airflow_wmltrain.errors import EXIT_OK, EXIT_RUN_FAILED, ModelDefinitionError
 from airflow_wmltrain.lifecycle import RunState
 from airflow_wmltrain.manifest import ConnectionId, S3Connection, StoreReference, SwiftConnection
@@ -52,6 +54,12 @@ def register(commands: Any) -> None:
         default=DEFAULT_MAX_INLINE,
         metavar="BYTES",
         help=f"largest zip sent inside the run's conf (default {DEFAULT_MAX_INLINE})",
+    )
+    parser.add_argument(
+        "--no-store-check",
+        action="store_true",
+        help="do not check that the stores given with inline credentials answer and accept them "
+        "(for stores that only the workers can reach)",
     )
     add_wait_options(parser)
     add_server_options(parser)
@@ -109,8 +117,9 @@ def _model_definition(path: str, max_inline: int) -> str:
 def run(args: argparse.Namespace) -> int:
     """Submit a training run (model zip + manifest) to Airflow.
 
-    Check the submission locally, then start a run of the wmltrain_training DAG whose run id is the new
-    training id, and print it ("Model-ID is 'training-...'").
+    Check the submission locally and the stores given with inline credentials (unless
+    ``--no-store-check``), then start a run of the wmltrain_training DAG whose run id is the new training
+    id, and print it ("Model-ID is 'training-...'").
     """
     from airflow_wmltrain.manifest import load_manifest
     from airflow_wmltrain.model_source import is_url
@@ -127,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         check_submission(args.model_definition, manifest, hyperparameters=hyperparameters, settings=settings)
     model_definition = _model_definition(args.model_definition, args.max_inline)
+    if not args.no_store_check:  # before any connection or run is made
+        check_stores(manifest)
     api = api_from_args(args)
     options = wait_options(args)
     training_id = new_training_id()

@@ -10,6 +10,8 @@ read them itself.
 
 from __future__ import annotations
 
+from typing import Any
+
 from airflow_wmltrain.manifest import (
     ConnectionId,
     S3Connection,
@@ -29,8 +31,9 @@ def open_store(
     """The store a manifest reference points at.
 
     :param reference: ``manifest.data`` or ``manifest.results``.
-    :param http: the transfer engine's connections (a new pool when ``None``).
-    :param retry: how transfers are retried.
+    :param http: the transfer engine's connections (a new pool when ``None``); its timeout also bounds
+        each request of a Swift authentication.
+    :param retry: how transfers are retried; a Swift authentication is tried as often (at most 4 times).
     """
     conn = reference.connection
     if reference.type == "s3":
@@ -59,10 +62,15 @@ def open_store(
     from airflow_wmltrain.hooks.swift import SwiftHook
     from airflow_wmltrain.storage.swift import SwiftStore
 
+    bounds: dict[str, Any] = {}
+    if http is not None:
+        bounds["timeout"] = http.timeout
+    if retry is not None:
+        bounds["retries"] = retry.attempts - 1
     if isinstance(conn, ConnectionId):
-        hook = SwiftHook(conn.conn_id)
+        hook = SwiftHook(conn.conn_id, **bounds)
     elif isinstance(conn, SwiftConnection):
-        hook = SwiftHook(None, credentials=conn)
+        hook = SwiftHook(None, credentials=conn, **bounds)
     else:  # pragma: no cover - the manifest guarantees it
         raise TypeError(type(conn).__name__)
     return SwiftStore(reference.bucket, hook=hook, http=http, retry=retry)
