@@ -462,11 +462,11 @@ class TrainingRunOperator(DockerOperator):
         except AirflowRescheduleException:
             raise
         except RunConflictError as err:
-            # Another task instance created the run's container meanwhile: its workspace and container
-            # are left alone; only this task's own status document says why it ended.
+            # Another task instance created the run's container meanwhile: its workspace, container and
+            # status document are left alone (a FAILED written there would stand over its own end); only
+            # this task's XCom says why it ended.
             self._try.claimed = False
-            with contextlib.suppress(WmlTrainError):  # the store is down too: the task's error says why
-                run.end(RunState.FAILED, err)
+            run.end_in_task(RunState.FAILED, err)
             raise
         except Exception as err:
             if self._try.halter_spawned:  # the halt owns the run's end now

@@ -295,6 +295,14 @@ class TrainingRun:
         self.log.info("Training run %s is %s: %s %s", self.training_id, state.value, error.code, error)
         return self.status
 
+    def end_in_task(self, state: RunState, error: WmlTrainError) -> RunStatus:
+        """End the run in the task's XCom only, never in the bucket's ``_status.json``: the store is down,
+        or the document there belongs to another task instance (a terminal state there would stand)."""
+        self.status = self.status.fail(state, error.code, str(error))
+        if self.publish is not None:
+            self.publish(self.status.to_dict())
+        return self.status
+
     def _write_status(self) -> None:
         document = self.status.to_dict()
         try:
@@ -447,9 +455,8 @@ class TrainingRun:
         status = self.status
         if status.terminal:  # the end itself could not be written: it did not happen
             status = replace(status, history=status.history[:-1], error=None)
-        self.status = status.fail(RunState.FAILED, error.code, str(error))
-        if self.publish is not None:
-            self.publish(self.status.to_dict())
+        self.status = status
+        self.end_in_task(RunState.FAILED, error)
         self.log.error("Training run %s: %s", self.training_id, error)
         return error
 
@@ -539,9 +546,7 @@ class TrainingRun:
                 self._upload(self.workspace.worker, self.prefix + LOGS_PREFIX, "logs")
             self.end(state, error)
         except ResultsStoreError:  # the store is down too: the XCom still says how the run ended
-            self.status = self.status.fail(state, error.code, str(error))
-            if self.publish is not None:
-                self.publish(self.status.to_dict())
+            self.end_in_task(state, error)
         self.workspace.remove()
         return self.status
 
