@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from airflow_wmltrain import __version__
-from airflow_wmltrain.cli import runs, stage, train, validate
+from airflow_wmltrain.cli import pools, runs, stage, train, validate
 from airflow_wmltrain.errors import WmlTrainError, exit_status
 from airflow_wmltrain.service.api import ApiError
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.register(commands)
     train.register(commands)
     runs.register(commands)
+    pools.register(commands)
     return parser
 
 
