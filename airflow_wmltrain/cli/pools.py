@@ -39,7 +39,8 @@ def register(commands: Any) -> None:
         "--pool",
         metavar="PATTERN",
         help="the pool's name: wmltrain_gpus for one host; with several hosts a pattern with {host} (the "
-        "host's name) or {index} (1, 2, ...), default wmltrain_gpus_{host}",
+        "host's name) or {index} (1, 2, ...), default wmltrain_gpus_{host} (wmltrain_gpus_{index} when "
+        "two hosts have the same name)",
     )
     parser.add_argument(
         "--image",
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from airflow_wmltrain.service.pools import sync_pools
     from airflow_wmltrain.settings import Settings
 
-    api = api_from_args(args)  # credentials are checked before anything slow
+    api = api_from_args(args)  # missing credentials are refused before anything slow
     settings = Settings.from_airflow_config()
     changes = sync_pools(
         api,
@@ -73,11 +74,11 @@ def run(args: argparse.Namespace) -> int:
         image=args.image,
         dry_run=args.dry_run,
     )
-    if args.json:
-        print(json.dumps([change.to_dict() for change in changes], indent=2))
-    else:
+    if not args.json:
         for change in changes:
-            print(change.describe())
+            print(change.describe())  # names the resource classes too large for the pool
+        return EXIT_OK
+    print(json.dumps([change.to_dict() for change in changes], indent=2))
     for change in changes:
         if change.too_large:
             print(

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 DEFAULT_POOL = "wmltrain_gpus"
 #: The pool name pattern of several Docker hosts (``{host}``: the host's name, ``{index}``: 1, 2, ...).
 DEFAULT_POOL_PATTERN = "wmltrain_gpus_{host}"
+#: ... when two of them have the same ``{host}`` (two local sockets).
+DEFAULT_POOL_INDEXED = "wmltrain_gpus_{index}"
 #: The Docker host a ``TrainingRunOperator`` uses when its task names none (the Docker provider's default).
 DEFAULT_DOCKER_URL = "unix://var/run/docker.sock"
 #: What a pool name may hold (it goes into URLs and ``pool=`` arguments as it is).
@@ -96,7 +98,8 @@ def host_slug(docker_url: str) -> str:
 
 def pool_names(docker_urls: Sequence[str], pattern: str | None = None) -> list[str]:
     """The pool of each Docker host, from ``pattern`` (default :data:`DEFAULT_POOL` for one host,
-    :data:`DEFAULT_POOL_PATTERN` for several).
+    :data:`DEFAULT_POOL_PATTERN` for several, or ``wmltrain_gpus_{index}`` when two hosts have the same
+    ``{host}``, e.g. two local sockets).
 
     :raises ClientError: the pattern has an unknown placeholder, gives a name Airflow cannot take in a
         URL, or the same name to two hosts (``C100``, field ``--pool``).
@@ -107,7 +110,12 @@ def pool_names(docker_urls: Sequence[str], pattern: str | None = None) -> list[s
     if len(set(docker_urls)) != len(docker_urls):
         raise ClientError("a Docker host is given twice; give each once", field="--docker-url")
     if pattern is None:
-        pattern = DEFAULT_POOL if len(docker_urls) == 1 else DEFAULT_POOL_PATTERN
+        if len(docker_urls) == 1:
+            pattern = DEFAULT_POOL
+        elif len({host_slug(url) for url in docker_urls}) == len(docker_urls):
+            pattern = DEFAULT_POOL_PATTERN
+        else:
+            pattern = DEFAULT_POOL_INDEXED
     try:
         used = {name for _text, name, _spec, _conv in string.Formatter().parse(pattern) if name is not None}
     except ValueError as err:

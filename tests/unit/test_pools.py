@@ -81,6 +81,8 @@ def test_pool_names_one_host_several_hosts_and_refusals() -> None:
         "wmltrain_gpus_gpu_b_example",
     ]
     assert pool_names(["tcp://a:1", "tcp://b:1"], "gpus_{index}") == ["gpus_1", "gpus_2"]
+    two_sockets = ["unix:///var/run/docker.sock", "unix:///run/gpu/docker.sock"]
+    assert pool_names(two_sockets) == ["wmltrain_gpus_1", "wmltrain_gpus_2"]
     assert host_slug("unix:///run/wmltrain-gpu/docker.sock") == "local"
     refusals = [
         (["tcp://a:1", "tcp://b:1"], "gpus", "the same pool"),
