@@ -276,7 +276,13 @@ def get_provider_info() -> dict[str, Any]:
                 "tags": ["software"],
             }
         ],
-        "hooks": [{"integration-name": "WML Train", "python-modules": ["airflow_wmltrain.hooks.swift"]}],
+        "operators": [
+            {"integration-name": "WML Train", "python-modules": ["airflow_wmltrain.operators.training_run"]}
+        ],
+        "hooks": [
+            {"integration-name": "WML Train", "python-modules": ["airflow_wmltrain.hooks.swift"]},
+            {"integration-name": "WML Train", "python-modules": ["airflow_wmltrain.hooks.docker"]},
+        ],
         "sensors": [
             {"integration-name": "WML Train", "python-modules": ["airflow_wmltrain.sensors.training_run"]}
         ],
@@ -284,6 +290,15 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": "WML Train", "python-modules": ["airflow_wmltrain.triggers.training_run"]}
         ],
         "extra-links": ["airflow_wmltrain.links.training_run.TrainingResultsLink"],
+        # swift:// assets (a run's results location, airflow_wmltrain.assets); s3:// is the amazon provider's.
+        "asset-uris": [
+            {
+                "schemes": ["swift"],
+                "handler": "airflow_wmltrain.assets.sanitize_uri",
+                "factory": "airflow_wmltrain.assets.create_asset",
+                "to_openlineage_converter": "airflow_wmltrain.assets.convert_asset_to_openlineage",
+            }
+        ],
         "connection-types": [
             {
                 "hook-class-name": "airflow_wmltrain.hooks.swift.SwiftHook",

@@ -48,6 +48,7 @@ from airflow.sdk.exceptions import (
 from docker.errors import DockerException
 from docker.types import LogConfig
 
+from airflow_wmltrain.assets import emit_results_event, openlineage_facets
 from airflow_wmltrain.errors import (
     ManifestError,
     ResultsStoreError,
@@ -398,7 +399,7 @@ class TrainingRunOperator(DockerOperator):
             run.location,
         )
         with _airflow_errors():
-            return self._execute(run, submission)
+            return emit_results_event(self.outlets, context, self._execute(run, submission), self.log)
 
     def _execute(self, run: TrainingRun, submission: Submission) -> dict[str, Any]:
         owner = self._try.owner
@@ -808,7 +809,7 @@ class TrainingRunOperator(DockerOperator):
                 raise AirflowException(f"{err}: {event!r}") from None
             self._try.container_id = outcome.container_id
             self._show_log(run, hook, outcome.container_id)
-            return self._finish(run, hook, outcome)
+            return emit_results_event(self.outlets, context, self._finish(run, hook, outcome), self.log)
 
     def _finish(
         self, run: TrainingRun, hook: TrainingDockerHook, outcome: ContainerOutcome
@@ -838,6 +839,12 @@ class TrainingRunOperator(DockerOperator):
         if status.metrics:
             self.log.info("Metrics: %s", json.dumps(dict(status.metrics), sort_keys=True))
         return run.result()
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage: the run's data bucket (input) and results location (output), as the amazon
+        provider's ``SageMakerTrainingOperator`` reports its job's; ``None`` without the openlineage
+        provider (:func:`~airflow_wmltrain.assets.openlineage_facets`)."""
+        return openlineage_facets(self._try.run)
 
     # --- halt -----------------------------------------------------------------------------------------
 
