@@ -14,6 +14,7 @@ from airflow.sdk import DAG
 from airflow.sdk.definitions.mappedoperator import MappedOperator
 from airflow.sdk.execution_time.task_runner import _render_map_index
 
+from airflow_wmltrain import grid as grid_module
 from airflow_wmltrain.errors import ManifestError
 from airflow_wmltrain.grid import MAP_INDEX_TEMPLATE, LogUniform, Uniform, grid, max_map_length
 from airflow_wmltrain.operators.training_run import TrainingRunOperator
@@ -166,6 +167,11 @@ def test_a_grid_at_max_map_length_passes(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_a_huge_product_is_refused_before_it_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIRFLOW__CORE__MAX_MAP_LENGTH", "1024")
+
+    def build(lists: object) -> None:
+        raise AssertionError("the product was being built before its size was checked")
+
+    monkeypatch.setattr(grid_module, "_product", build)
     dimensions = {f"p{index}": list(range(100)) for index in range(6)}  # 10**12 points
     with pytest.raises(ManifestError, match=r"the grid has 1000000000000 runs, more than the 1024"):
         grid(product=dimensions)
