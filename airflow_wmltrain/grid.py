@@ -100,9 +100,9 @@ def grid(
       with ``seed``, a list being a choice among its values; when every entry is a list, the points are
       ``n`` distinct combinations of the product.
 
-    ``fixed`` values are added to every point (``partial(hyperparameters=...)`` cannot be combined with
-    ``expand(hyperparameters=...)``).  Every point is checked as ``hyperparameters`` are (option-like
-    names, scalar values).
+    ``fixed`` values are added to every point, after the varied ones (``partial(hyperparameters=...)``
+    cannot be combined with ``expand(hyperparameters=...)``).  Every point is checked as
+    ``hyperparameters`` are (option-like names, scalar values).
 
     :raises ManifestError: (C101) naming the field at fault, also when the grid has more points than
         Airflow's ``[core] max_map_length`` lets a task map over.
@@ -148,7 +148,7 @@ def grid(
         points = _sample(values, n, seed)
     _check_map_length(len(points), kind)
     field = f"{GRID_FIELD}.{kind}"
-    return [validate_hyperparameters({**fixed_values, **point}, field=field) for point in points]
+    return [validate_hyperparameters({**point, **fixed_values}, field=field) for point in points]
 
 
 def max_map_length() -> int:

@@ -180,14 +180,20 @@ def test_a_huge_product_is_refused_before_it_is_built(monkeypatch: pytest.Monkey
 # --- the map-index label, rendered by Airflow --------------------------------------------------------
 
 
-def _mapped_grid(model_zip: Path, hyperparameters: Any) -> tuple[DAG, MappedOperator]:
+def _mapped_grid(
+    model_zip: Path, hyperparameters: Any, *, as_kwargs: bool = False
+) -> tuple[DAG, MappedOperator]:
     with DAG("grid_labels", schedule=None, start_date=datetime.datetime(2026, 1, 1)) as dag:
-        train = TrainingRunOperator.partial(
+        partial = TrainingRunOperator.partial(
             task_id="train",
             manifest=manifest_doc(),
             model_definition=str(model_zip),
             map_index_template=MAP_INDEX_TEMPLATE,
-        ).expand(hyperparameters=hyperparameters)
+        )
+        if as_kwargs:
+            train = partial.expand_kwargs([{"hyperparameters": point} for point in hyperparameters])
+        else:
+            train = partial.expand(hyperparameters=hyperparameters)
     assert isinstance(train, MappedOperator)
     return dag, train
 
@@ -220,6 +226,15 @@ def test_mapped_training_runs_are_labelled_by_their_hyperparameters(model_zip: P
         "lr=0.1,bs=64",
         "lr=0.01,bs=32",
         "lr=0.01,bs=64",
+    ]
+
+
+def test_expand_kwargs_runs_are_labelled_the_same_way(model_zip: Path) -> None:
+    points = grid(zipped={"lr": [0.1, 0.01], "epochs": [1, 2]}, fixed={"amp": True})
+    dag, train = _mapped_grid(model_zip, points, as_kwargs=True)
+    assert [_label(dag, train, 0), _label(dag, train, 1)] == [
+        "lr=0.1,epochs=1,amp=True",
+        "lr=0.01,epochs=2,amp=True",
     ]
 
 
