@@ -119,7 +119,10 @@ class RunStatus:
     :param gpus: the GPU ids given to the run (empty on CPU).
     :param error: ``{"code": ..., "message": ...}`` when the run failed or was halted.
     :param exit_code: the training process's exit status, once known.
-    :param metrics: the final metrics the training wrote (``$RESULT_DIR/metrics.json``).
+    :param metrics: the run's metrics: the last value of each (``$RESULT_DIR/metrics.json`` wins at the end).
+    :param steps: the metrics per step while the run trains, oldest first, each point
+        ``{"step": 120, "loss": 0.31, ...}`` (numbers only; a bounded number of points).
+    :param hyperparameters: the hyperparameters the run was given (``{"learningRate": 0.01}``).
     :param airflow: where it runs in Airflow (dag_id, run_id, task_id, map_index, try_number).
     :param container: the Docker container's id and host (``docker_url``): a retry goes back there.
     :param digest: a digest of the submission (zip, manifest, hyperparameters): a cleared task reuses a
@@ -139,6 +142,8 @@ class RunStatus:
     error: Mapping[str, str] | None = None
     exit_code: int | None = None
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    steps: tuple[Mapping[str, float], ...] = ()
+    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
     airflow: Mapping[str, Any] = field(default_factory=dict)
     container: Mapping[str, str] = field(default_factory=dict)
     digest: str = ""
@@ -195,6 +200,7 @@ class RunStatus:
             "results_location": self.results_location,
             "gpus": list(self.gpus),
             "metrics": dict(self.metrics),
+            "hyperparameters": dict(self.hyperparameters),
         }
 
     def failure_message(self) -> str:
@@ -223,6 +229,8 @@ class RunStatus:
             "error": dict(self.error) if self.error else None,
             "exit_code": self.exit_code,
             "metrics": dict(self.metrics),
+            "steps": [dict(point) for point in self.steps],
+            "hyperparameters": dict(self.hyperparameters),
             "airflow": dict(self.airflow),
             "container": dict(self.container),
             "digest": self.digest,
@@ -278,6 +286,8 @@ class RunStatus:
                 error={str(k): str(v) for k, v in error.items()} if isinstance(error, Mapping) else None,
                 exit_code=document.get("exit_code"),
                 metrics=dict(document.get("metrics") or {}),
+                steps=tuple(dict(point) for point in document.get("steps") or () if isinstance(point, Mapping)),
+                hyperparameters=dict(document.get("hyperparameters") or {}),
                 airflow=dict(document.get("airflow") or {}),
                 container={str(k): str(v) for k, v in (document.get("container") or {}).items()},
                 digest=str(document.get("digest") or ""),

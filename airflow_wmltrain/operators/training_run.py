@@ -446,6 +446,7 @@ class TrainingRunOperator(DockerOperator):
             data_location=manifest.data.describe(),
             image=str(self.image),
             command=submission.command,
+            hyperparameters=dict(submission.hyperparameters),
             airflow=self._try.owner,
             digest=digest,
             container={"docker_url": hook.docker_url},

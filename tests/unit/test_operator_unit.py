@@ -167,7 +167,7 @@ def test_a_run_completes(
 ) -> None:
     docker_api.run_script = RunScript(files={"metrics.json": '{"accuracy": 0.8}', "model.bin": "weights"})
     result = make_op().execute(context(ti))
-    assert set(result) == {"training_id", "state", "results_location", "gpus", "metrics"}
+    assert set(result) == {"training_id", "state", "results_location", "gpus", "metrics", "hyperparameters"}
     assert result == {
         "training_id": training_id_of(ti),
         "state": "COMPLETED",
