@@ -174,6 +174,7 @@ def test_a_run_completes(
         "results_location": f"s3://{RESULTS_BUCKET}/{training_id_of(ti)}/",
         "gpus": ["0"],
         "metrics": {"accuracy": 0.8},
+        "hyperparameters": {},
     }
     document = status_in(results, ti)
     assert states(document) == ["PENDING", "DOWNLOADING", "PROCESSING", "STORING", "COMPLETED"]
