@@ -356,7 +356,8 @@ def start_dag(api: httpx.Client, dag: DroppedDag) -> str:
             pytest.fail(f"the DAG file {dag.path.name} does not import:\n{problem[-3000:]}", pytrace=False)
         return False
 
-    wait_for(f"the DAG {dag.dag_id} to be parsed", PARSE_TIMEOUT_S, parsed)
+    with diagnosed(api, dag):
+        wait_for(f"the DAG {dag.dag_id} to be parsed", PARSE_TIMEOUT_S, parsed)
     response = api_send(api, "PATCH", f"/dags/{dag.dag_id}", json={"is_paused": False})
     assert response.status_code == 200, response.text
     # An explicit run id makes the trigger safe to send again when the busy api-server times out: a
@@ -606,7 +607,55 @@ def wait_dag_run_end(
         state = api_get(api, f"/dags/{dag.dag_id}/dagRuns/{quote(dag.run_id)}").json().get("state")
         return str(state) if state in ("success", "failed") else None
 
-    return str(wait_for(f"the DAG run {dag.run_id} of {dag.dag_id} to end", timeout, ended))
+    with diagnosed(api, dag):
+        return str(wait_for(f"the DAG run {dag.run_id} of {dag.dag_id} to end", timeout, ended))
+
+
+def services_diagnosis(api: httpx.Client | None = None, dag: DroppedDag | None = None) -> str:
+    """What the services looked like when a wait failed: which processes run, what the watchdog of
+    ``scripts/services`` restarted (an Airflow process that exited), the states of the DAG run's task
+    instances, and the last errors of the scheduler and the dag-processor."""
+    from tests.integration.conftest import SERVICES_SCRIPT
+
+    parts = []
+    with contextlib.suppress(Exception):
+        proc = subprocess.run(
+            [str(SERVICES_SCRIPT), "status"], capture_output=True, text=True, timeout=60, check=False
+        )
+        parts.append("scripts/services status:\n" + proc.stdout.strip())
+    logs = Path(os.environ.get("WMLTRAIN_SERVICES_DIR", "/var/tmp/wmltrain-services")) / "logs"
+    with contextlib.suppress(OSError):
+        restarts = [
+            line
+            for line in (logs / "watchdog.log").read_text(errors="replace").splitlines()
+            if "[services]" in line
+        ]
+        parts.append("watchdog: " + ("\n".join(restarts[-10:]) if restarts else "no restart"))
+    if api is not None and dag is not None and dag.run_id:
+        with contextlib.suppress(Exception):
+            response = api_get(
+                api, f"/dags/{dag.dag_id}/dagRuns/{quote(dag.run_id)}/taskInstances", params={"limit": 100}
+            )
+            counts: dict[str, int] = {}
+            for ti in response.json().get("task_instances", []):
+                key = f"{ti.get('state')} (try {ti.get('try_number')})"
+                counts[key] = counts.get(key, 0) + 1
+            parts.append(f"task instances of {dag.run_id}: {counts}")
+    for name in ("airflow-scheduler", "airflow-dag-processor"):
+        with contextlib.suppress(OSError):
+            lines = (logs / f"{name}.log").read_text(errors="replace").splitlines()
+            errors = [line for line in lines if "[error" in line or "Traceback" in line or "Error:" in line]
+            parts.append(f"{name}.log: {len(lines)} lines; last errors:\n" + "\n".join(errors[-8:]))
+    return "\n".join(parts)
+
+
+@contextlib.contextmanager
+def diagnosed(api: httpx.Client, dag: DroppedDag) -> Iterator[None]:
+    """A wait that fails says what the services looked like then (:func:`services_diagnosis`)."""
+    try:
+        yield
+    except pytest.fail.Exception as failure:
+        pytest.fail(f"{failure}\n--- services at the time ---\n{services_diagnosis(api, dag)}", pytrace=False)
 
 
 def open_gate(gpu: docker.APIClient, training_id: str) -> None:

@@ -90,7 +90,7 @@ def scenario_triggerer_restart(sc: Scenario, env: Env, done: threading.Event) ->
             sc, "triggerer", pid_file(env.services, "airflow-triggerer"), second_term_after=None, timeout=60
         )
         open_gate(env.gpu, tid)
-        sc.note("gate opened while no triggerer runs")
+        sc.note("gate opened after the triggerer stopped")
         services_up()
         sc.note("scripts/services up: the triggerer runs again")
         state = wait_dag_run_end(env.api, dag, RUN_END_S, env.events.second_container(tid))

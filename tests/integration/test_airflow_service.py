@@ -7,6 +7,8 @@ the second bundle, ``wmltrain-tests`` (``WMLTRAIN_AIRFLOW_TEST_DAGS``), and remo
 
 from __future__ import annotations
 
+import os
+import signal
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -189,3 +191,24 @@ def test_a_dag_runs_to_success_through_the_scheduler(
         "s3_endpoint": services["WMLTRAIN_S3_ENDPOINT"],
         "swift_host": services["WMLTRAIN_SWIFT_AUTH_URL"],
     }
+
+
+def test_an_airflow_process_that_exits_is_restarted(services: dict[str, str], api: httpx.Client) -> None:
+    """The services' watchdog restarts an Airflow process that exited, as a deployment's restart policy
+    does (Airflow 3's dag-processor exits on some database and file errors; without a restart nothing
+    is parsed any more): the dag-processor SIGKILLed comes back, healthy, and the watchdog says so."""
+    state = Path(services["WMLTRAIN_SERVICES_DIR"])
+    pid = int((state / "pids" / "airflow-dag-processor.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+
+    def restarted() -> int | None:
+        new = int((state / "pids" / "airflow-dag-processor.pid").read_text())
+        if new == pid or not Path(f"/proc/{new}").exists():
+            return None
+        health = api.get("/monitor/health").json()
+        return new if health["dag_processor"]["status"] == "healthy" else None
+
+    new = wait_for("the dag-processor to be restarted and healthy", 120, restarted, interval=1.0)
+    log = (state / "logs" / "watchdog.log").read_text(errors="replace")
+    assert f"airflow-dag-processor (pid {pid}) exited: restarting it" in log, log[-2000:]
+    assert new != pid
