@@ -1,0 +1,56 @@
+"""Daily retraining of the MNIST example on that day's data.
+
+Each DAG run trains on the files under ``<data bucket>/<logical date>/`` (``2026-11-28/train-images...``):
+the manifest's data prefix is ``{{ ds }}/``. Every run has its own training id (derived from the DAG run),
+so a backfill creates one distinct run per date::
+
+    airflow backfill create --dag-id mnist_retraining --from-date 2026-11-01 --to-date 2026-11-07
+
+Completed runs emit an asset event on ``mnist-models`` (see ``mnist_evaluate``).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+from airflow.sdk import DAG, AssetAlias, Param
+
+from airflow_wmltrain.operators.training_run import TrainingRunOperator
+from airflow_wmltrain.service.pools import DEFAULT_POOL, pool_slots
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = yaml.safe_load((ROOT / "examples" / "mnist" / "manifest.yaml").read_text())
+MANIFEST["training_data_reference"][0]["source"].update(bucket="{{ params.data_bucket }}", prefix="{{ ds }}/")
+MANIFEST["training_results_reference"]["target"]["bucket"] = "{{ params.results_bucket }}"
+
+with DAG(
+    dag_id="mnist_retraining",
+    description="Retrain the MNIST example every day on that day's data",
+    schedule="@daily",
+    start_date=datetime(2026, 11, 1),
+    catchup=False,
+    max_active_runs=2,
+    tags=["wmltrain", "example"],
+    params={
+        "data_bucket": Param("mnist-daily-data", type="string", description="one folder per day"),
+        "results_bucket": Param("mnist-training-models", type="string", description="where runs go"),
+        "trainingIters": Param(6000, type="integer", minimum=64, description="examples per run"),
+    },
+    doc_md=__doc__,
+) as dag:
+    TrainingRunOperator(
+        task_id="train",
+        manifest=MANIFEST,
+        model_definition=os.environ.get("WMLTRAIN_MNIST_MODEL", str(ROOT / "build" / "mnist-model.zip")),
+        hyperparameters={"trainingIters": "{{ params.trainingIters }}"},
+        pool=os.environ.get("WMLTRAIN_POOL", DEFAULT_POOL),
+        pool_slots=pool_slots("small"),
+        deferrable=True,
+        docker_url=os.environ.get("WMLTRAIN_DOCKER_URL") or None,
+        network_mode="none",
+        shm_size=256 * 1024 * 1024,
+        outlets=[AssetAlias("mnist-models")],
+    )
