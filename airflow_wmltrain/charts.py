@@ -312,7 +312,7 @@ def _line(points: Sequence[GridPoint], metric: str, best: str | None) -> Figure:
         ax.set_xscale("log")
     ax.plot(
         [x for x, _ in done],
-        [point.value for _, point in done],
+        [point.value or 0.0 for _, point in done],
         color=_LINE,
         marker="o",
         linewidth=1.6,
