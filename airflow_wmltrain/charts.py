@@ -27,7 +27,7 @@ LEARNING_CURVE_FILE = "learning-curve.png"
 #: Most metric panels of a learning curve (loss-like metrics first).
 MAX_PANELS = 6
 #: Most bars of a bar chart (the best ones; the others are counted in the title).
-MAX_BARS = 40
+MAX_BARS = 30
 #: Longest label of a run shown on a chart (``lr=0.01, bs=64``).
 MAX_LABEL = 60
 _DPI = 100
@@ -259,9 +259,11 @@ def _heatmap(points: Sequence[GridPoint], metric: str, mode: Mode, best: str | N
             best_cell = (r, c)
     figure = _figure(max(5.5, 1.25 * len(columns) + 3.2), max(3.8, 0.75 * len(rows) + 2.2))
     ax = figure.subplots()
-    cmap = "viridis" if mode == "max" else "viridis_r"  # the best end is always yellow
+    from matplotlib import colormaps
+
+    # the best end is always yellow; an empty cell (no run there) white
+    cmap = colormaps["viridis" if mode == "max" else "viridis_r"].with_extremes(bad="white")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, aspect="auto")
-    image.cmap.set_bad("white")
     bar = figure.colorbar(image, ax=ax)
     bar.set_label(metric)
     norm = image.norm
@@ -367,7 +369,7 @@ def _bars(points: Sequence[GridPoint], metric: str, mode: Mode, best: str | None
     hidden = len(done) - len(shown) + len(failed) - len(shown_failed)
     rows = [*shown, *shown_failed]
     labels = _distinct_labels(rows)
-    figure = _figure(9.0, max(3.0, 0.32 * len(rows) + 1.6))
+    figure = _figure(9.0, max(3.0, 0.3 * len(rows) + 1.6))
     ax = figure.subplots()
     values = [point.value if point.value is not None else 0.0 for point in rows]
     colours = [
@@ -396,7 +398,10 @@ def _bars(points: Sequence[GridPoint], metric: str, mode: Mode, best: str | None
     ax.set_xlim(min(0.0, min(values, default=0.0)), span * 1.18)
     ax.grid(True, axis="x", alpha=0.35)
     if hidden:
-        ax.set_title(f"the best {len(rows)} shown; {hidden} more not shown", fontsize=9, loc="left")
+        note = f"the best {len(shown)} of {len(done)} completed runs shown"
+        if len(failed) > len(shown_failed):
+            note += f"; {len(failed)} failed, not shown"
+        ax.set_title(note, fontsize=9, loc="left")
     return figure
 
 
