@@ -76,6 +76,7 @@ RESERVED_RESULTS = (
     str(Path(SUBMITTED_CODE).parent) + "/",
     TRAINING_LOG,
     LOAD_DATA_LOG,
+    LEARNING_CURVE_FILE,
 )
 RESERVED_LOGS = tuple(name.removeprefix(LOGS_PREFIX) for name in (TRAINING_LOG, LOAD_DATA_LOG))
 

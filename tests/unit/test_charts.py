@@ -81,7 +81,7 @@ def test_points_without_a_step_are_placed_at_their_position() -> None:
 
 def test_many_metrics_draw_at_most_six_panels_losses_first() -> None:
     names = [f"metric_{index}" for index in range(8)] + ["val_loss", "loss"]
-    points = [{"step": i, **{name: i * 0.1 for name in names}} for i in range(5)]
+    points = [{"step": i, **dict.fromkeys(names, i * 0.1)} for i in range(5)]
     shown = curve_metrics(points)
     assert len(shown) == MAX_PANELS
     assert shown[:2] == ["val_loss", "loss"]
