@@ -12,6 +12,7 @@ it), through its object-oriented API on the Agg canvas: no ``pyplot`` state, no 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -98,6 +99,14 @@ def curve_metrics(steps: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted(names, key=lambda name: not loss_like(name))[:MAX_PANELS]
 
 
+def _plain_text() -> contextlib.AbstractContextManager[Any]:
+    """Draw every text as it is: names and values come from the training code and its submitter, and
+    ``$...$`` would otherwise be parsed as mathtext (a crash or a slow render for a crafted name)."""
+    import matplotlib
+
+    return matplotlib.rc_context({"text.parse_math": False, "text.usetex": False})
+
+
 def learning_curve_png(
     steps: Sequence[Mapping[str, Any]],
     *,
@@ -130,12 +139,19 @@ def learning_curve_png(
             series[name] = (xs, ys)
     if not series:
         return None
+    with _plain_text():
+        return _learning_curve(series, training_id, hyperparameters or {})
+
+
+def _learning_curve(
+    series: dict[str, tuple[list[float], list[float]]], training_id: str, hyperparameters: Mapping[str, Any]
+) -> bytes:
     count = len(series)
     columns = 1 if count == 1 else 2 if count <= 4 else 3
     rows = math.ceil(count / columns)
     figure = _figure(4.6 * columns if columns > 1 else 7.0, 2.9 * rows + 0.7)
     title = training_id
-    label = point_label(hyperparameters or {}, limit=100)
+    label = point_label(hyperparameters, limit=100)
     if label:
         title += f"\n{label}"
     figure.suptitle(title, fontsize=11)
@@ -221,6 +237,11 @@ def grid_chart_png(points: Sequence[GridPoint], *, metric: str, mode: Mode, best
         if ranked:
             pick = max if mode == "max" else min
             best = pick(ranked, key=lambda point: point.value or 0.0).training_id
+    with _plain_text():
+        return _grid_chart(points, metric, mode, best)
+
+
+def _grid_chart(points: Sequence[GridPoint], metric: str, mode: Mode, best: str | None) -> bytes:
     kind = chart_kind(points)
     done = sum(not point.failed for point in points)
     better = "higher" if mode == "max" else "lower"

@@ -203,7 +203,13 @@ class BestRunOperator(BaseOperator):
         self.grid_task_id: str | None = getattr(operator, "task_id", None)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        results = list(self.runs or ())
+        runs = self.runs
+        if isinstance(runs, Mapping):  # an unmapped training task: one result
+            results: list[Any] = [runs]
+        elif isinstance(runs, Sequence) and not isinstance(runs, str):
+            results = list(runs[:])  # Airflow's lazy sequence: all values in one request, not one each
+        else:
+            results = list(runs or ())
         statuses, total = self._grid(context)
         ranking = Ranking.of(results, metric=self.metric, mode=self.mode, statuses=statuses, total=total)
         for run in ranking.left_out:

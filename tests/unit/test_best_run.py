@@ -277,3 +277,34 @@ def test_a_grid_lookup_that_fails_costs_only_the_names_of_failed_runs(
     out = operator(Upstream([result("t-1", accuracy=0.8)])).execute({"ti": Broken()})  # type: ignore[arg-type]
     assert out["training_id"] == "t-1"
     assert "Cannot read the grid's status documents: no API server" in logged(capsys)
+
+
+def test_an_unmapped_training_task_is_one_run() -> None:
+    out = operator(result("t-1", accuracy=0.8)).execute({"ti": FakeTI()})  # type: ignore[arg-type]
+    assert (out["training_id"], out["completed"], out["considered"]) == ("t-1", 1, 1)
+
+
+class Lazy:
+    """Stands in for Airflow's LazyXComSequence: a sequence whose items cost one request each."""
+
+    def __init__(self, values: list[Any]) -> None:
+        self.values = values
+        self.requests: list[Any] = []
+
+    def __len__(self) -> int:
+        self.requests.append("len")
+        return len(self.values)
+
+    def __getitem__(self, key: Any) -> Any:
+        self.requests.append(key)
+        return self.values[key]
+
+
+def test_the_grids_results_are_read_in_one_request() -> None:
+    from collections.abc import Sequence
+
+    Sequence.register(Lazy)
+    runs = Lazy([result(f"t-{i}", accuracy=i / 10) for i in range(1, 6)])
+    out = operator(runs).execute({"ti": FakeTI()})  # type: ignore[arg-type]
+    assert out["training_id"] == "t-5"
+    assert runs.requests == [slice(None, None, None)]

@@ -189,3 +189,15 @@ def test_a_large_grid_as_bars_is_capped_and_stays_small() -> None:
 def test_a_heatmap_with_a_repeated_cell_and_nan_free_values_draws() -> None:
     points = [*heat_points(), GridPoint("again", {"lr": 0.01, "bs": 64, "epochs": 5}, 0.5)]
     png_size(grid_chart_png(points, metric="accuracy", mode="max", best="training-0.01-64"))
+
+
+def test_dollar_signs_in_names_are_text_not_mathtext() -> None:
+    # unbalanced, crafted and nested mathtext: drawn as the characters they are, never parsed
+    names = ["$", r"$\frac{1}{0}$", r"cost $\nosuchcommand$", r"$x^^2$", r"$\sqrt{\sqrt{\sqrt{x}}}$" * 20]
+    points = [{"step": i, **dict.fromkeys(names, float(i))} for i in range(3)]
+    assert (
+        learning_curve_png(points, training_id="training-a", hyperparameters={"opt": r"$\nosuch$"})
+        is not None
+    )
+    grid = [GridPoint(f"t{i}", {"opt": f"${i}", "x": r"$\alpha$"}, i / 10) for i in range(3)]
+    png_size(grid_chart_png(grid, metric=r"$\nosuch{acc}$", mode="max"))
