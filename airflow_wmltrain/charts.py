@@ -12,7 +12,6 @@ it), through its object-oriented API on the Agg canvas: no ``pyplot`` state, no 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -99,12 +98,10 @@ def curve_metrics(steps: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted(names, key=lambda name: not loss_like(name))[:MAX_PANELS]
 
 
-def _plain_text() -> contextlib.AbstractContextManager[Any]:
-    """Draw every text as it is: names and values come from the training code and its submitter, and
-    ``$...$`` would otherwise be parsed as mathtext (a crash or a slow render for a crafted name)."""
-    import matplotlib
-
-    return matplotlib.rc_context({"text.parse_math": False, "text.usetex": False})
+def _text(text: str) -> str:
+    """Text to draw as it is: names and values come from the training code and its submitter, and
+    matplotlib would parse ``$...$`` as mathtext (a crash, or a slow render for a crafted name)."""
+    return text.replace("$", r"\$")
 
 
 def learning_curve_png(
@@ -139,8 +136,7 @@ def learning_curve_png(
             series[name] = (xs, ys)
     if not series:
         return None
-    with _plain_text():
-        return _learning_curve(series, training_id, hyperparameters or {})
+    return _learning_curve(series, training_id, hyperparameters or {})
 
 
 def _learning_curve(
@@ -154,7 +150,7 @@ def _learning_curve(
     label = point_label(hyperparameters, limit=100)
     if label:
         title += f"\n{label}"
-    figure.suptitle(title, fontsize=11)
+    figure.suptitle(_text(title), fontsize=11)
     axes = figure.subplots(rows, columns, squeeze=False)
     for index, (name, (xs, ys)) in enumerate(series.items()):
         _curve(axes[index // columns][index % columns], name, xs, ys)
@@ -167,10 +163,14 @@ def _curve(ax: Axes, name: str, xs: list[float], ys: list[float]) -> None:
     few = len(ys) <= 30
     ax.plot(xs, ys, color=_LINE, linewidth=1.6, marker="o" if few else None, markersize=3.5)
     ax.plot([xs[-1]], [ys[-1]], marker="o", markersize=7, color=_BEST, zorder=3)
-    ax.set_title(_short(name, 40), fontsize=10, loc="left", fontweight="bold")
+    ax.set_title(_text(_short(name, 40)), fontsize=10, loc="left", fontweight="bold")
     ax.set_title(f"final {_fmt(ys[-1])} at step {xs[-1]:g}", fontsize=9, loc="right", color=_BEST)
     ax.set_xlabel("step")
-    ax.set_ylabel(_short(name, 30))
+    if all(float(x).is_integer() for x in xs):
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+    ax.set_ylabel(_text(_short(name, 30)))
     ax.grid(True, alpha=0.35)
     ax.margins(x=0.03, y=0.12)
 
@@ -237,8 +237,7 @@ def grid_chart_png(points: Sequence[GridPoint], *, metric: str, mode: Mode, best
         if ranked:
             pick = max if mode == "max" else min
             best = pick(ranked, key=lambda point: point.value or 0.0).training_id
-    with _plain_text():
-        return _grid_chart(points, metric, mode, best)
+    return _grid_chart(points, metric, mode, best)
 
 
 def _grid_chart(points: Sequence[GridPoint], metric: str, mode: Mode, best: str | None) -> bytes:
@@ -252,7 +251,7 @@ def _grid_chart(points: Sequence[GridPoint], metric: str, mode: Mode, best: str 
         figure = _line(points, metric, best)
     else:
         figure = _bars(points, metric, mode, best)
-    figure.suptitle(title, fontsize=11)
+    figure.suptitle(_text(title), fontsize=11)
     return _png(figure)
 
 
@@ -286,7 +285,7 @@ def _heatmap(points: Sequence[GridPoint], metric: str, mode: Mode, best: str | N
     cmap = colormaps["viridis" if mode == "max" else "viridis_r"].with_extremes(bad="white")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, aspect="auto")
     bar = figure.colorbar(image, ax=ax)
-    bar.set_label(metric)
+    bar.set_label(_text(metric))
     norm = image.norm
     colormap = image.cmap
     for r in range(len(rows)):
@@ -315,8 +314,8 @@ def _heatmap(points: Sequence[GridPoint], metric: str, mode: Mode, best: str | N
         ax.add_patch(Rectangle((c - 0.48, r - 0.48), 0.96, 0.96, fill=False, edgecolor=_BEST, linewidth=3))
     ax.set_xticks(range(len(columns)), [f"{value:g}" for value in columns])
     ax.set_yticks(range(len(rows)), [f"{value:g}" for value in rows])
-    ax.set_xlabel(column_name)
-    ax.set_ylabel(row_name)
+    ax.set_xlabel(_text(column_name))
+    ax.set_ylabel(_text(row_name))
     ax.tick_params(length=0)
     return figure
 
@@ -345,7 +344,7 @@ def _line(points: Sequence[GridPoint], metric: str, best: str | None) -> Figure:
         if point.training_id == best and point.value is not None:
             ax.plot([x], [point.value], marker="*", markersize=18, color=_BEST, label="best", zorder=3)
             ax.annotate(
-                f"best {_fmt(point.value)} at {name}={x:g}",
+                _text(f"best {_fmt(point.value)} at {name}={x:g}"),
                 (x, point.value),
                 xytext=(0, 14),
                 textcoords="offset points",
@@ -369,8 +368,8 @@ def _line(points: Sequence[GridPoint], metric: str, best: str | None) -> Figure:
             ax.annotate(
                 "failed", (x, low), xytext=(0, -16), textcoords="offset points", ha="center", fontsize=8
             )
-    ax.set_xlabel(name)
-    ax.set_ylabel(metric)
+    ax.set_xlabel(_text(name))
+    ax.set_ylabel(_text(metric))
     ax.grid(True, alpha=0.35, which="both")
     ax.legend(fontsize=9)
     ax.margins(x=0.06, y=0.18)
@@ -398,7 +397,7 @@ def _bars(points: Sequence[GridPoint], metric: str, mode: Mode, best: str | None
     ]
     positions = list(range(len(rows)))
     ax.barh(positions, values, color=colours, height=0.7)
-    ax.set_yticks(positions, labels, fontsize=9)
+    ax.set_yticks(positions, [_text(label) for label in labels], fontsize=9)
     ax.invert_yaxis()  # the best on top
     span = max((abs(v) for v in values), default=1.0) or 1.0
     for position, point in zip(positions, rows, strict=True):
@@ -415,7 +414,7 @@ def _bars(points: Sequence[GridPoint], metric: str, mode: Mode, best: str | None
                 color=_BEST if point.training_id == best else "black",
                 fontweight="bold" if point.training_id == best else "normal",
             )
-    ax.set_xlabel(metric)
+    ax.set_xlabel(_text(metric))
     ax.set_xlim(min(0.0, min(values, default=0.0)), span * 1.18)
     ax.grid(True, axis="x", alpha=0.35)
     if hidden:
