@@ -37,6 +37,8 @@ case "$lr" in
   *) accuracy=0.81 ;;
 esac
 echo "{\\"accuracy\\": $accuracy, \\"loss\\": 0.2}" > "$RESULT_DIR/metrics.json"
+echo "not a picture" > "$RESULT_DIR/learning-curve.png"
+echo weights > "$RESULT_DIR/model.bin"
 """
 
 
@@ -113,6 +115,9 @@ def test_the_best_run_of_a_grid_with_a_failed_run_and_its_chart(
     assert stored[f"{training_id}/grid-accuracy.png"].startswith(b"\x89PNG\r\n\x1a\n")
     head = s3_client.head_object(Bucket=results, Key=f"{training_id}/grid-accuracy.png")
     assert head["ContentType"] == "image/png"
+    # the training's own learning-curve.png is not stored: the name is the run's (no steps, no curve)
+    assert stored[f"{training_id}/model.bin"] == b"weights\n"
+    assert f"{training_id}/learning-curve.png" not in stored
     # the failed run is named in the task log, with its error
     assert "Left out training-" in output
     assert "its task failed: the run is FAILED: C201" in output
