@@ -51,7 +51,7 @@ def test_a_learning_curve_is_a_png_of_a_sensible_size(count: int) -> None:
     width, height = png_size(png)
     assert 600 <= width <= 1400
     assert 300 <= height <= 1000
-    assert len(png) < 150_000
+    assert len(png) < 100_000
 
 
 @pytest.mark.parametrize("points", [[], [{"step": 1, "loss": 0.5}]])
@@ -183,7 +183,7 @@ def test_a_large_grid_as_bars_is_capped_and_stays_small() -> None:
     png = grid_chart_png(points, metric="accuracy", mode="max")
     _, height = png_size(png)
     assert height <= 0.3 * MAX_BARS * 100 + 200
-    assert len(png) < 150_000
+    assert len(png) < 100_000
 
 
 def test_a_heatmap_with_a_repeated_cell_and_nan_free_values_draws() -> None:
