@@ -277,7 +277,13 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "operators": [
-            {"integration-name": "WML Train", "python-modules": ["airflow_wmltrain.operators.training_run"]}
+            {
+                "integration-name": "WML Train",
+                "python-modules": [
+                    "airflow_wmltrain.operators.training_run",
+                    "airflow_wmltrain.operators.best_run",
+                ],
+            }
         ],
         "hooks": [
             {"integration-name": "WML Train", "python-modules": ["airflow_wmltrain.hooks.swift"]},

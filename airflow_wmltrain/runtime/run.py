@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from docker.errors import DockerException, NotFound
 from requests import RequestException
 
+from airflow_wmltrain.charts import LEARNING_CURVE_FILE, learning_curve_png
 from airflow_wmltrain.errors import (
     ResultsStoreError,
     RunHaltedError,
@@ -75,6 +76,7 @@ RESERVED_RESULTS = (
     str(Path(SUBMITTED_CODE).parent) + "/",
     TRAINING_LOG,
     LOAD_DATA_LOG,
+    LEARNING_CURVE_FILE,
 )
 RESERVED_LOGS = tuple(name.removeprefix(LOGS_PREFIX) for name in (TRAINING_LOG, LOAD_DATA_LOG))
 
@@ -413,6 +415,7 @@ class TrainingRun:
                 self._upload(results_dir, self.prefix, "results", reserved=RESERVED_RESULTS)
                 self._upload(logs_dir, self.prefix + LOGS_PREFIX, "logs", reserved=RESERVED_LOGS)
                 self._upload(own_dir, self.prefix + LOGS_PREFIX, "run's own logs")
+            self.store_learning_curve()
             error: WmlTrainError | None = None
             state, phase = RunState.COMPLETED, ""
             if halted:
@@ -430,6 +433,26 @@ class TrainingRun:
         hook.remove(container_id)
         self.remove_workspace(hook)
         return status
+
+    def store_learning_curve(self) -> str | None:
+        """Draw the run's metrics per step (``status.steps``, at least 2 points) and store the picture as
+        ``<training-id>/learning-curve.png``; its key, or ``None`` when there is nothing to draw.
+
+        A picture is never worth a run: a failure to draw or store it is a warning in the task log.
+        """
+        key = self.prefix + LEARNING_CURVE_FILE
+        try:
+            png = learning_curve_png(
+                self.status.steps, training_id=self.training_id, hyperparameters=self.status.hyperparameters
+            )
+            if png is None:
+                return None
+            self.results_store.put_bytes(key, png, content_type="image/png")
+        except Exception as err:  # drawing must never fail the run
+            self.log.warning("Cannot store the learning curve of %s: %s", self.training_id, err)
+            return None
+        self.log.info("Stored the learning curve in %s", self.results_store.describe(key))
+        return key
 
     def remove_workspace(self, hook: TrainingDockerHook | None = None) -> None:
         """Remove the run's directories; what the container's root user made, through its Docker host."""

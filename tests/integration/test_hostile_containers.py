@@ -244,6 +244,40 @@ def test_links_fifos_devices_and_reserved_names_are_contained(
     assert hook.api_client.containers(all=True, filters={"id": container_id}) == []
 
 
+CURVE_SH = """\
+set -e
+echo "training"
+printf 'forged picture' > "$RESULT_DIR/learning-curve.png"
+mkdir -p "$LOG_DIR" && ln -s "$SECRET" "$LOG_DIR/learning-curve.png"
+"""
+
+
+def test_the_runs_learning_curve_is_stored_and_the_containers_file_of_that_name_is_not(
+    hook: TrainingDockerHook,
+    shared_dir: Path,
+    worker_files: dict[str, Path],
+    test_image: str,
+    results_bucket: str,
+    store_credentials: dict[str, str],
+    s3_client: Any,
+) -> None:
+    run = new_run(shared_dir, test_image, results_bucket, store_credentials)
+    steps = tuple({"step": 10 * i, "loss": 1.0 / i, "accuracy": 1 - 1.0 / (i + 1)} for i in range(1, 13))
+    run.record(RunState.DOWNLOADING, steps=steps, hyperparameters={"lr": 0.01})
+    script = f"SECRET={worker_files['secret']}\n{CURVE_SH}"
+    container_id = run_container(hook, run, test_image, script)
+    outcome = hook.wait(container_id)
+    assert outcome.exit_code == 0, list(hook.log_lines(container_id))
+    assert run.store(hook, outcome).state is RunState.COMPLETED
+    stored = objects(s3_client, results_bucket, run.prefix)
+    assert_records_intact(stored)
+    assert stored["learning-curve.png"].startswith(b"\x89PNG\r\n\x1a\n")
+    assert "learner-1/learning-curve.png" not in stored
+    assert not any(b"worker-secret" in body or b"forged" in body for body in stored.values())
+    head = s3_client.head_object(Bucket=results_bucket, Key=run.prefix + "learning-curve.png")
+    assert head["ContentType"] == "image/png"
+
+
 # --- root-only results, a worker that is not root -------------------------------------------------------
 
 ROOT_ONLY_SH = """\

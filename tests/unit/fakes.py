@@ -27,7 +27,7 @@ import struct
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,7 +41,7 @@ from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS
 from airflow_wmltrain.storage.base import ObjectInfo, ObjectStore
 from airflow_wmltrain.storage.staging import StagingResult
 from airflow_wmltrain.storage.transfer import TransferError
-from airflow_wmltrain.storage.upload import UploadResult
+from airflow_wmltrain.storage.upload import UploadResult, _is_reserved
 
 API_VERSION = "1.43"
 NOT_STARTED = "0001-01-01T00:00:00Z"
@@ -622,6 +622,7 @@ class MemoryStore(ObjectStore):
     def __init__(self, bucket: str, *, exists: bool = True) -> None:
         super().__init__(bucket)
         self.objects: dict[str, bytes] = {}
+        self.content_types: dict[str, str] = {}
         self.exists = exists
         self.down = False
         self.fail: Callable[[str, str], bool] | None = None
@@ -659,6 +660,7 @@ class MemoryStore(ObjectStore):
             if method == "PUT":
                 data = body or b""
                 self.objects[key] = data
+                self.content_types[key] = dict(headers or {}).get("content-type", "")
                 return 200, {"etag": f'"{hashlib.md5(data, usedforsecurity=False).hexdigest()}"'}, b""
             if method == "DELETE":
                 self.objects.pop(key, None)
@@ -736,9 +738,12 @@ def fake_stage(store: ObjectStore, dest: Path, *, prefix: str = "", **_: Any) ->
     )
 
 
-def fake_upload_tree(store: ObjectStore, source: Path, prefix: str, **_: Any) -> UploadResult:
-    """Put every regular file under ``source`` at ``prefix`` (stands in for :func:`upload.upload_tree`,
-    failing as it does: :class:`ResultsStoreError` when the store cannot be reached or written)."""
+def fake_upload_tree(
+    store: ObjectStore, source: Path, prefix: str, *, reserved: Collection[str] = (), **_: Any
+) -> UploadResult:
+    """Put every regular file under ``source`` at ``prefix`` but the ``reserved`` names (stands in for
+    :func:`upload.upload_tree`, failing as it does: :class:`ResultsStoreError` when the store cannot be
+    reached or written)."""
     try:
         store.check_bucket(field="training_results_reference.target.bucket")
     except TransferError as err:
@@ -748,6 +753,8 @@ def fake_upload_tree(store: ObjectStore, source: Path, prefix: str, **_: Any) ->
         for name in sorted(names):
             path = Path(root, name)
             if path.is_symlink() or not path.is_file():
+                continue
+            if _is_reserved(path.relative_to(source).as_posix(), reserved) is not None:
                 continue
             key = prefix + path.relative_to(source).as_posix()
             data = path.read_bytes()

@@ -95,7 +95,7 @@ def test_provider_info_lists_the_operator_hooks_sensors_triggers_and_links() -> 
         for kind in ("operators", "hooks", "sensors", "triggers")
     }
     assert modules == {
-        "operators": ["airflow_wmltrain.operators.training_run"],
+        "operators": ["airflow_wmltrain.operators.training_run", "airflow_wmltrain.operators.best_run"],
         "hooks": ["airflow_wmltrain.hooks.swift", "airflow_wmltrain.hooks.docker"],
         "sensors": ["airflow_wmltrain.sensors.training_run"],
         "triggers": ["airflow_wmltrain.triggers.training_run"],

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from airflow_wmltrain.charts import learning_curve_png
 from airflow_wmltrain.errors import ResultsStoreError, RunHaltedError
 from airflow_wmltrain.hooks.docker import ContainerOutcome, TrainingDockerHook
 from airflow_wmltrain.lifecycle import STATUS_FILE, RunState
@@ -402,3 +403,108 @@ def test_read_metrics_refuses_a_too_large_file(tmp_path: Path) -> None:
     assert read_metrics(path) == {}
     path.write_text(json.dumps({"accuracy": 0.9}) + " " * (_MAX_METRICS_BYTES - 100))
     assert read_metrics(path) == {"accuracy": 0.9}
+
+
+# --- the learning curve --------------------------------------------------------------------------------
+
+CURVE = f"{TRAINING_ID}/learning-curve.png"
+STEPS = tuple({"step": 10 * i, "loss": 1.0 / i, "accuracy": 1 - 1.0 / (i + 1)} for i in range(1, 13))
+
+
+def exited(docker_api: FakeDocker, hook: TrainingDockerHook) -> ContainerOutcome:
+    container = docker_api.add_container(
+        NAME, container_labels=container_labels(), status="exited", log="ok\n"
+    )
+    return hook.inspect(container.id)
+
+
+def test_store_keeps_the_learning_curve_of_the_runs_steps(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    run = processing(new_run(settings))
+    run.record(RunState.PROCESSING, steps=STEPS, hyperparameters={"lr": 0.01})
+    status = run.store(hook, exited(docker_api, hook))
+    assert status.state is RunState.COMPLETED
+    assert results.objects[CURVE].startswith(b"\x89PNG\r\n\x1a\n")
+    assert results.content_types[CURVE] == "image/png"
+    # stored before the end: a run that reads COMPLETED has its picture
+    puts = [key for method, key in results.requests if method == "PUT"]
+    assert puts.index(CURVE) < len(puts) - 1
+    assert puts[-1] == f"{TRAINING_ID}/{STATUS_FILE}"
+
+
+def test_a_failed_run_keeps_its_learning_curve_too(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    run = processing(new_run(settings))
+    run.record(RunState.PROCESSING, steps=STEPS)
+    container = docker_api.add_container(
+        NAME, container_labels=container_labels(), status="exited", exit_code=3, log="boom\n"
+    )
+    assert run.store(hook, hook.inspect(container.id)).state is RunState.FAILED
+    assert results.objects[CURVE].startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("steps", [(), ({"step": 1, "loss": 0.5},)])
+def test_without_two_points_no_learning_curve_is_stored(
+    settings: Settings,
+    results: MemoryStore,
+    docker_api: FakeDocker,
+    hook: TrainingDockerHook,
+    steps: tuple[dict[str, float], ...],
+) -> None:
+    run = processing(new_run(settings))
+    run.record(RunState.PROCESSING, steps=steps)
+    assert run.store(hook, exited(docker_api, hook)).state is RunState.COMPLETED
+    assert CURVE not in results.objects
+
+
+@pytest.mark.parametrize("with_steps", [True, False])
+def test_a_learning_curve_the_container_wrote_never_replaces_the_runs(
+    settings: Settings,
+    results: MemoryStore,
+    docker_api: FakeDocker,
+    hook: TrainingDockerHook,
+    with_steps: bool,
+) -> None:
+    run = processing(new_run(settings))
+    if with_steps:
+        run.record(RunState.PROCESSING, steps=STEPS)
+    (run.workspace.results / "learning-curve.png").write_bytes(b"not our picture")
+    (run.workspace.results / "model.bin").write_bytes(b"weights")
+    assert run.store(hook, exited(docker_api, hook)).state is RunState.COMPLETED
+    assert results.objects[f"{TRAINING_ID}/model.bin"] == b"weights"
+    if with_steps:
+        assert results.objects[CURVE].startswith(b"\x89PNG")
+    else:
+        assert CURVE not in results.objects
+
+
+def test_a_learning_curve_that_cannot_be_drawn_or_stored_is_a_warning_not_a_failure(
+    settings: Settings,
+    results: MemoryStore,
+    docker_api: FakeDocker,
+    hook: TrainingDockerHook,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(*args: object, **kwargs: object) -> bytes:
+        raise RuntimeError("no fonts on this worker")
+
+    monkeypatch.setattr("airflow_wmltrain.runtime.run.learning_curve_png", broken)
+    run = processing(new_run(settings))
+    run.record(RunState.PROCESSING, steps=STEPS)
+    with caplog.at_level("WARNING"):
+        status = run.store(hook, exited(docker_api, hook))
+    assert status.state is RunState.COMPLETED
+    assert CURVE not in results.objects
+    assert "Cannot store the learning curve of training-unit-run: no fonts on this worker" in caplog.text
+
+    run = processing(new_run(settings))
+    run.record(RunState.PROCESSING, steps=STEPS)
+    monkeypatch.setattr("airflow_wmltrain.runtime.run.learning_curve_png", learning_curve_png)
+    results.fail = lambda method, key: method == "PUT" and key == CURVE
+    with caplog.at_level("WARNING"):
+        status = run.store(hook, exited(docker_api, hook))
+    assert status.state is RunState.COMPLETED
+    assert "Cannot store the learning curve" in caplog.text
