@@ -286,7 +286,9 @@ class RunStatus:
                 error={str(k): str(v) for k, v in error.items()} if isinstance(error, Mapping) else None,
                 exit_code=document.get("exit_code"),
                 metrics=dict(document.get("metrics") or {}),
-                steps=tuple(dict(point) for point in document.get("steps") or () if isinstance(point, Mapping)),
+                steps=tuple(
+                    dict(point) for point in document.get("steps") or () if isinstance(point, Mapping)
+                ),
                 hyperparameters=dict(document.get("hyperparameters") or {}),
                 airflow=dict(document.get("airflow") or {}),
                 container={str(k): str(v) for k, v in (document.get("container") or {}).items()},
