@@ -150,11 +150,14 @@ def _step(value: object) -> int | None:
     return int(number)
 
 
-def _values(items: Iterable[tuple[object, object]]) -> dict[str, float]:
-    """The metrics of one point: valid names, finite numbers, at most :data:`MAX_NAMES`."""
+def _values(items: Iterable[tuple[object, object]], *, text: bool = False) -> dict[str, float]:
+    """The metrics of one point: valid names, finite numbers (or, with ``text``, the text of one: a
+    regular expression's group), at most :data:`MAX_NAMES`."""
     values: dict[str, float] = {}
     for name, value in items:
         if name == STEP or not isinstance(name, str) or not NAME.fullmatch(name):
+            continue
+        if isinstance(value, str) and not text:
             continue
         number = _number(value)
         if number is not None:
@@ -171,27 +174,27 @@ class MetricSeries:
 
     :param points: ``{"step": 120, "loss": 0.31, ...}`` each (the shape of ``RunStatus.steps``).
     :param offset: how much of ``metrics.jsonl`` has been read (up to the end of its last whole line).
-    :param seen: points added so far (a point without a step gets this as its step).
     """
 
     points: tuple[Mapping[str, float], ...] = ()
     offset: int = 0
-    seen: int = 0
 
     # --- growing -------------------------------------------------------------------------------------
 
     def with_point(self, values: Mapping[str, float], step: int | None = None) -> MetricSeries:
-        """The series with one more point (merged into the last one when it is of the same step)."""
+        """The series with one more point (merged into the last one when it is of the same step); without
+        a step, the point after the last (the first is step 0)."""
         if not values:
             return self
-        step = self.seen if step is None else step
+        if step is None:
+            step = int(self.points[-1][STEP]) + 1 if self.points else 0
         points = list(self.points)
         if points and points[-1].get(STEP) == step:
             merged = {**points[-1], **values}
             points[-1] = dict(list(merged.items())[: MAX_NAMES + 1])
         else:
             points.append({STEP: step, **values})
-        return replace(self, points=_bounded(points), seen=self.seen + 1)
+        return replace(self, points=_bounded(points))
 
     def with_jsonl(self, data: bytes, *, final: bool = False) -> MetricSeries:
         """The series with the points of ``metrics.jsonl``'s bytes from :attr:`offset` on.
@@ -212,7 +215,10 @@ class MetricSeries:
             except (ValueError, RecursionError):
                 continue
             if isinstance(document, dict):
-                series = series.with_point(_values(document.items()), _step(document.get(STEP)))
+                step = document.get(STEP)
+                series = series.with_point(
+                    _values(document.items()), None if isinstance(step, str) else _step(step)
+                )
         return replace(series, offset=self.offset + end)
 
     def with_log_lines(self, lines: Iterable[str], pattern: re.Pattern[str] | None) -> MetricSeries:
@@ -226,7 +232,7 @@ class MetricSeries:
                 continue
             groups = match.groupdict()
             series = series.with_point(
-                _values((name, value) for name, value in groups.items() if value is not None),
+                _values(((name, value) for name, value in groups.items() if value is not None), text=True),
                 _step(groups.get(STEP)),
             )
         return series
@@ -251,7 +257,7 @@ class MetricSeries:
         by_step: dict[Any, dict[str, float]] = {}
         for point in sorted((*self.points, *other.points), key=lambda p: p.get(STEP, 0)):
             by_step.setdefault(point.get(STEP, 0), {}).update(point)
-        return MetricSeries(points=_bounded(list(by_step.values())), seen=self.seen + other.seen)
+        return MetricSeries(points=_bounded(list(by_step.values())))
 
     # --- reading -------------------------------------------------------------------------------------
 
@@ -274,8 +280,7 @@ class MetricSeries:
     @classmethod
     def from_steps(cls, steps: Iterable[Mapping[str, Any]]) -> MetricSeries:
         """A series of a status document's ``steps`` (its offset unknown: 0)."""
-        points = tuple(dict(point) for point in steps)
-        return cls(points=points, seen=len(points))
+        return cls(points=tuple(dict(point) for point in steps))
 
 
 def _bounded(points: list[Mapping[str, float]]) -> tuple[Mapping[str, float], ...]:
