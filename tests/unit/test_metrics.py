@@ -78,7 +78,7 @@ def test_jsonl_bad_lines_nan_inf_bools_strings_and_bad_names_are_skipped() -> No
         {"step": 3, "ok": 0.3},
         {"step": 4, "ok": 0.2},  # no valid step: the step after the last
         {"step": 5, "ok": 0.1},
-        {"step": 6, "ok": 0.3},
+        {"step": 6, "ok2": 0.3},  # a number in text is not one
     )
     for point in series.steps:
         assert all(isinstance(v, (int, float)) and v == v for v in point.values())
