@@ -927,11 +927,16 @@ def metric_points(
     if not follow:
         return
     watch = RunWatch(api, record)
+    rest = [False]  # points were just handed out: wait one interval before the next look
+
+    def look() -> list[dict[str, Any]] | None:
+        if rest[0]:
+            rest[0] = False
+            return None
+        current = watch.look()
+        points = new(current)
+        rest[0] = bool(points)
+        return points if points or current.settled else None
+
     while not watch.record.settled:
-
-        def look() -> list[dict[str, Any]] | None:
-            current = watch.look()
-            points = new(current)
-            return points if points or current.settled else None
-
         yield from _wait(look, f"{record.training_id}'s metrics", record.training_id, options, started)
