@@ -341,3 +341,14 @@ def test_the_setting_is_the_default_pattern(
     result = make_op(metrics_pattern=None).execute(context(ti))
     assert result["metrics"] == {"accuracy": 0.75}
     assert json.dumps(result)  # plain JSON
+
+
+@pytest.mark.parametrize("key", ["metrics_pattern", "evaluation_metrics"])
+def test_a_submitted_manifest_cannot_give_a_pattern(key: str, settings: Settings) -> None:
+    from airflow_wmltrain.errors import ManifestError
+    from airflow_wmltrain.manifest import load_manifest
+
+    document = manifest_doc(command="sh train.sh")
+    document["model_definition"]["execution"][key] = "(a+)+$"
+    with pytest.raises(ManifestError, match=key):
+        load_manifest(document, settings=settings)
