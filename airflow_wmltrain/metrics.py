@@ -21,7 +21,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,8 @@ MAX_NAMES = 32
 #: What a metric's name may be.
 NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 STEP = "step"
+#: Matched log lines parsed together.
+_BATCH = 512
 
 
 def read_container_file(path: Path, *, offset: int = 0, limit: int) -> tuple[bytes, int] | None:
@@ -184,16 +186,23 @@ class MetricSeries:
     def with_point(self, values: Mapping[str, float], step: int | None = None) -> MetricSeries:
         """The series with one more point (merged into the last one when it is of the same step); without
         a step, the point after the last (the first is step 0)."""
-        if not values:
-            return self
-        if step is None:
-            step = int(self.points[-1][STEP]) + 1 if self.points else 0
+        return self.with_points([(values, step)])
+
+    def with_points(self, new: Iterable[tuple[Mapping[str, float], int | None]]) -> MetricSeries:
+        """The series with more points (``(values, step)`` each, as :meth:`with_point` takes one): built
+        in one list, thinned as it grows past twice the bound, so that a flood of points costs little."""
         points = list(self.points)
-        if points and points[-1].get(STEP) == step:
-            merged = {**points[-1], **values}
-            points[-1] = dict(list(merged.items())[: MAX_NAMES + 1])
-        else:
-            points.append({STEP: step, **values})
+        for values, given in new:
+            if not values:
+                continue
+            step = given if given is not None else int(points[-1][STEP]) + 1 if points else 0
+            if points and points[-1].get(STEP) == step:
+                merged = {**points[-1], **values}
+                points[-1] = dict(list(merged.items())[: MAX_NAMES + 1])
+            else:
+                points.append({STEP: step, **values})
+            if len(points) > 2 * MAX_POINTS:
+                points = list(_bounded(points))
         return replace(self, points=_bounded(points))
 
     def with_jsonl(self, data: bytes, *, final: bool = False) -> MetricSeries:
@@ -206,36 +215,13 @@ class MetricSeries:
         end = len(data) if final else data.rfind(b"\n") + 1
         if len(data) - end > MAX_LINE_BYTES:
             end = len(data)
-        series = self
-        for line in data[:end].split(b"\n"):
-            if not line.strip() or len(line) > MAX_LINE_BYTES:
-                continue
-            try:
-                document = json.loads(line)
-            except (ValueError, RecursionError):
-                continue
-            if isinstance(document, dict):
-                step = document.get(STEP)
-                series = series.with_point(
-                    _values(document.items()), None if isinstance(step, str) else _step(step)
-                )
-        return replace(series, offset=self.offset + end)
+        return replace(self.with_points(_jsonl_points(data[:end])), offset=self.offset + end)
 
     def with_log_lines(self, lines: Iterable[str], pattern: re.Pattern[str] | None) -> MetricSeries:
         """The series with the points of the log lines that ``pattern`` matches (its named groups)."""
         if pattern is None:
             return self
-        series = self
-        for line in lines:
-            match = pattern.search(line)
-            if match is None:
-                continue
-            groups = match.groupdict()
-            series = series.with_point(
-                _values(((name, value) for name, value in groups.items() if value is not None), text=True),
-                _step(groups.get(STEP)),
-            )
-        return series
+        return self.with_points(_log_points(lines, pattern))
 
     def read_jsonl(self, path: Path) -> MetricSeries:
         """The series with what ``metrics.jsonl`` at ``path`` (in the run's workspace) holds beyond
@@ -283,6 +269,32 @@ class MetricSeries:
         return cls(points=tuple(dict(point) for point in steps))
 
 
+def _jsonl_points(data: bytes) -> Iterator[tuple[dict[str, float], int | None]]:
+    for line in data.split(b"\n"):
+        if not line.strip() or len(line) > MAX_LINE_BYTES:
+            continue
+        try:
+            document = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(document, dict):
+            step = document.get(STEP)
+            yield _values(document.items()), None if isinstance(step, str) else _step(step)
+
+
+def _log_points(
+    lines: Iterable[str], pattern: re.Pattern[str]
+) -> Iterator[tuple[dict[str, float], int | None]]:
+    for line in lines:
+        match = pattern.search(line)
+        if match is not None:
+            groups = match.groupdict()
+            values = _values(
+                ((name, value) for name, value in groups.items() if value is not None), text=True
+            )
+            yield values, _step(groups.get(STEP))
+
+
 def _bounded(points: list[Mapping[str, float]]) -> tuple[Mapping[str, float], ...]:
     """At most :data:`MAX_POINTS`: over it, every other point between the first and the last is dropped
     (deterministic: the same points give the same series)."""
@@ -326,27 +338,38 @@ class MetricsCollector:
         self._tried_at: float | None = None
         self._warned = False
         self._warned_size = False
+        self._matched: list[str] = []
 
     @property
     def series(self) -> MetricSeries:
         with self._lock:
+            self._parse_matched()
             return self.from_file.merged(self.from_log)
 
     def restart_log(self) -> None:
         """The log is read again from its start: its points are collected afresh."""
         with self._lock:
             self.from_log = MetricSeries()
+            self._matched = []
 
     def feed_line(self, line: str) -> None:
-        """One line of the training's output."""
-        if self.pattern is None:
+        """One line of the training's output (matched lines are parsed in batches)."""
+        if self.pattern is None or self.pattern.search(line) is None:
             return
         with self._lock:
-            self.from_log = self.from_log.with_log_lines((line,), self.pattern)
+            self._matched.append(line)
+            if len(self._matched) >= _BATCH:
+                self._parse_matched()
 
     def feed_lines(self, lines: Iterable[str]) -> None:
         for line in lines:
             self.feed_line(line)
+
+    def _parse_matched(self) -> None:
+        """Under the lock: the matched lines waiting, into the log's series."""
+        if self._matched:
+            self.from_log = self.from_log.with_log_lines(self._matched, self.pattern)
+            self._matched = []
 
     def read_jsonl(self, path: Path) -> None:
         """Read on in ``metrics.jsonl`` of the run's workspace (:func:`read_container_file`)."""

@@ -50,6 +50,7 @@ from airflow_wmltrain.metrics import (
     JSONL_FILE,
     MAX_JSONL_BYTES,
     METRICS_FILE,
+    MetricsCollector,
     MetricSeries,
     check_metrics_pattern,
     read_container_file,
@@ -424,15 +425,13 @@ class TrainingRun:
             self.record(RunState.STORING, exit_code=outcome.exit_code, phase="")
             with self._collected_dirs(hook, container_id) as (results_dir, logs_dir, own_dir):
                 pattern = check_metrics_pattern(self.metrics_pattern, field="metrics_pattern")
-                from_log = [MetricSeries()]
-
-                def on_line(line: str) -> None:
-                    from_log[0] = from_log[0].with_log_lines((line,), pattern)
-
+                from_log = MetricsCollector(pattern, interval=0, publish=lambda series: None, log=self.log)
                 tail = hook.save_logs(
-                    container_id, own_dir / Path(TRAINING_LOG).name, on_line=on_line if pattern else None
+                    container_id,
+                    own_dir / Path(TRAINING_LOG).name,
+                    on_line=from_log.feed_line if pattern else None,
                 )
-                series = _final_series(results_dir / JSONL_FILE, from_log[0], self.status.steps)
+                series = _final_series(results_dir / JSONL_FILE, from_log.series, self.status.steps)
                 metrics = series.final(read_metrics(results_dir / METRICS_FILE))
                 self._upload(results_dir, self.prefix, "results", reserved=RESERVED_RESULTS)
                 self._upload(logs_dir, self.prefix + LOGS_PREFIX, "logs", reserved=RESERVED_LOGS)

@@ -297,3 +297,18 @@ def test_a_huge_file_is_read_in_bounded_chunks_and_never_past_the_cap(tmp_path: 
     final = _final_series(path, MetricSeries(), ())
     assert final.offset <= MAX_JSONL_BYTES
     assert final.steps == ({"step": 1, "loss": 0.5},)
+
+
+def test_a_flood_of_matched_log_lines_costs_little_and_stays_bounded() -> None:
+    import time
+
+    collector = MetricsCollector(PATTERN, interval=1, publish=lambda s: None, log=None)
+    started = time.monotonic()
+    for i in range(200_000):
+        collector.feed_line(f"step {i} loss=0.5")
+    series = collector.series
+    elapsed = time.monotonic() - started
+    assert len(series.steps) <= MAX_POINTS
+    assert series.steps[0]["step"] == 0
+    assert series.steps[-1]["step"] == 199_999
+    assert elapsed < 20, f"{elapsed:.1f} s for 200,000 lines"
