@@ -175,6 +175,22 @@ _OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "30",
         "10",
     ),
+    "metrics_interval": (
+        "Seconds between two publications of a training run's metrics while it trains (its status "
+        "document and the task's status XCom, read by wmltrain metrics and wmltrain show).",
+        "integer",
+        "60",
+        "30",
+    ),
+    "metrics_log_pattern": (
+        "A regular expression matched against each line of the training's output; its named groups are "
+        "metrics (``step`` optional), e.g. ``step (?P<step>\\d+) loss (?P<loss>[-+.\\deE]+)``. Empty: only "
+        "``$RESULT_DIR/metrics.jsonl`` is read. A task's ``metrics_pattern`` replaces it. Set by an admin "
+        "only: a submitted manifest cannot give one (a pattern runs in the workers and the triggerer).",
+        "string",
+        "loss=(?P<loss>[0-9.eE+-]+)",
+        "",
+    ),
     "training_retries": (
         "Retries of the bundled wmltrain_training DAG's task: a run whose worker was killed (or that failed "
         "on the server side) is re-attached to its container by the retry instead of lost. Failures of the "

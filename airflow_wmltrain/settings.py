@@ -14,6 +14,7 @@ from typing import Any
 
 from airflow_wmltrain.errors import ConfigurationError
 from airflow_wmltrain.get_provider_info import get_provider_info
+from airflow_wmltrain.metrics import check_metrics_pattern
 from airflow_wmltrain.runtime.hardening import parse_capabilities, parse_memory
 
 SECTION = "wmltrain"
@@ -72,6 +73,9 @@ class Settings:
     :param cpu_fallback: run without GPUs on a host without an NVIDIA runtime.
     :param halt_grace_period: seconds between SIGTERM and SIGKILL when a run is halted.
     :param poll_interval: seconds between two looks at a container from the triggerer.
+    :param metrics_interval: seconds between two publications of a run's metrics while it trains.
+    :param metrics_log_pattern: the regular expression of metrics in the training's output (empty:
+        none), checked when the settings are read.
     :param training_retries: retries of the bundled training DAG's task (``0``: none).
     :param training_retry_delay: seconds before such a retry.
     :param submission_connections: glob patterns of the connection ids a submitted run may name.
@@ -103,6 +107,8 @@ class Settings:
     cpu_fallback: bool = _DEFAULTS["cpu_fallback"] == "True"
     halt_grace_period: int = int(_DEFAULTS["halt_grace_period"])
     poll_interval: int = int(_DEFAULTS["poll_interval"])
+    metrics_interval: int = int(_DEFAULTS["metrics_interval"])
+    metrics_log_pattern: str = _DEFAULTS["metrics_log_pattern"]
     training_retries: int = int(_DEFAULTS["training_retries"])
     training_retry_delay: int = int(_DEFAULTS["training_retry_delay"])
     submission_connections: tuple[str, ...] = field(
@@ -175,6 +181,14 @@ class Settings:
                 )
             return ",".join(ids)
 
+        def get_pattern(option: str) -> str:
+            raw = conf.get(SECTION, option, fallback=_DEFAULTS[option]) or ""
+            try:
+                check_metrics_pattern(str(raw), field=f"[{SECTION}] {option}")
+            except ValueError as err:
+                raise ConfigurationError(str(err).partition(": ")[2], field=f"[{SECTION}] {option}") from None
+            return str(raw).strip()
+
         def hardening_settings() -> dict[str, Any]:
             """The training container's hardening; an empty ``training_cap_add`` gives no capability."""
             network = (get("training_network") or "").strip()
@@ -222,6 +236,8 @@ class Settings:
             cpu_fallback=get_bool("cpu_fallback"),
             halt_grace_period=get_int("halt_grace_period"),
             poll_interval=get_int("poll_interval"),
+            metrics_interval=get_int("metrics_interval"),
+            metrics_log_pattern=get_pattern("metrics_log_pattern"),
             training_retries=get_int("training_retries", minimum=0),
             training_retry_delay=get_int("training_retry_delay", minimum=0),
             submission_connections=parse_patterns(get("submission_connections") or ""),

@@ -1,4 +1,4 @@
-"""``wmltrain list | show | delete | logs | halt``: training runs as Airflow knows them (REST API v2).
+"""``wmltrain list | show | metrics | delete | logs | halt``: training runs as Airflow knows them (REST API).
 
 ``list`` shows every run — the bundled DAG's and those of ``TrainingRunOperator`` tasks in any DAG,
 failed and halted ones included, with their reason —, in the seed service's columns plus the DAG.
@@ -24,6 +24,7 @@ from airflow_wmltrain.service.runs import (
     find_run,
     list_runs,
     log_lines,
+    metric_points,
     request_halt,
     wait_not_running,
 )
@@ -47,19 +48,23 @@ def register(commands: Any) -> None:
         ("show", "show a training run's details", run_show),
         ("delete", "remove a run's history from Airflow (the files in the bucket stay)", run_delete),
         ("logs", "print a run's training log", run_logs),
+        ("metrics", "print a run's metrics per step", run_metrics),
         ("halt", "stop a run (it ends HALTED, its logs stored)", run_halt),
     ):
         parser = commands.add_parser(name, help=helptext)
         parser.add_argument("args", nargs="+", metavar="ID", help="the training id (training-...)")
-        if name == "show":
+        if name in ("show", "metrics"):
             parser.add_argument("--json", action="store_true", help="print JSON")
         if name == "delete":
             parser.add_argument(
                 "--halt", action="store_true", help="halt the run first if it is still active"
             )
-        if name == "logs":
+        if name in ("logs", "metrics"):
             parser.add_argument(
-                "--follow", "-f", action="store_true", help="follow the log until the run ends"
+                "--follow",
+                "-f",
+                action="store_true",
+                help=f"print the new {'lines' if name == 'logs' else 'points'} until the run ends",
             )
             add_wait_options(parser)
         add_server_options(parser)
@@ -153,6 +158,8 @@ def run_show(args: argparse.Namespace) -> int:
         rows.append(("error", f"{record.error.get('code', '')} {record.error.get('message', '')}"))
     if document["metrics"]:
         rows.append(("metrics", json.dumps(document["metrics"], sort_keys=True)))
+    if document["metric_points"]:
+        rows.append(("steps", f"{document['metric_points']} points (wmltrain metrics {record.training_id})"))
     for label, value in rows:
         print(f"{label:<14} {value}")
     return EXIT_OK
@@ -199,6 +206,48 @@ def run_logs(args: argparse.Namespace) -> int:
     record = find_run(api, _training_id(args))
     for line in log_lines(api, record, follow=args.follow, options=wait_options(args)):
         print(line, flush=True)
+    return EXIT_OK
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.6g}"
+    return str(int(value)) if isinstance(value, float) else str(value)
+
+
+def _metrics_row(cells: list[str], headers: list[str]) -> str:
+    """One row of ``wmltrain metrics``' table: each column as wide as its header (10 at least), so that
+    rows printed as they come line up."""
+    widths = [max(10, len(header)) for header in headers]
+    return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+
+
+def run_metrics(args: argparse.Namespace) -> int:
+    api = api_from_args(args)
+    record = find_run(api, _training_id(args))
+    points = metric_points(api, record, follow=args.follow, options=wait_options(args))
+    if args.json:  # one JSON object a line with --follow (the points as they come), else one document
+        if args.follow:
+            for point in points:
+                print(json.dumps(point, sort_keys=True), flush=True)
+        else:
+            document = {"training_id": record.training_id, "state": record.state.value}
+            print(json.dumps({**document, "metrics": dict(record.view.metrics), "steps": list(points)}))
+        return EXIT_OK
+    columns: list[str] = []
+    printed = False
+    for point in points:
+        names = sorted(name for name in point if name != "step" and name not in columns)
+        if names or not printed:  # a metric not seen before: the header again, with it
+            columns += names
+            print(_metrics_row(["step", *columns], ["step", *columns]), flush=True)
+            printed = True
+        cells = [_number(point.get("step", "")), *(_number(point[c]) if c in point else "-" for c in columns)]
+        print(_metrics_row(cells, ["step", *columns]), flush=True)
+    if not printed:
+        print(
+            f"{record.training_id} has no metrics per step (yet): it is {record.state.value}", file=sys.stderr
+        )
     return EXIT_OK
 
 

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import io
 import os
 import shutil
 import tarfile
 import tempfile
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
 from airflow.providers.docker.hooks.docker import DockerHook
@@ -55,6 +56,13 @@ STORED_LOG_BYTES = 128 * 1024 * 1024
 #: ... and how many of its last lines, after a line saying how much was left out between.
 STORED_TAIL_LINES = 2000
 _STORED_LOG_NAME = TRAINING_LOG
+#: How much of the training's output one look of the triggerer reads (the next look reads on).
+LOOK_LOG_BYTES = 4 * 1024 * 1024
+#: Room for the tar headers around a file read through the archive API.
+_TAR_SLACK = 64 * 1024
+#: Go's ``os.FileMode`` bits of what is not a regular file (the archive API's ``mode``): directory,
+#: symlink, device, named pipe, socket, char device, irregular.
+_NOT_REGULAR = (1 << 31) | (1 << 27) | (1 << 26) | (1 << 25) | (1 << 24) | (1 << 21) | (1 << 19)
 #: A trigger event's container fields: (event key, ``ContainerOutcome`` attribute, type).
 _EVENT_FIELDS: tuple[tuple[str, str, type], ...] = (
     ("container_id", "container_id", str),
@@ -191,6 +199,76 @@ def _lines(chunks: Iterable[bytes | str]) -> Iterator[str]:
     buffer += decoder.decode(b"", final=True)
     if buffer:
         yield buffer.rstrip("\r")
+
+
+def _tee(lines: Iterable[str], on_line: Callable[[str], None] | None) -> Iterator[str]:
+    for line in lines:
+        if on_line is not None:
+            on_line(line)
+        yield line
+
+
+@dataclass(frozen=True)
+class LogCursor:
+    """Where a reader of a container's output stands: the time stamp of the last line it read, and how
+    many lines of that very time stamp it read (Docker gives ``since`` to the second; lines share
+    time stamps)."""
+
+    seconds: int
+    nanos: int
+    count: int = 1
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.seconds, self.nanos)
+
+    @classmethod
+    def parse(cls, stamp: str) -> LogCursor | None:
+        """The cursor of a line's RFC 3339 time stamp (``2026-12-01T10:21:45.123456789Z``)."""
+        from datetime import datetime, timezone
+
+        whole, _, fraction = stamp.rstrip("Z").partition(".")
+        if not fraction.isdigit() and fraction:
+            return None
+        try:
+            moment = datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+        except ValueError:
+            return None
+        return cls(int(moment.timestamp()), int((fraction or "0")[:9].ljust(9, "0")))
+
+    def seen(self) -> LogCursor:
+        """The cursor after one more line of its own time stamp."""
+        return replace(self, count=self.count + 1)
+
+
+class _ChunkReader(io.RawIOBase):
+    """A file over a stream of chunks that never reads more than ``max_bytes`` of it."""
+
+    def __init__(self, chunks: Iterable[bytes], *, max_bytes: int) -> None:
+        self._chunks = iter(chunks)
+        self._buffer = b""
+        self._left = max_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while not self._buffer and self._left > 0:
+            try:
+                self._buffer = next(self._chunks)[: self._left]
+            except StopIteration:
+                break
+            self._left -= len(self._buffer)
+        size = min(len(target), len(self._buffer))
+        target[:size] = self._buffer[:size]
+        self._buffer = self._buffer[size:]
+        return size
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+        super().close()
 
 
 def _left_out(count: int, where: str) -> str:
@@ -460,14 +538,93 @@ class TrainingDockerHook(DockerHook):
                 f"the Docker host {self.docker_url} could not start the training container: {err}"
             ) from None
 
-    def follow_logs(self, container_id: str, log: Any) -> None:
+    def follow_logs(
+        self, container_id: str, log: Any, *, on_line: Callable[[str], None] | None = None
+    ) -> None:
         """Copy the container's output into ``log``, line by line as it comes, until it stops.
 
         Only its first :data:`TASK_LOG_BYTES` go into ``log`` (then one line says so); the rest is read
         and dropped, so that a flood of output neither fills the task log nor the worker's memory.
+
+        :param on_line: also given each line (all of them), e.g. to collect metrics.
         """
         stream = self.api_client.logs(container_id, stdout=True, stderr=True, stream=True, follow=True)
-        self._to_log(_lines(stream), log)
+        self._to_log(_tee(_lines(stream), on_line), log)
+
+    def log_lines_since(
+        self, container_id: str, cursor: LogCursor | None, *, max_bytes: int = LOOK_LOG_BYTES
+    ) -> tuple[list[str], LogCursor | None]:
+        """The container's output after ``cursor`` (a look from the triggerer): at most about
+        ``max_bytes`` of it (the next look reads on), and the cursor after the last line given.
+
+        Asks Docker for the lines since the cursor's second, with their timestamps, and drops those
+        the cursor has seen.
+        """
+        since = cursor.seconds if cursor is not None else None
+        stream = self.api_client.logs(
+            container_id, stdout=True, stderr=True, stream=True, follow=False, timestamps=True, since=since
+        )
+        lines: list[str] = []
+        read = repeats = 0  # repeats: lines of the cursor's own time stamp met in this read
+        start = cursor
+        try:
+            for line in _lines(stream):
+                stamp, _, text = line.partition(" ")
+                at = LogCursor.parse(stamp)
+                if at is None:  # a piece of a line cut at MAX_LINE_CHARS: it has no time stamp
+                    continue
+                if start is not None and at.key <= start.key:
+                    if at.key < start.key:
+                        continue
+                    repeats += 1
+                    if repeats <= start.count:  # read before
+                        continue
+                cursor = cursor.seen() if cursor is not None and cursor.key == at.key else at
+                lines.append(text)
+                read += len(line) + 1
+                if read >= max_bytes:
+                    break
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        return lines, cursor
+
+    def read_file(self, container_id: str, path: str, *, offset: int, limit: int) -> bytes | None:
+        """Up to ``limit`` bytes from ``offset`` of the file ``path`` of a container, through the Docker
+        API (the triggerer may be on another machine than the run's workspace): only a regular file
+        (the archive's one member, a regular file of that name — never a link, a FIFO or a device), and
+        never more than ``offset + limit`` bytes of it read.
+
+        :returns: the bytes, or ``None`` when there is no such regular file.
+        """
+        try:
+            stream, info = self.api_client.get_archive(container_id, path)
+        except NotFound:
+            return None
+        mode = int(info.get("mode") or 0) if isinstance(info, Mapping) else _NOT_REGULAR
+        if mode & _NOT_REGULAR or info.get("linkTarget"):
+            return None
+        reader = _ChunkReader(stream, max_bytes=offset + limit + _TAR_SLACK)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                member = tar.next()
+                if member is None or not member.isreg() or member.name != PurePosixPath(path).name:
+                    return None
+                handle = tar.extractfile(member)
+                if handle is None:
+                    return None
+                skip = offset
+                while skip > 0:  # what was read before: read through, never held
+                    skipped = len(handle.read(min(skip, 1024 * 1024)))
+                    if not skipped:
+                        return b""
+                    skip -= skipped
+                return handle.read(limit)
+        except (tarfile.TarError, OSError, EOFError):
+            return None
+        finally:
+            reader.close()
 
     def log_lines(self, container_id: str) -> Iterator[str]:
         """The container's output so far, line by line (streamed, not held in memory): its first
@@ -504,7 +661,9 @@ class TrainingDockerHook(DockerHook):
     def _output(self, container_id: str) -> Iterator[str]:
         return _lines(self.api_client.logs(container_id, stdout=True, stderr=True, stream=True, follow=False))
 
-    def save_logs(self, container_id: str, path: Path) -> list[str]:
+    def save_logs(
+        self, container_id: str, path: Path, *, on_line: Callable[[str], None] | None = None
+    ) -> list[str]:
         """Write the container's output to ``path``; its last :data:`TAIL_LINES` lines (for a failure
         message: each cut to :data:`TAIL_LINE_CHARS`).
 
@@ -513,6 +672,8 @@ class TrainingDockerHook(DockerHook):
         output bounds neither the file nor the worker's memory.  ``path`` should lie in a folder only
         the worker writes; whatever is there under that name anyway (a link to a file of the worker, a
         FIFO, a folder) is removed, never followed, and the file is created afresh.
+
+        :param on_line: also given each line (all of them), e.g. to collect metrics.
         """
         last: deque[str] = deque(maxlen=TAIL_LINES)
         tail: deque[str] = deque(maxlen=STORED_TAIL_LINES)  # the lines after the first part
@@ -524,7 +685,7 @@ class TrainingDockerHook(DockerHook):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         written = left_out = 0
         with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as out:
-            for line in self._output(container_id):
+            for line in _tee(self._output(container_id), on_line):
                 last.append(line)
                 if written < STORED_LOG_BYTES:
                     out.write(line + "\n")

@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -61,6 +62,7 @@ from airflow_wmltrain.errors import (
 from airflow_wmltrain.hooks.docker import ContainerOutcome, DockerHostError, TrainingDockerHook
 from airflow_wmltrain.lifecycle import OWNER_KEYS, RUN_XCOM_PREFIX, STATUS_XCOM_KEY, RunState, RunStatus
 from airflow_wmltrain.links.training_run import TrainingResultsLink
+from airflow_wmltrain.metrics import JSONL_FILE, MetricsCollector, check_metrics_pattern
 from airflow_wmltrain.runtime import labels
 from airflow_wmltrain.runtime.run import TrainingRun, submission_digest
 from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS
@@ -125,6 +127,7 @@ class _Try:
     :param connections: the store connections, resolved for the halter ahead of time.
     :param claimed: the training id is this task instance's (no other task instance's status or
         container has it): only then may a halt touch the run's container and workspace.
+    :param metrics_stop: stops the thread that publishes the run's metrics while it trains.
     """
 
     owner: dict[str, Any] = field(default_factory=dict)
@@ -135,10 +138,11 @@ class _Try:
     halter_spawned: bool = False
     connections: dict[str, str] = field(default_factory=dict)
     claimed: bool = False
+    metrics_stop: threading.Event | None = None
 
 
 class TrainingRunOperator(DockerOperator):
-    """Run one training run (a model-definition zip and a training manifest) on a Docker host.
+    r"""Run one training run (a model-definition zip and a training manifest) on a Docker host.
 
     The Docker parameters of :class:`~airflow.providers.docker.operators.docker.DockerOperator` that make
     sense for a training container apply to it (``docker_url`` — a list tries each —, ``docker_conn_id``,
@@ -166,6 +170,9 @@ class TrainingRunOperator(DockerOperator):
         ``base64:`` or an object-store URL — and the run's stores may only name Airflow connections that
         ``[wmltrain] submission_connections`` allows. Off: the DAG's author wrote them (paths allowed, any
         connection).
+    :param metrics_pattern: a regular expression matched against each line of the training's output: its
+        named groups are metrics (``step`` optional), e.g. ``r"step (?P<step>\d+) loss (?P<loss>\S+)"``;
+        default ``[wmltrain] metrics_log_pattern``. Not templated: a submitter never gives one.
     """
 
     template_fields: Sequence[str] = (
@@ -201,6 +208,7 @@ class TrainingRunOperator(DockerOperator):
         poll_interval: float | None = None,
         halt_grace_period: int | None = None,
         submitted_inputs: bool = False,
+        metrics_pattern: str | None = None,
         **kwargs: Any,
     ) -> None:
         refused = {
@@ -213,6 +221,8 @@ class TrainingRunOperator(DockerOperator):
                 f"TrainingRunOperator {kwargs.get('task_id', '')!r} does not take "
                 + "; ".join(f"{name} ({why})" for name, why in refused.items())
             )
+        task = kwargs.get("task_id", "")
+        check_metrics_pattern(metrics_pattern, field=f"TrainingRunOperator {task!r}: metrics_pattern")
         kwargs["mount_tmp_dir"] = False
         super().__init__(image=image or "", **kwargs)
         # A manifest mapping in a DAG file may hold inline credentials: Airflow stores template fields in
@@ -231,6 +241,7 @@ class TrainingRunOperator(DockerOperator):
         self.poll_interval = poll_interval
         self.halt_grace_period = halt_grace_period
         self.submitted_inputs = submitted_inputs
+        self.metrics_pattern = metrics_pattern
         self._try = _Try()
 
     # --- templates: mask the manifest's secrets before Airflow stores the rendered fields -------------
@@ -322,6 +333,10 @@ class TrainingRunOperator(DockerOperator):
 
         return publish
 
+    def _metrics_pattern(self, settings: Settings) -> str | None:
+        """The pattern of metrics in the training's output: the task's, else the admin's."""
+        return self.metrics_pattern or settings.metrics_log_pattern or None
+
     def _container_labels(
         self, training_id: str, owner: Mapping[str, Any], gpu_ids: Sequence[str]
     ) -> dict[str, str]:
@@ -386,6 +401,7 @@ class TrainingRunOperator(DockerOperator):
             settings=settings,
             log=self.log,
             publish=self._publisher(context),
+            metrics_pattern=self._metrics_pattern(settings),
         )
         context["ti"].xcom_push(key="training_id", value=training_id)
         context["ti"].xcom_push(key=RUN_XCOM_PREFIX + training_id, value=run.location)
@@ -691,6 +707,10 @@ class TrainingRunOperator(DockerOperator):
                     halt=seal_halt(
                         self._halt_params(run, hook, outcome.container_id, "its task was stopped")
                     ),
+                    metrics={
+                        "interval": float(run.settings.metrics_interval),
+                        "owner": {key: self._try.owner[key] for key in OWNER_KEYS},
+                    },
                 ),
                 method_name="execute_complete",
             )
@@ -712,23 +732,72 @@ class TrainingRunOperator(DockerOperator):
             self.log.info("::endgroup::")
 
     def _follow(self, run: TrainingRun, hook: TrainingDockerHook, container_id: str) -> ContainerOutcome:
-        """Stream the container's log into the task log until it exits; ride out a Docker host restart."""
+        """Stream the container's log into the task log until it exits, collecting the run's metrics;
+        ride out a Docker host restart."""
         self.log.info("::group::Training log of %s", run.training_id)
         try:
-            while True:
-                try:
-                    hook.follow_logs(container_id, self.log)
-                    return hook.wait(container_id)
-                except (DockerException, requests.RequestException, OSError) as err:
-                    self.log.warning(
-                        "Lost the Docker host %s while following the run (%s)", hook.docker_url, err
-                    )
-                outcome = self._look_again(hook, container_id)
-                if not outcome.running:
-                    return outcome
-                self.log.info("The container of %s still runs; following it again", run.training_id)
+            with self._watching_metrics(run, hook, container_id) as collector:
+                return self._follow_log(run, hook, container_id, collector)
         finally:
             self.log.info("::endgroup::")
+
+    @contextmanager
+    def _watching_metrics(
+        self, run: TrainingRun, hook: TrainingDockerHook, container_id: str
+    ) -> Iterator[MetricsCollector]:
+        """Collect the run's metrics while it trains: the log follower feeds the log's lines, a thread
+        reads ``$RESULT_DIR/metrics.jsonl`` and publishes (:meth:`TrainingRun.progress`) at most every
+        ``[wmltrain] metrics_interval`` seconds.  The thread stops before the run is stored or halted."""
+        interval = float(run.settings.metrics_interval)
+        collector = MetricsCollector(
+            check_metrics_pattern(run.metrics_pattern, field="metrics_pattern"),
+            interval=interval,
+            publish=run.progress,
+            log=self.log,
+        )
+        stop = self._try.metrics_stop = threading.Event()
+        jsonl = run.workspace.results / JSONL_FILE
+
+        def read(offset: int, limit: int) -> bytes | None:  # the workspace is elsewhere after a move
+            return hook.read_file(
+                container_id, f"{CONTAINER_DIRS['RESULT_DIR']}/{JSONL_FILE}", offset=offset, limit=limit
+            )
+
+        def watch() -> None:
+            while not stop.wait(interval):
+                try:
+                    if run.workspace.results.is_dir():
+                        collector.read_jsonl(jsonl)
+                    else:
+                        collector.read_jsonl_with(read)
+                except Exception as err:  # metrics never fail a run
+                    self.log.warning("Could not read %s (%s)", JSONL_FILE, err)
+                if not stop.is_set():
+                    collector.publish_if_due()
+
+        watcher = threading.Thread(target=watch, name=f"metrics-{run.training_id}", daemon=True)
+        watcher.start()
+        try:
+            yield collector
+        finally:
+            stop.set()
+            watcher.join(timeout=60)
+
+    def _follow_log(
+        self, run: TrainingRun, hook: TrainingDockerHook, container_id: str, collector: MetricsCollector
+    ) -> ContainerOutcome:
+        """Follow the log (again after a Docker host restart: from its start, so the log's points too)."""
+        while True:
+            try:
+                collector.restart_log()
+                hook.follow_logs(container_id, self.log, on_line=collector.feed_line)
+                return hook.wait(container_id)
+            except (DockerException, requests.RequestException, OSError) as err:
+                self.log.warning("Lost the Docker host %s while following the run (%s)", hook.docker_url, err)
+            outcome = self._look_again(hook, container_id)
+            if not outcome.running:
+                return outcome
+            self.log.info("The container of %s still runs; following it again", run.training_id)
 
     def _look_again(self, hook: TrainingDockerHook, container_id: str) -> ContainerOutcome:
         """The container, once the Docker host answers again (a retry re-attaches if it never does)."""
@@ -765,6 +834,7 @@ class TrainingRunOperator(DockerOperator):
             "manifest": run.manifest.to_dict(redact=False),
             "grace": int(self.halt_grace_period or run.settings.halt_grace_period),
             "reason": reason,
+            "metrics_pattern": run.metrics_pattern,
         }
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
@@ -782,6 +852,7 @@ class TrainingRunOperator(DockerOperator):
                 settings=settings,
                 log=self.log,
                 publish=self._publisher(context),
+                metrics_pattern=self._metrics_pattern(settings),
             )
             hook = self._host_of(training_id, str(event.get("docker_url") or ""))  # the trigger's host
             try:
@@ -898,6 +969,8 @@ class TrainingRunOperator(DockerOperator):
             )
             return
         self._try.halt_requested = True
+        if self._try.metrics_stop is not None:  # no metrics written after the halt's records
+            self._try.metrics_stop.set()
         settings = run.settings
         hook = self._host_of(run.training_id, run.status.container.get("docker_url", ""))
         container_id = self._try.container_id

@@ -46,12 +46,25 @@ from airflow_wmltrain.lifecycle import (
     RunStatus,
     results_location,
 )
+from airflow_wmltrain.metrics import (
+    JSONL_CHUNK_BYTES,
+    JSONL_FILE,
+    MAX_JSONL_BYTES,
+    METRICS_FILE,
+    MetricsCollector,
+    MetricSeries,
+    check_metrics_pattern,
+    read_container_file,
+    read_metrics,
+)
 from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS, Workspace
 from airflow_wmltrain.storage import open_store
 from airflow_wmltrain.storage.cache import ObjectCache
 from airflow_wmltrain.storage.staging import StagingResult, stage
 from airflow_wmltrain.storage.transfer import TransferError
 from airflow_wmltrain.storage.upload import unreadable_entries, upload_tree
+
+__all__ = ["METRICS_FILE", "TrainingRun", "halt_run", "read_metrics", "read_status", "read_status_at"]
 
 if TYPE_CHECKING:
     from airflow_wmltrain.hooks.docker import ContainerOutcome, TrainingDockerHook
@@ -63,9 +76,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: ``$RESULT_DIR/metrics.json``: the final metrics a training script reports (kept when small).
-METRICS_FILE = "metrics.json"
-_MAX_METRICS_BYTES = 64 * 1024
 #: Where a run's logs go under its results folder (``learner-1/``).
 LOGS_PREFIX = str(Path(TRAINING_LOG).parent) + "/"
 #: The run's own records under its results folder (a folder ends in ``/``): what the training writes
@@ -81,29 +91,23 @@ RESERVED_RESULTS = (
 RESERVED_LOGS = tuple(name.removeprefix(LOGS_PREFIX) for name in (TRAINING_LOG, LOAD_DATA_LOG))
 
 
-def read_metrics(path: Path) -> dict[str, Any]:
-    """The scalar entries of a small ``metrics.json`` (anything else is ignored, not an error).
-
-    The container wrote it: only a regular file is read (never through a link, never a FIFO or a
-    device), only up to a size cap, and a document too deeply nested to parse is ignored too.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return {}
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_METRICS_BYTES:
-            return {}
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            document = json.loads(handle.read(_MAX_METRICS_BYTES + 1).decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return {}
-    finally:
-        os.close(fd)
-    if not isinstance(document, dict):
-        return {}
-    return {str(k): v for k, v in document.items() if isinstance(v, (int, float, str, bool)) or v is None}
+def _final_series(jsonl: Path, from_log: MetricSeries, live: tuple[Mapping[str, Any], ...]) -> MetricSeries:
+    """A run's metrics per step once it ended: all of ``metrics.jsonl`` (bounded) and the points of the
+    log; the points collected while it trained when neither has any (e.g. the file was removed)."""
+    from_file = MetricSeries()
+    while from_file.offset < MAX_JSONL_BYTES:
+        found = read_container_file(
+            jsonl, offset=from_file.offset, limit=min(JSONL_CHUNK_BYTES, MAX_JSONL_BYTES - from_file.offset)
+        )
+        if found is None or not found[0]:
+            break
+        last = len(found[0]) < JSONL_CHUNK_BYTES or from_file.offset + len(found[0]) >= MAX_JSONL_BYTES
+        before = from_file.offset
+        from_file = from_file.with_jsonl(found[0], final=last)
+        if last or from_file.offset == before:
+            break
+    series = from_file.merged(from_log)
+    return series if series.points else MetricSeries.from_steps(live)
 
 
 def read_status(store: ObjectStore, training_id: str, *, check_bucket: bool = True) -> RunStatus | None:
@@ -184,6 +188,8 @@ class TrainingRun:
     :param publish: called with the status document after each write (the operator publishes it as the
         XCom :data:`~airflow_wmltrain.lifecycle.STATUS_XCOM_KEY`, which ``wmltrain list``/``show`` read
         through the REST API); ``None`` where there is no task to publish from (the halter).
+    :param metrics_pattern: the log pattern of the run's metrics (a DAG author's or an admin's, already
+        checked: :func:`~airflow_wmltrain.metrics.check_metrics_pattern`), or ``None``.
     """
 
     def __init__(
@@ -194,8 +200,10 @@ class TrainingRun:
         settings: Settings,
         log: logging.Logger | Any = None,
         publish: Callable[[dict[str, Any]], None] | None = None,
+        metrics_pattern: str | None = None,
     ) -> None:
         self.training_id = training_id
+        self.metrics_pattern = metrics_pattern
         self.manifest = manifest
         self.settings = settings
         self.log = log or logger
@@ -269,6 +277,14 @@ class TrainingRun:
             container={"id": outcome.container_id, "docker_url": docker_url},
             phase="",
         )
+
+    def progress(self, series: MetricSeries) -> RunStatus:
+        """Record the metrics of a run that trains (``PROCESSING``): its points so far and the last value
+        of each metric, in ``_status.json`` and the status XCom.  A run in any other state is left as it
+        is (the metrics of its end are stored with it, :meth:`store`)."""
+        if self.status.state is not RunState.PROCESSING or not series.points:
+            return self.status
+        return self.record(RunState.PROCESSING, steps=series.steps, metrics=series.final())
 
     def note_phase(self, phase: str) -> RunStatus:
         """Say what the run is doing within its state (e.g. who holds the GPUs it waits for)."""
@@ -410,8 +426,15 @@ class TrainingRun:
         try:
             self.record(RunState.STORING, exit_code=outcome.exit_code, phase="")
             with self._collected_dirs(hook, container_id) as (results_dir, logs_dir, own_dir):
-                tail = hook.save_logs(container_id, own_dir / Path(TRAINING_LOG).name)
-                metrics = read_metrics(results_dir / METRICS_FILE)
+                pattern = check_metrics_pattern(self.metrics_pattern, field="metrics_pattern")
+                from_log = MetricsCollector(pattern, interval=0, publish=lambda series: None, log=self.log)
+                tail = hook.save_logs(
+                    container_id,
+                    own_dir / Path(TRAINING_LOG).name,
+                    on_line=from_log.feed_line if pattern else None,
+                )
+                series = _final_series(results_dir / JSONL_FILE, from_log.series, self.status.steps)
+                metrics = series.final(read_metrics(results_dir / METRICS_FILE))
                 self._upload(results_dir, self.prefix, "results", reserved=RESERVED_RESULTS)
                 self._upload(logs_dir, self.prefix + LOGS_PREFIX, "logs", reserved=RESERVED_LOGS)
                 self._upload(own_dir, self.prefix + LOGS_PREFIX, "run's own logs")
@@ -427,7 +450,7 @@ class TrainingRun:
                     RunState.FAILED,
                     TrainingFailedError(outcome.failure(tail, mem_limit=mem_limit)),
                 )
-            status = self.end(state, error, metrics=metrics, phase=phase)
+            status = self.end(state, error, metrics=metrics, steps=series.steps, phase=phase)
         except ResultsStoreError as err:
             raise self.results_kept(hook, container_id, err) from None
         hook.remove(container_id)
@@ -618,6 +641,7 @@ def halt_run(
     manifest: Mapping[str, Any] | str,
     grace: int,
     reason: str,
+    metrics_pattern: str | None = None,
 ) -> dict[str, Any]:
     """Halt a run where no operator holds it: the detached halter and the trigger's ``on_kill``.
 
@@ -627,6 +651,8 @@ def halt_run(
     :param manifest: the run's manifest (as submitted; it names the results bucket and its connection).
     :param grace: seconds between SIGTERM and SIGKILL.
     :param reason: why, for the run's error message.
+    :param metrics_pattern: the task's pattern of metrics in the training's output (the stored run's
+        metrics per step come from its log too).
     :returns: the run's result (as the task would return it).
     """
     from airflow_wmltrain.hooks.docker import TrainingDockerHook
@@ -635,7 +661,10 @@ def halt_run(
 
     settings = Settings.from_airflow_config()
     run = TrainingRun(
-        training_id=training_id, manifest=load_manifest(manifest, settings=settings), settings=settings
+        training_id=training_id,
+        manifest=load_manifest(manifest, settings=settings),
+        settings=settings,
+        metrics_pattern=metrics_pattern,
     )
     hook = TrainingDockerHook.from_dict(docker_host)
     return run.halt(hook, container_id, grace=grace, reason=reason).result()

@@ -172,6 +172,7 @@ class TrainingRunRecord:
             "error": self.error,
             "exit_code": view.exit_code,
             "metrics": dict(view.metrics),
+            "metric_points": len(view.steps),
         }
 
 
@@ -900,3 +901,42 @@ def log_lines(
     what = f"{record.training_id}'s log"
     while not follower.over:
         yield from _wait(follower.look, what, record.training_id, options, started)
+
+
+def metric_points(
+    api: AirflowApi,
+    record: TrainingRunRecord,
+    *,
+    follow: bool,
+    options: WaitOptions | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The run's metrics per step (``{"step": 120, "loss": 0.31}``, oldest first); with ``follow``, then
+    the new ones as the run publishes them, until it is over (one API call per look, API failures ridden
+    out as :class:`WaitOptions` says).  A point is new when its step is past the last one given."""
+    options = options or WaitOptions()
+    started = options.clock()
+    last: list[float] = []
+
+    def new(current: TrainingRunRecord) -> list[dict[str, Any]]:
+        points = [dict(p) for p in current.view.steps if not last or float(p.get("step", 0)) > last[0]]
+        if points:
+            last[:] = [float(points[-1].get("step", 0))]
+        return points
+
+    yield from new(record)
+    if not follow:
+        return
+    watch = RunWatch(api, record)
+    rest = [False]  # points were just handed out: wait one interval before the next look
+
+    def look() -> list[dict[str, Any]] | None:
+        if rest[0]:
+            rest[0] = False
+            return None
+        current = watch.look()
+        points = new(current)
+        rest[0] = bool(points)
+        return points if points or current.settled else None
+
+    while not watch.record.settled:
+        yield from _wait(look, f"{record.training_id}'s metrics", record.training_id, options, started)

@@ -26,15 +26,19 @@ from airflow.sdk.exceptions import AirflowException
 from docker.errors import APIError, DockerException, NotFound
 
 from airflow_wmltrain.errors import WmlTrainError
-from airflow_wmltrain.hooks.docker import TrainingDockerHook
-from airflow_wmltrain.lifecycle import STATUS_FILE, RunState, results_location
+from airflow_wmltrain.hooks.docker import LogCursor, TrainingDockerHook
+from airflow_wmltrain.lifecycle import STATUS_FILE, STATUS_XCOM_KEY, RunState, results_location
 from airflow_wmltrain.manifest import ConnectionId, StoreReference, StoreType
-from airflow_wmltrain.runtime.run import read_status_at
+from airflow_wmltrain.metrics import JSONL_FILE, MetricsCollector, MetricSeries, check_metrics_pattern
+from airflow_wmltrain.runtime.run import TrainingRun, read_status_at
+from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS
 from airflow_wmltrain.triggers.base import LookFailed, PollingTrigger
 
 __all__ = ["TrainingRunTrigger", "TrainingStatusTrigger", "results_reference", "seal_halt"]
 
 _RESULTS_TYPES = ("s3", "swift")
+#: ``$RESULT_DIR/metrics.jsonl`` in the container.
+JSONL_PATH = f"{CONTAINER_DIRS['RESULT_DIR']}/{JSONL_FILE}"
 #: Terminal state → the ``status`` of :class:`TrainingStatusTrigger`'s event.
 EVENT_STATUS = {RunState.COMPLETED: "success", RunState.FAILED: "failed", RunState.HALTED: "halted"}
 
@@ -55,6 +59,14 @@ def results_reference(type_: str, bucket: str, conn_id: str) -> StoreReference:
         raise ValueError("the results connection id is empty; give an Airflow connection id")
     kind: StoreType = "s3" if type_ == "s3" else "swift"
     return StoreReference(type=kind, bucket=bucket, connection=ConnectionId(conn_id=conn_id))
+
+
+def set_xcom(key: str, value: Any, *, dag_id: str, run_id: str, task_id: str, map_index: int) -> None:
+    """Set a task instance's XCom from the triggerer (Airflow 3's triggerer relays ``SetXCom`` to the API
+    server; called from a look's thread)."""
+    from airflow.sdk.execution_time.xcom import XCom
+
+    XCom.set(key, value, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index)
 
 
 def seal_halt(halt: dict[str, Any]) -> dict[str, Any]:
@@ -110,6 +122,12 @@ class TrainingRunTrigger(PollingTrigger):
     :param halt: keyword arguments of :func:`airflow_wmltrain.runtime.run.halt_run` as
         :func:`seal_halt` makes them (no credential in the clear), used by :meth:`on_kill` when a person
         marks the deferred task failed or success; without them :meth:`on_kill` only stops the container.
+    :param metrics: ``{"interval": 30.0, "owner": {"dag_id": ..., "run_id": ..., "task_id": ...,
+        "map_index": ...}}``: collect the run's metrics while it trains — the container's new log lines
+        (matched by ``halt``'s ``metrics_pattern``) and ``$RESULT_DIR/metrics.jsonl``, both through the
+        Docker API and bounded — and publish them at most every ``interval`` seconds, in the run's
+        ``_status.json`` and the status XCom of the task ``owner`` (:meth:`TrainingRun.progress`, the
+        run rebuilt from ``halt``).  ``None``: no metrics while it trains.
     """
 
     def __init__(
@@ -120,6 +138,7 @@ class TrainingRunTrigger(PollingTrigger):
         docker_host: dict[str, Any],
         poll_interval: float,
         halt: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
         deferred_at: float | None = None,
     ) -> None:
         super().__init__(poll_interval=poll_interval, deferred_at=deferred_at)
@@ -127,6 +146,9 @@ class TrainingRunTrigger(PollingTrigger):
         self.container_id = container_id
         self.docker_host = docker_host
         self.halt = halt
+        self.metrics = metrics
+        self._collector: MetricsCollector | None = None
+        self._log_cursor: LogCursor | None = None
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -134,6 +156,7 @@ class TrainingRunTrigger(PollingTrigger):
             "container_id": self.container_id,
             "docker_host": self.docker_host,
             "halt": self.halt,
+            "metrics": self.metrics,
         }
 
     def __repr__(self) -> str:
@@ -189,6 +212,7 @@ class TrainingRunTrigger(PollingTrigger):
         except (DockerException, requests.RequestException, OSError, AirflowException, WmlTrainError) as exc:
             raise LookFailed(str(exc) or type(exc).__name__, retry=True) from None
         if not outcome.ended:
+            self.collect_metrics()
             return outcome.status or "in an unknown state"
         self.log.info(
             "Container %s of training run %s is %s, exit code %d",
@@ -198,6 +222,76 @@ class TrainingRunTrigger(PollingTrigger):
             outcome.exit_code,
         )
         return self._payload("exited", **outcome.to_event())
+
+    # --- metrics while the run trains -----------------------------------------------------------------
+
+    def collect_metrics(self) -> None:
+        """Read the run's new metrics and publish them, at most every ``metrics["interval"]`` seconds
+        (blocking; part of a look).  Never raises: metrics never end a wait nor fail a run."""
+        if not self.metrics or not self.halt:
+            return
+        try:
+            collector = self._metrics_collector()
+            if not collector.due():
+                return
+            lines, self._log_cursor = self.hook.log_lines_since(self.container_id, self._log_cursor)
+            collector.feed_lines(lines)
+            collector.read_jsonl_with(
+                lambda offset, limit: self.hook.read_file(
+                    self.container_id, JSONL_PATH, offset=offset, limit=limit
+                )
+            )
+            collector.publish_if_due()
+        except Exception as err:
+            self.log.warning(
+                "Could not collect the metrics of %s (%s); the wait goes on", self.training_id, err
+            )
+
+    def _metrics_collector(self) -> MetricsCollector:
+        if self._collector is None:
+            halt = self.halt or {}
+            self._collector = MetricsCollector(
+                check_metrics_pattern(halt.get("metrics_pattern"), field="metrics_pattern"),
+                interval=float((self.metrics or {}).get("interval") or 30.0),
+                publish=self._publish_metrics,
+                log=self.log,
+            )
+        return self._collector
+
+    @cached_property
+    def _run(self) -> TrainingRun:
+        """The run, rebuilt as :func:`~airflow_wmltrain.runtime.run.halt_run` does, publishing its status
+        as the XCom of the task that deferred (the triggerer sends it to the API server)."""
+        from airflow_wmltrain.manifest import load_manifest
+        from airflow_wmltrain.settings import Settings
+
+        settings = Settings.from_airflow_config()
+        kwargs = self.halt_kwargs()
+        return TrainingRun(
+            training_id=self.training_id,
+            manifest=load_manifest(kwargs["manifest"], settings=settings),
+            settings=settings,
+            log=self.log,
+            publish=self._publish_status,
+            metrics_pattern=kwargs.get("metrics_pattern"),
+        )
+
+    def _publish_status(self, document: dict[str, Any]) -> None:
+        owner = dict((self.metrics or {}).get("owner") or {})
+        set_xcom(
+            STATUS_XCOM_KEY,
+            document,
+            dag_id=str(owner["dag_id"]),
+            run_id=str(owner["run_id"]),
+            task_id=str(owner["task_id"]),
+            map_index=int(owner.get("map_index", -1)),
+        )
+
+    def _publish_metrics(self, series: MetricSeries) -> None:
+        """The run as its bucket says now (a halt or the task may have moved it on), with the metrics."""
+        run = self._run
+        run.resume()
+        run.progress(series)
 
     def after_failure(self) -> None:
         # A client that failed may hold a dead connection pool: build a new one on the next look.

@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import re
+import stat as stat_module
 import struct
 import tarfile
 import threading
@@ -463,7 +464,13 @@ class FakeDocker:
         elif method == "GET" and action == "archive":
             self._archive(h, self._container_or_404(ref), query.get("path", ""))
         elif method == "GET" and action == "logs":
-            self._logs(h, ref, follow=query.get("follow") in ("1", "true", "True"))
+            self._logs(
+                h,
+                ref,
+                follow=query.get("follow") in ("1", "true", "True"),
+                timestamps=query.get("timestamps") in ("1", "true", "True"),
+                since=int(float(query.get("since") or 0)),
+            )
         elif method == "DELETE" and action == "":
             container = self._container_or_404(ref)
             with self.changed:
@@ -535,9 +542,61 @@ class FakeDocker:
             self._start(container)
         h.reply(204)
 
+    def _stamped_logs(self, h: Any, container: FakeContainer, since: int) -> None:
+        with self.lock:
+            lines = container.log.decode().splitlines()
+        body = b"".join(
+            f"{stamp(container, i)} {line}\n".encode()
+            for i, line in enumerate(lines)
+            if int(container.created) + i // 1000 >= since
+        )
+        h.send_response(200)
+        h.send_header("Content-Type", "application/vnd.docker.multiplexed-stream")
+        h.send_header("Content-Length", str(len(body) + 8 if body else 0))
+        h.end_headers()
+        if body:
+            h.wfile.write(frame(body))
+
+    def _file_archive(self, h: Any, container: FakeContainer, source: str) -> bool:
+        """``docker cp`` of one file of a mounted folder: a tar of it alone, as Docker sends it (a link
+        as a link, with ``linkTarget`` in the stat; a FIFO as a FIFO); ``False`` when it is not one."""
+        parent = container.mount_source(str(PurePosixPath(source).parent))
+        if parent is None:
+            return False
+        path = Path(parent, PurePosixPath(source).name)
+        if not path.is_symlink() and not path.exists():
+            h.error(404, f"Could not find the file {source} in container {container.id}")
+            return True
+        info = tarfile.TarInfo(path.name)
+        mode, link, data = 0o644, "", b""
+        if path.is_symlink():
+            info.type, link = tarfile.SYMTYPE, os.readlink(path)
+            info.linkname, mode = link, 0o777 | (1 << 27)
+        elif stat_module.S_ISFIFO(path.lstat().st_mode):
+            info.type, mode = tarfile.FIFOTYPE, 0o644 | (1 << 25)
+        elif path.is_dir():
+            return False
+        else:
+            data = path.read_bytes()
+            info.size = len(data)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            tar.addfile(info, io.BytesIO(data) if data else None)
+        header = {"name": path.name, "size": len(data), "mode": mode, "mtime": _now(), "linkTarget": link}
+        body = buffer.getvalue()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/x-tar")
+        h.send_header("X-Docker-Container-Path-Stat", base64.b64encode(json.dumps(header).encode()).decode())
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+        return True
+
     def _archive(self, h: Any, container: FakeContainer, source: str) -> None:
         """``docker cp`` out: a tar of ``source`` (its top folder named after it).  The bind mount's
         directory when it has one, else the files its script writes (``$RESULT_DIR``) or nothing."""
+        if self._file_archive(h, container, source):
+            return
         top = PurePosixPath(source).name or "root"
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
@@ -567,8 +626,11 @@ class FakeDocker:
         h.end_headers()
         h.wfile.write(data)
 
-    def _logs(self, h: Any, ref: str, *, follow: bool) -> None:
+    def _logs(self, h: Any, ref: str, *, follow: bool, timestamps: bool = False, since: int = 0) -> None:
         container = self._container_or_404(ref)
+        if timestamps:  # each line stamped (a millisecond apart from the container's creation), no follow
+            self._stamped_logs(h, container, since)
+            return
         h.send_response(200)
         h.send_header("Content-Type", "application/vnd.docker.multiplexed-stream")
         h.send_header("Connection", "close")
@@ -597,6 +659,14 @@ class FakeDocker:
                     h.wfile.write(frame(rest))
                 break
         h.close_connection = True
+
+
+def stamp(container: FakeContainer, index: int) -> str:
+    """The time stamp of the ``index``-th line of a container's log (RFC 3339, nanoseconds)."""
+    base = int(container.created)
+    nanos = index * 1_000_000
+    moment = datetime.fromtimestamp(base + nanos // 1_000_000_000, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{nanos % 1_000_000_000:09d}Z"
 
 
 def _label_matches(container_labels: Mapping[str, str], item: str) -> bool:

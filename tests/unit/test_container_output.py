@@ -255,9 +255,9 @@ def test_store_writes_the_training_log_outside_the_mounted_folders(
     seen: list[bool] = []
     original = hook.save_logs
 
-    def save_logs(container_id: str, path: Path) -> list[str]:
+    def save_logs(container_id: str, path: Path, **kwargs: Any) -> list[str]:
         seen.append(run.workspace.logs in path.parents)
-        return original(container_id, path)
+        return original(container_id, path, **kwargs)
 
     hook.save_logs = save_logs  # type: ignore[method-assign]
     status = store_exited(run, docker_api, hook, log="epoch 1\n")

@@ -60,6 +60,8 @@ def test_provider_info_declares_every_setting_with_a_description() -> None:
         "cpu_fallback",
         "halt_grace_period",
         "poll_interval",
+        "metrics_interval",
+        "metrics_log_pattern",
         "retention_days",
         "submission_connections",
         "training_network",

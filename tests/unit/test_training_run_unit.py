@@ -17,8 +17,9 @@ from airflow_wmltrain.errors import ResultsStoreError, RunHaltedError
 from airflow_wmltrain.hooks.docker import ContainerOutcome, TrainingDockerHook
 from airflow_wmltrain.lifecycle import STATUS_FILE, RunState
 from airflow_wmltrain.manifest import load_manifest
+from airflow_wmltrain.metrics import MAX_METRICS_BYTES as _MAX_METRICS_BYTES
 from airflow_wmltrain.runtime import labels
-from airflow_wmltrain.runtime.run import _MAX_METRICS_BYTES, TrainingRun, read_metrics
+from airflow_wmltrain.runtime.run import TrainingRun, read_metrics
 from airflow_wmltrain.settings import Settings
 from tests.unit.conftest import RESULTS_BUCKET, manifest_doc
 from tests.unit.fakes import FakeDocker, MemoryStore, MemoryStores

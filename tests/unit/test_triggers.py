@@ -70,6 +70,7 @@ def test_training_run_trigger_round_trips() -> None:
         ).to_dict(),
         poll_interval=10.0,
         halt={"training_id": "training-abc_1", "grace": 30, "manifest": {"a": [1, 2]}},
+        metrics={"interval": 30.0, "owner": {"dag_id": "d", "run_id": "r", "task_id": "t", "map_index": 2}},
     )
     classpath, kwargs = trigger.serialize()
     assert classpath == "airflow_wmltrain.triggers.training_run.TrainingRunTrigger"
@@ -79,6 +80,7 @@ def test_training_run_trigger_round_trips() -> None:
         "docker_host",
         "poll_interval",
         "halt",
+        "metrics",
         "deferred_at",
     }
     assert round_trip(trigger) == (classpath, kwargs)
