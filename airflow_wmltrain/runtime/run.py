@@ -20,7 +20,7 @@ import socket
 import stat
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
@@ -438,7 +438,7 @@ class TrainingRun:
                 self._upload(results_dir, self.prefix, "results", reserved=RESERVED_RESULTS)
                 self._upload(logs_dir, self.prefix + LOGS_PREFIX, "logs", reserved=RESERVED_LOGS)
                 self._upload(own_dir, self.prefix + LOGS_PREFIX, "run's own logs")
-            self.store_learning_curve()
+            self.store_learning_curve(series.steps)
             error: WmlTrainError | None = None
             state, phase = RunState.COMPLETED, ""
             if halted:
@@ -457,16 +457,19 @@ class TrainingRun:
         self.remove_workspace(hook)
         return status
 
-    def store_learning_curve(self) -> str | None:
-        """Draw the run's metrics per step (``status.steps``, at least 2 points) and store the picture as
-        ``<training-id>/learning-curve.png``; its key, or ``None`` when there is nothing to draw.
+    def store_learning_curve(self, steps: Sequence[Mapping[str, float]] | None = None) -> str | None:
+        """Draw the run's metrics per step (``steps``, else ``status.steps``; at least 2 points) and store
+        the picture as ``<training-id>/learning-curve.png``; its key, or ``None`` when there is nothing to
+        draw.
 
         A picture is never worth a run: a failure to draw or store it is a warning in the task log.
         """
         key = self.prefix + LEARNING_CURVE_FILE
         try:
             png = learning_curve_png(
-                self.status.steps, training_id=self.training_id, hyperparameters=self.status.hyperparameters
+                self.status.steps if steps is None else steps,
+                training_id=self.training_id,
+                hyperparameters=self.status.hyperparameters,
             )
             if png is None:
                 return None

@@ -434,6 +434,18 @@ def test_store_keeps_the_learning_curve_of_the_runs_steps(
     assert puts[-1] == f"{TRAINING_ID}/{STATUS_FILE}"
 
 
+def test_the_learning_curve_draws_the_steps_read_at_storing(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    """No point was published while the run trained (a short run, a long metrics_interval): the steps
+    read from metrics.jsonl at STORING are the ones drawn."""
+    run = processing(new_run(settings))
+    (run.workspace.results / "metrics.jsonl").write_text("".join(json.dumps(point) + "\n" for point in STEPS))
+    status = run.store(hook, exited(docker_api, hook))
+    assert len(status.steps) == len(STEPS)
+    assert results.objects[CURVE].startswith(b"\x89PNG\r\n\x1a\n")
+
+
 def test_a_failed_run_keeps_its_learning_curve_too(
     settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
 ) -> None:
