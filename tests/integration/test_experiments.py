@@ -108,7 +108,7 @@ def test_the_example_grid_runs_on_four_gpus_picks_its_best_run_and_triggers_the_
         unpaused("mnist_evaluate")
         unpaused("mnist_grid")
         before = {r["dag_run_id"] for r in api.get("/dags/mnist_evaluate/dagRuns").json()["dag_runs"]}
-        conf = {"data_bucket": data, "results_bucket": results, "trainingIters": 640}
+        conf = {"data_bucket": data, "results_bucket": results, "trainingIters": 1920}
         run_id = api.post("/dags/mnist_grid/dagRuns", json={"logical_date": None, "conf": conf}).json()[
             "dag_run_id"
         ]
@@ -121,7 +121,7 @@ def test_the_example_grid_runs_on_four_gpus_picks_its_best_run_and_triggers_the_
         labels = sorted(str(ti.get("rendered_map_index")) for ti in mapped)
         assert len(mapped) == 6, mapped
         assert all(ti["state"] == "success" for ti in mapped), mapped
-        assert "learningRate=0.001,batchSize=64,trainingIters=640" in labels, labels
+        assert "learningRate=0.001,batchSize=64,trainingIters=1920" in labels, labels
 
         statuses = {}
         for ti in mapped:
@@ -129,7 +129,7 @@ def test_the_example_grid_runs_on_four_gpus_picks_its_best_run_and_triggers_the_
             tid = result["training_id"]
             status = json.loads(read(s3_client, results, f"{tid}/_status.json"))
             assert status["state"] == "COMPLETED", status
-            assert status["hyperparameters"]["trainingIters"] in (640, "640"), status["hyperparameters"]
+            assert status["hyperparameters"]["trainingIters"] in (1920, "1920"), status["hyperparameters"]
             # Metrics per step and a learning curve in every results folder.
             assert len(status["steps"]) >= 2, status
             assert "accuracy" in status["metrics"], status
