@@ -16,20 +16,14 @@ from __future__ import annotations
 
 import os
 from datetime import datetime
-from pathlib import Path
 
-import yaml
 from airflow.sdk import DAG, AssetAlias, Param
+from mnist_example import CONTAINER, MODEL_ZIP, manifest
 
 from airflow_wmltrain.grid import MAP_INDEX_TEMPLATE, grid
 from airflow_wmltrain.operators.best_run import BestRunOperator
 from airflow_wmltrain.operators.training_run import TrainingRunOperator
 from airflow_wmltrain.service.pools import DEFAULT_POOL, pool_slots
-
-ROOT = Path(__file__).resolve().parents[1]
-MANIFEST = yaml.safe_load((ROOT / "examples" / "mnist" / "manifest.yaml").read_text())
-MANIFEST["training_data_reference"][0]["source"]["bucket"] = "{{ params.data_bucket }}"
-MANIFEST["training_results_reference"]["target"]["bucket"] = "{{ params.results_bucket }}"
 
 with DAG(
     dag_id="mnist_grid",
@@ -47,16 +41,16 @@ with DAG(
 ) as dag:
     train = TrainingRunOperator.partial(
         task_id="train",
-        manifest=MANIFEST,
-        model_definition=os.environ.get("WMLTRAIN_MNIST_MODEL", str(ROOT / "build" / "mnist-model.zip")),
+        manifest=manifest(
+            data_bucket="{{ params.data_bucket }}", results_bucket="{{ params.results_bucket }}"
+        ),
+        model_definition=MODEL_ZIP,
         map_index_template=MAP_INDEX_TEMPLATE,
         pool=os.environ.get("WMLTRAIN_POOL", DEFAULT_POOL),
         pool_slots=pool_slots("small"),
         deferrable=True,
-        docker_url=os.environ.get("WMLTRAIN_DOCKER_URL") or None,
-        network_mode="none",
-        shm_size=256 * 1024 * 1024,
         outlets=[AssetAlias("mnist-models")],
+        **CONTAINER,
     ).expand(
         hyperparameters=grid(
             product={"learningRate": [0.0003, 0.001, 0.003], "batchSize": [32, 64]},

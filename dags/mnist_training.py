@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 from datetime import datetime
-from pathlib import Path
 
 from airflow.sdk import DAG, Param
+from mnist_example import CONTAINER, MODEL_ZIP, ROOT
 
 from airflow_wmltrain.operators.training_run import TrainingRunOperator
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist"
+EXAMPLE = ROOT / "examples" / "mnist"
 
 with DAG(
     dag_id="mnist_training",
@@ -34,14 +34,10 @@ with DAG(
     TrainingRunOperator(
         task_id="train",
         manifest=os.environ.get("WMLTRAIN_MNIST_MANIFEST", str(EXAMPLE / "manifest.yaml")),
-        model_definition=os.environ.get(
-            "WMLTRAIN_MNIST_MODEL", str(Path(__file__).resolve().parents[1] / "build" / "mnist-model.zip")
-        ),
+        model_definition=MODEL_ZIP,
         hyperparameters={
             "learningRate": "{{ params.learningRate }}",
             "trainingIters": "{{ params.trainingIters }}",
         },
-        docker_url=os.environ.get("WMLTRAIN_DOCKER_URL") or None,
-        network_mode="none",
-        shm_size=256 * 1024 * 1024,
+        **CONTAINER,
     )
