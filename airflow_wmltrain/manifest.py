@@ -103,9 +103,10 @@ def _http_url(value: str | None) -> str | None:
     if value is None:
         return None
     if not is_http_url(value):
-        shown = f"'{value}'" if "@" not in value else "the value"  # user-info may hold a password
+        # Never echoed: a value that is no URL may be a key pasted into the wrong field, and a URL's
+        # user-info may hold a password.
         raise PydanticCustomError(
-            "wmltrain", "{shown} is not an http(s) URL; write e.g. https://host:443", {"shown": shown}
+            "wmltrain", "the value is not an http(s) URL; write e.g. https://host:443", {}
         )
     return value
 

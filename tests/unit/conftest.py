@@ -5,22 +5,25 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from airflow_wmltrain.operators.training_run import TrainingRunOperator
 from airflow_wmltrain.runtime import gpus
 from airflow_wmltrain.settings import Settings
 from tests.conftest import zip_bytes
-from tests.unit.fakes import FakeDocker, MemoryStores, fake_stage, fake_upload_tree
+from tests.unit.fakes import FakeDocker, MemoryStore, MemoryStores, fake_stage, fake_upload_tree
 
 IMAGE = "busybox:fake"
 FRAMEWORKS = {"busybox": {"1": {"image": IMAGE}}}
 DATA_BUCKET = "unit-data"
 RESULTS_BUCKET = "unit-results"
 TRAIN_SH = "echo training\n"
+#: The command of the operator's runs in these tests (a hyperparameter to apply).
+OPERATOR_COMMAND = "sh train.sh --learningRate 0.1"
 
 
 def manifest_doc(
@@ -162,3 +165,30 @@ class FakeTi:
 @pytest.fixture
 def ti() -> FakeTi:
     return FakeTi()
+
+
+@pytest.fixture
+def results(stores: MemoryStores) -> MemoryStore:
+    """The results bucket of the runs."""
+    return stores[RESULTS_BUCKET]
+
+
+@pytest.fixture
+def make_op(docker_api: FakeDocker, model_zip: Path) -> Callable[..., TrainingRunOperator]:
+    """A ``TrainingRunOperator`` on the stand-in Docker daemon (keyword arguments override)."""
+
+    def make(**kwargs: Any) -> TrainingRunOperator:
+        params: dict[str, Any] = {
+            "task_id": "train",
+            "manifest": manifest_doc(command=OPERATOR_COMMAND),
+            "model_definition": str(model_zip),
+            "docker_url": docker_api.url,
+            "api_version": "1.43",
+            "timeout": 10,
+            "deferrable": False,
+            "network_mode": "none",
+        }
+        params.update(kwargs)
+        return TrainingRunOperator(**params)
+
+    return make

@@ -3,6 +3,7 @@ entries and the OpenLineage datasets of ``TrainingRunOperator`` (no service need
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
@@ -152,23 +153,11 @@ OTHER_ASSET = Asset("s3://elsewhere/models")
 
 
 @pytest.fixture
-def make_op(docker_api: FakeDocker, model_zip: Path) -> Callable[..., TrainingRunOperator]:
-    def make(**kwargs: Any) -> TrainingRunOperator:
-        params: dict[str, Any] = {
-            "task_id": "train",
-            "manifest": manifest_doc(command=COMMAND),
-            "model_definition": str(model_zip),
-            "docker_url": docker_api.url,
-            "api_version": "1.43",
-            "timeout": 10,
-            "deferrable": False,
-            "network_mode": "none",
-            "outlets": [ALIAS, BUCKET_ASSET, OTHER_ASSET],
-        }
-        params.update(kwargs)
-        return TrainingRunOperator(**params)
-
-    return make
+def make_op(make_op: Callable[..., TrainingRunOperator]) -> Callable[..., TrainingRunOperator]:
+    """The operator of tests/unit/conftest.py, with this module's outlets."""
+    return functools.partial(
+        make_op, manifest=manifest_doc(command=COMMAND), outlets=[ALIAS, BUCKET_ASSET, OTHER_ASSET]
+    )
 
 
 def run_context(ti: FakeTi) -> Any:

@@ -482,7 +482,7 @@ def test_auth_url_must_be_http(seed_swift: dict[str, Any]) -> None:
     seed_swift["training_data_reference"][0]["connection"]["auth_url"] = "<auth-url>"
     err = refusal(seed_swift, CredentialsError)
     assert str(err) == (
-        "training_data_reference[0].connection.auth_url: '<auth-url>' is not an http(s) URL; "
+        "training_data_reference[0].connection.auth_url: the value is not an http(s) URL; "
         "write e.g. https://host:443"
     )
 

@@ -7,6 +7,7 @@ the refusal of a bad pattern (operator argument, ``[wmltrain]`` setting)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -26,8 +27,8 @@ from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS
 from airflow_wmltrain.settings import Settings
 from airflow_wmltrain.training_id import derive_training_id
 from airflow_wmltrain.triggers import training_run as trigger_module
-from tests.unit.conftest import RESULTS_BUCKET, FakeTi, manifest_doc
-from tests.unit.fakes import FakeContainer, FakeDocker, MemoryStore, MemoryStores, RunScript
+from tests.unit.conftest import FakeTi, manifest_doc
+from tests.unit.fakes import FakeContainer, FakeDocker, MemoryStore, RunScript
 
 pytestmark = pytest.mark.usefixtures("wmltrain_env", "stores")
 
@@ -41,33 +42,14 @@ def training_id_of(ti: FakeTi) -> str:
 
 
 @pytest.fixture
-def make_op(docker_api: FakeDocker, model_zip: Path) -> Callable[..., TrainingRunOperator]:
-    def make(**kwargs: Any) -> TrainingRunOperator:
-        params: dict[str, Any] = {
-            "task_id": "train",
-            "manifest": manifest_doc(command="sh train.sh"),
-            "model_definition": str(model_zip),
-            "docker_url": docker_api.url,
-            "api_version": "1.43",
-            "timeout": 10,
-            "deferrable": False,
-            "network_mode": "none",
-            "metrics_pattern": PATTERN,
-        }
-        params.update(kwargs)
-        return TrainingRunOperator(**params)
-
-    return make
+def make_op(make_op: Callable[..., TrainingRunOperator]) -> Callable[..., TrainingRunOperator]:
+    """The operator of tests/unit/conftest.py, collecting metrics from its log lines."""
+    return functools.partial(make_op, manifest=manifest_doc(command="sh train.sh"), metrics_pattern=PATTERN)
 
 
 @pytest.fixture
 def fast_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIRFLOW__WMLTRAIN__METRICS_INTERVAL", "1")
-
-
-@pytest.fixture
-def results(stores: MemoryStores) -> MemoryStore:
-    return stores[RESULTS_BUCKET]
 
 
 def context(ti: FakeTi) -> Any:

@@ -25,7 +25,7 @@ from airflow_wmltrain.runtime.workspace import Workspace
 from airflow_wmltrain.settings import Settings
 from airflow_wmltrain.training_id import derive_training_id
 from tests.unit.conftest import IMAGE, RESULTS_BUCKET, FakeTi, manifest_doc
-from tests.unit.fakes import FakeContainer, FakeDocker, MemoryStore, MemoryStores, RunScript
+from tests.unit.fakes import FakeContainer, FakeDocker, MemoryStore, RunScript
 
 pytestmark = pytest.mark.usefixtures("wmltrain_env", "stores")
 
@@ -50,25 +50,6 @@ def owner_labels(ti: FakeTi, **other: Any) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def make_op(docker_api: FakeDocker, model_zip: Path) -> Callable[..., TrainingRunOperator]:
-    def make(**kwargs: Any) -> TrainingRunOperator:
-        params: dict[str, Any] = {
-            "task_id": "train",
-            "manifest": manifest_doc(command=COMMAND),
-            "model_definition": str(model_zip),
-            "docker_url": docker_api.url,
-            "api_version": "1.43",
-            "timeout": 10,
-            "deferrable": False,
-            "network_mode": "none",
-        }
-        params.update(kwargs)
-        return TrainingRunOperator(**params)
-
-    return make
-
-
 def context(ti: FakeTi) -> Any:
     return {"ti": ti, "task_instance": ti}
 
@@ -80,11 +61,6 @@ def status_in(store: MemoryStore, ti: FakeTi) -> dict[str, Any]:
 
 def states(document: dict[str, Any]) -> list[str]:
     return [item["state"] for item in document["history"]]
-
-
-@pytest.fixture
-def results(stores: MemoryStores) -> MemoryStore:
-    return stores[RESULTS_BUCKET]
 
 
 @pytest.fixture

@@ -69,30 +69,6 @@ def with_conn_ids(data: str, results: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def make_op(docker_api: FakeDocker, model_zip: Path) -> Callable[..., TrainingRunOperator]:
-    def make(**kwargs: Any) -> TrainingRunOperator:
-        params: dict[str, Any] = {
-            "task_id": "train",
-            "manifest": manifest_doc(command=COMMAND),
-            "model_definition": str(model_zip),
-            "docker_url": docker_api.url,
-            "api_version": "1.43",
-            "timeout": 10,
-            "deferrable": False,
-            "network_mode": "none",
-        }
-        params.update(kwargs)
-        return TrainingRunOperator(**params)
-
-    return make
-
-
-@pytest.fixture
-def results(stores: MemoryStores) -> MemoryStore:
-    return stores[RESULTS_BUCKET]
-
-
-@pytest.fixture
 def spawned(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(operator_module, "spawn_halter", lambda params, log_path: calls.append(dict(params)))
