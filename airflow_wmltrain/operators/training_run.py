@@ -120,6 +120,7 @@ class _Try:
 
     :param owner: the task instance (dag, run, task, map index, try), as the run's status records it.
     :param ti: the task instance, to ask Airflow for its state when the task is stopped.
+    :param context: the try's context (the asset event of a completed run goes through it).
     :param run: the training run, once the submission is valid.
     :param container_id: the run's container, as soon as it exists.
     :param halt_requested: a person or a deadline asked for a halt.
@@ -132,6 +133,7 @@ class _Try:
 
     owner: dict[str, Any] = field(default_factory=dict)
     ti: Any = None
+    context: Any = None
     run: TrainingRun | None = None
     container_id: str | None = None
     halt_requested: bool = False
@@ -380,7 +382,7 @@ class TrainingRunOperator(DockerOperator):
         settings = Settings.from_airflow_config()
         training_id = self._training_id(context)
         owner = self._airflow_info(context)
-        self._try = _Try(owner=owner, ti=context["ti"])
+        self._try = _Try(owner=owner, ti=context["ti"], context=context)
         try:
             with _airflow_errors():
                 submission = self._validate(settings, training_id)
@@ -415,7 +417,7 @@ class TrainingRunOperator(DockerOperator):
             run.location,
         )
         with _airflow_errors():
-            return emit_results_event(self.outlets, context, self._execute(run, submission), self.log)
+            return self._execute(run, submission)
 
     def _execute(self, run: TrainingRun, submission: Submission) -> dict[str, Any]:
         owner = self._try.owner
@@ -841,7 +843,7 @@ class TrainingRunOperator(DockerOperator):
         """Finish a deferred run: check the event, show the log, store results and logs, end the run."""
         settings = Settings.from_airflow_config()
         training_id = self._training_id(context)
-        self._try = _Try(owner=self._airflow_info(context), ti=context["ti"])
+        self._try = _Try(owner=self._airflow_info(context), ti=context["ti"], context=context)
         if not isinstance(event, dict) or event.get("training_id") != training_id:
             raise AirflowException(f"an unexpected event resumed the task of {training_id}: {event!r}")
         with _airflow_errors():
@@ -881,7 +883,7 @@ class TrainingRunOperator(DockerOperator):
                 raise AirflowException(f"{err}: {event!r}") from None
             self._try.container_id = outcome.container_id
             self._show_log(run, hook, outcome.container_id)
-            return emit_results_event(self.outlets, context, self._finish(run, hook, outcome), self.log)
+            return self._finish(run, hook, outcome)
 
     def _finish(
         self, run: TrainingRun, hook: TrainingDockerHook, outcome: ContainerOutcome
@@ -902,6 +904,8 @@ class TrainingRunOperator(DockerOperator):
         return self._result(run)
 
     def _result(self, run: TrainingRun) -> dict[str, Any]:
+        """The task's end: its exception for a failed or halted run; for a completed one its return value,
+        after the asset event of its results (the one place a task completes a run)."""
         status = run.status
         if status.state is RunState.FAILED:
             raise TrainingFailedError(status.failure_message())
@@ -910,7 +914,7 @@ class TrainingRunOperator(DockerOperator):
         self.log.info("Training run %s COMPLETED; results in %s", run.training_id, run.location)
         if status.metrics:
             self.log.info("Metrics: %s", json.dumps(dict(status.metrics), sort_keys=True))
-        return run.result()
+        return emit_results_event(self.outlets, self._try.context, run.result(), self.log)
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """OpenLineage: the run's data bucket (input) and results location (output), as the amazon
