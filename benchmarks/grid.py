@@ -156,6 +156,7 @@ class Grid:
     others: int = 0  # run containers of anybody else on the daemon meanwhile
     load_before: str = ""
     load_after: str = ""
+    restarted: list[str] = field(default_factory=list)  # Airflow processes restarted meanwhile
 
     def summary(self, gpus: int = GPUS) -> dict[str, Any]:
         seconds = [r.seconds for r in self.runs if r.seconds is not None]
@@ -185,6 +186,7 @@ class Grid:
             "phases": self.phases(gpus),
             "load_before": self.load_before,
             "load_after": self.load_after,
+            "airflow_restarted": self.restarted,
         }
 
     def phases(self, gpus: int) -> dict[str, float | None]:
@@ -293,11 +295,30 @@ class Bench:
         log(change.describe())
         return change.slots
 
-    def drop_pool(self, name: str) -> None:
-        from airflow_wmltrain.service.api import ApiNotFoundError, quote
+    def drop_pool(self, name: str, patience: float = 120) -> None:
+        """Delete the pool; waits up to ``patience`` seconds for an api-server that is restarting."""
+        from airflow_wmltrain.service.api import ApiNotFoundError, ApiTimeoutError, ApiUnreachableError, quote
 
-        with contextlib.suppress(ApiNotFoundError):
-            self.rest.call("DELETE", f"/pools/{quote(name)}")
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                with contextlib.suppress(ApiNotFoundError):
+                    self.rest.call("DELETE", f"/pools/{quote(name)}")
+                return
+            except (ApiUnreachableError, ApiTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(3)
+
+    def airflow_pids(self) -> dict[str, int]:
+        """The services' Airflow processes (a restart during a side makes its numbers void)."""
+        from tests.faults.fault_helpers import pid_file
+
+        found = {}
+        for name in ("airflow-scheduler", "airflow-triggerer", "airflow-api-server", "airflow-dag-processor"):
+            with contextlib.suppress(OSError, ValueError):
+                found[name] = pid_file(self.services, name)
+        return found
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         from tests.faults.fault_helpers import api_get
@@ -581,6 +602,8 @@ def report(grids: list[Grid], args: argparse.Namespace, facts: dict[str, Any]) -
                 f"{g.who}: {len(g.overlaps)} overlap(s), e.g.:",
                 *[f"- {o}" for o in g.overlaps[:5]],
             ]
+        if g.restarted:
+            lines += ["", f"{g.who}: VOID, Airflow restarted meanwhile: {', '.join(g.restarted)}"]
         if g.state != "success":
             bad = [f"[{r.index}] {r.state} (try {r.tries})" for r in g.runs if r.state != "success"]
             lines += ["", f"{g.who}: the DAG run ended {g.state}: {', '.join(bad[:10])}"]
@@ -676,8 +699,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     bench = Bench(services)
     grids: list[Grid] = []
+    failure = ""
     try:
         for side in sides:
+            pids = bench.airflow_pids()
             if side.startswith("ours"):
                 grids.append(
                     run_ours(
@@ -692,7 +717,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             else:
                 grids.append(run_peer(bench, args.n, args.seconds, timeout))
+            restarted = sorted(k for k, v in bench.airflow_pids().items() if pids.get(k) != v)
+            grids[-1].restarted = restarted
             log(f"{side}: {json.dumps({k: v for k, v in grids[-1].summary().items() if k != 'phases'})}")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # the tests' helpers fail with pytest's Failed, a BaseException
+        failure = f"{type(err).__name__}: {err}"
+        log(f"the benchmark failed: {failure}")
     finally:
         bench.clean_up()
     facts = machine_facts(started)
@@ -709,7 +741,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 indent=2,
             )
         )
-    ok = all(g.state == "success" and not g.overlaps for g in grids if g.who.startswith("ours"))
+    if failure:
+        print(f"\nThe benchmark stopped early: {failure}")
+    ok = not failure and all(
+        g.state == "success" and not g.overlaps and not g.restarted for g in grids if g.who.startswith("ours")
+    )
     return 0 if ok else 1
 
 
