@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,7 @@ SERVICES_VARS = (
     "WMLTRAIN_AIRFLOW_USER",
     "WMLTRAIN_AIRFLOW_PASSWORD",
     "WMLTRAIN_AIRFLOW_TEST_DAGS",
+    "WMLTRAIN_AIRFLOW_HOME",
 )
 POOL_PREFIX = "wmltrain_bench_grid_"
 OURS_KIND = "bench_grid"  # its DAG id: wmltrain_fault_bench_grid_<key> (the fault tests' drop_dag)
@@ -131,6 +133,7 @@ class Run:
     started: float | None = None
     died: float | None = None
     history: dict[str, float] = field(default_factory=dict)  # ours: the run status's states
+    logged: dict[str, float] = field(default_factory=dict)  # ours: from the task's and trigger's logs
 
     @property
     def seconds(self) -> float | None:
@@ -187,6 +190,7 @@ class Grid:
             "load_before": self.load_before,
             "load_after": self.load_after,
             "airflow_restarted": self.restarted,
+            "gpu_lease_waits_s": [r.logged["gpu_wait"] for r in self.runs if "gpu_wait" in r.logged],
         }
 
     def phases(self, gpus: int) -> dict[str, float | None]:
@@ -216,6 +220,21 @@ class Grid:
                 "run (started → died)": median([r.seconds for r in runs]),
                 "end noticed (died → STORING)": median(
                     [r.between(r.died, x.get("STORING")) for r, x in zip(runs, h, strict=True)]
+                ),
+                "… deferred → trigger fired": median(
+                    [r.between(r.logged.get("deferred"), r.logged.get("fired")) for r in runs]
+                ),
+                "… container died → trigger fired": median(
+                    [r.between(r.died, r.logged.get("fired")) for r in runs]
+                ),
+                "… trigger fired → task resumed": median(
+                    [r.between(r.logged.get("fired"), r.logged.get("resumed")) for r in runs]
+                ),
+                "… task resumed → STORING": median(
+                    [
+                        r.between(r.logged.get("resumed"), x.get("STORING"))
+                        for r, x in zip(runs, h, strict=True)
+                    ]
                 ),
                 "storing (STORING → COMPLETED)": median(
                     [r.between(x.get("STORING"), x.get("COMPLETED")) for x, r in zip(h, runs, strict=True)]
@@ -440,12 +459,61 @@ def run_ours(
         inspected = bench.events.gpus.get(_container_id(bench, r.container), "?")
         given = ",".join(status.get("gpus") or []) or "?"
         r.gpu = inspected if inspected == given else f"{inspected}|status:{given}"
+        r.logged = logged_times(bench.services, dag.dag_id, dag.run_id, r.index)
+    waited = [r.logged["gpu_wait"] for r in grid.runs if "gpu_wait" in r.logged]
+    if waited:
+        log(f"{side}: {len(waited)} run(s) waited for a GPU lease: {', '.join(f'{w:g}' for w in waited)} s")
     intervals = [(r.container, r.gpu, r.started, r.died) for r in grid.runs if r.started and r.died]
     grid.overlaps = gpu_overlaps([(a, b, float(c or 0), float(d or 0)) for a, b, c, d in intervals])
     mine = {r.container for r in grid.runs}
     if grid.dag_start and grid.dag_end:
         grid.others = bench.others_meanwhile(mine, grid.dag_start, grid.dag_end)
     return grid
+
+
+GOT_GPU = re.compile(r"got GPU\(s\) \S+ after waiting ([0-9.]+) s")
+
+
+def logged_times(services: dict[str, str], dag_id: str, run_id: str, index: int) -> dict[str, float]:
+    """From the task's log files in the services' Airflow home: when the try that deferred deferred
+    (``deferred``), its trigger fired (``fired``) and the task resumed (``resumed``), and the seconds the
+    run waited for a GPU lease (``gpu_wait``, when it did)."""
+    folder = (
+        Path(services["WMLTRAIN_AIRFLOW_HOME"])
+        / "logs"
+        / f"dag_id={dag_id}"
+        / f"run_id={run_id}"
+        / "task_id=train"
+    ) / f"map_index={index}"
+    found: dict[str, float] = {}
+
+    def lines(path: Path) -> list[tuple[float, str]]:
+        out = []
+        with contextlib.suppress(OSError):
+            for line in path.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    entry = json.loads(line)
+                    out.append((epoch(entry["timestamp"]) or 0.0, str(entry.get("event", ""))))
+        return out
+
+    for attempt in sorted(folder.glob("attempt=*.log")):
+        events = lines(attempt)
+        for _at, event in events:
+            match = GOT_GPU.search(event)
+            if match:
+                found["gpu_wait"] = found.get("gpu_wait", 0.0) + float(match.group(1))
+        deferred = next((at for at, event in events if "Pausing task as DEFERRED" in event), None)
+        if deferred is None or "deferred" in found:
+            continue
+        found["deferred"] = deferred
+        resumed = next((at for at, e in events if e == "::group::Pre Execute" and at > deferred), None)
+        if resumed is not None:
+            found["resumed"] = resumed
+        for trigger_log in folder.glob(f"{attempt.name}.trigger.*.log"):
+            fired = next((at for at, event in lines(trigger_log) if event == "Trigger fired event"), None)
+            if fired is not None:
+                found["fired"] = fired
+    return found
 
 
 def _container_id(bench: Bench, name: str) -> str:
@@ -601,6 +669,13 @@ def report(grids: list[Grid], args: argparse.Namespace, facts: dict[str, Any]) -
                 "",
                 f"{g.who}: {len(g.overlaps)} overlap(s), e.g.:",
                 *[f"- {o}" for o in g.overlaps[:5]],
+            ]
+        waits = summaries[g.who]["gpu_lease_waits_s"]
+        if waits:
+            lines += [
+                "",
+                f"{g.who}: {len(waits)} run(s) waited for a GPU lease "
+                f"({', '.join(f'{w:g}' for w in waits)} s): the GPUs were held by other runs on the daemon.",
             ]
         if g.restarted:
             lines += ["", f"{g.who}: VOID, Airflow restarted meanwhile: {', '.join(g.restarted)}"]
