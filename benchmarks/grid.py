@@ -716,9 +716,24 @@ def services_env() -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if name.startswith("WMLTRAIN_")}
 
 
+def connect(services: dict[str, str]) -> Bench:
+    """The services' clients; exits (2) saying so when Airflow's API server does not answer."""
+    import httpx
+
+    try:
+        return Bench(services)
+    except httpx.TransportError as err:
+        print(
+            f"the Airflow API server at {services['WMLTRAIN_AIRFLOW_URL']} does not answer ({err}): is it "
+            "restarting? (scripts/services status)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+
+
 def clean(services: dict[str, str]) -> int:
     """Remove the DAG files and pools an interrupted run left."""
-    bench = Bench(services)
+    bench = connect(services)
     try:
         folder = Path(services["WMLTRAIN_AIRFLOW_TEST_DAGS"])
         for path in [*folder.glob(f"wmltrain_fault_{OURS_KIND}_*.py"), *folder.glob(f"{PEER_PREFIX}*.py")]:
@@ -772,7 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--sides: give some of {', '.join(SIDES)}, e.g. ours,peer")
     timeout = args.timeout or 60 + args.n * args.seconds * 4
     started = time.time()
-    bench = Bench(services)
+    bench = connect(services)
     grids: list[Grid] = []
     failure = ""
     try:
