@@ -211,7 +211,7 @@ class Grid:
                 "task start → staging (DOWNLOADING)": median(
                     [r.between(r.ti_start, x.get("DOWNLOADING")) for r, x in zip(runs, h, strict=True)]
                 ),
-                "staging (DOWNLOADING → container created)": median(
+                "staging, GPU lease (DOWNLOADING → container created)": median(
                     [r.between(x.get("DOWNLOADING"), r.created) for r, x in zip(runs, h, strict=True)]
                 ),
                 "container start (created → started)": median(
@@ -356,21 +356,10 @@ class Bench:
         return dict(api_get(self.api, f"/dags/{dag_id}/dagRuns/{quote(run_id)}").json())
 
     def xcom(self, dag_id: str, run_id: str, key: str, index: int) -> Any:
-        from tests.faults.fault_helpers import api_get
-        from tests.integration.service_helpers import quote
+        from tests.faults.fault_helpers import DroppedDag, xcom_value
 
-        response = api_get(
-            self.api,
-            f"/dags/{dag_id}/dagRuns/{quote(run_id)}/taskInstances/train/xcomEntries/{key}",
-            params={"map_index": index, "deserialize": "true"},
-        )
-        if response.status_code != 200:
-            return None
-        value = response.json().get("value")
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = json.loads(value)
-        return value
+        dag = DroppedDag(dag_id=dag_id, data="", results="", path=Path(), run_id=run_id)
+        return xcom_value(self.api, dag, key, index)
 
     def others_meanwhile(self, mine: set[str], start: float, end: float) -> int:
         """Run containers of others (other tests on the shared daemon) that ran while the grid ran."""
@@ -528,7 +517,7 @@ def run_peer(bench: Bench, n: int, seconds: float, timeout: float) -> Grid:
 
     key = uuid.uuid4().hex[:8]
     pool = f"{POOL_PREFIX}peer_{key}"
-    bench.make_pool(pool)  # the same pool: 4 slots (include_deferred does not matter: nothing defers)
+    bench.make_pool(pool)  # made as ours: 4 slots (include_deferred does not matter: nothing defers)
     dag_id = f"{PEER_PREFIX}{key}"
     container = f"wmltrain-bench-peer-{key}"
     path = Path(bench.services["WMLTRAIN_AIRFLOW_TEST_DAGS"]) / f"{dag_id}.py"

@@ -415,9 +415,15 @@ def task_instance(api: httpx.Client, dag: DroppedDag, map_index: int = -1) -> di
 
 def status_xcom(api: httpx.Client, dag: DroppedDag, map_index: int = -1) -> dict[str, Any] | None:
     """The run's status as the REST API serves it (the ``wmltrain_status`` XCom of the task instance)."""
+    value = xcom_value(api, dag, STATUS_XCOM_KEY, map_index)
+    return value if isinstance(value, dict) else None
+
+
+def xcom_value(api: httpx.Client, dag: DroppedDag, key: str, map_index: int = -1) -> Any:
+    """An XCom of the DAG's ``train`` task instance, deserialized (``None`` when there is none)."""
     response = api_get(
         api,
-        f"/dags/{dag.dag_id}/dagRuns/{quote(dag.run_id)}/taskInstances/train/xcomEntries/{STATUS_XCOM_KEY}",
+        f"/dags/{dag.dag_id}/dagRuns/{quote(dag.run_id)}/taskInstances/train/xcomEntries/{key}",
         params={"map_index": map_index, "deserialize": "true"},
     )
     if response.status_code != 200:
@@ -426,7 +432,7 @@ def status_xcom(api: httpx.Client, dag: DroppedDag, map_index: int = -1) -> dict
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
             value = json.loads(value)
-    return value if isinstance(value, dict) else None
+    return value
 
 
 def bucket_status(s3: Any, dag: DroppedDag, map_index: int = -1) -> dict[str, Any] | None:
