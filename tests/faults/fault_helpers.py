@@ -20,7 +20,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -416,9 +416,15 @@ def task_instance(api: httpx.Client, dag: DroppedDag, map_index: int = -1) -> di
 
 def status_xcom(api: httpx.Client, dag: DroppedDag, map_index: int = -1) -> dict[str, Any] | None:
     """The run's status as the REST API serves it (the ``wmltrain_status`` XCom of the task instance)."""
+    value = xcom_value(api, dag, STATUS_XCOM_KEY, map_index)
+    return value if isinstance(value, dict) else None
+
+
+def xcom_value(api: httpx.Client, dag: DroppedDag, key: str, map_index: int = -1) -> Any:
+    """An XCom of the DAG's ``train`` task instance, deserialized (``None`` when there is none)."""
     response = api_get(
         api,
-        f"/dags/{dag.dag_id}/dagRuns/{quote(dag.run_id)}/taskInstances/train/xcomEntries/{STATUS_XCOM_KEY}",
+        f"/dags/{dag.dag_id}/dagRuns/{quote(dag.run_id)}/taskInstances/train/xcomEntries/{key}",
         params={"map_index": map_index, "deserialize": "true"},
     )
     if response.status_code != 200:
@@ -427,7 +433,7 @@ def status_xcom(api: httpx.Client, dag: DroppedDag, map_index: int = -1) -> dict
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
             value = json.loads(value)
-    return value if isinstance(value, dict) else None
+    return value
 
 
 def bucket_status(s3: Any, dag: DroppedDag, map_index: int = -1) -> dict[str, Any] | None:
@@ -760,14 +766,19 @@ class CreateEvents:
 
         return guard
 
-    def run_intervals(self) -> list[tuple[str, str, float, float]]:
-        """``(name, gpus, started, died)`` of every run container that started and died (seconds)."""
+    def run_intervals(self, names: Collection[str] | None = None) -> list[tuple[str, str, float, float]]:
+        """``(name, gpus, started, died)`` of every run container that started and died (seconds); with
+        ``names``, of the containers of those names instead (any container, e.g. a ``DockerOperator``'s:
+        its GPUs are ``?`` when it is not a run container)."""
         with self._lock:
             events = list(self.events.values())
         by_id: dict[str, dict[str, Any]] = {}
         for event in events:
             attributes = event.get("Actor", {}).get("Attributes", {})
-            if attributes.get(labels.ROLE) != labels.ROLE_RUN:
+            if names is not None:
+                if attributes.get("name") not in names:
+                    continue
+            elif attributes.get(labels.ROLE) != labels.ROLE_RUN:
                 continue
             entry = by_id.setdefault(str(event.get("id")), {"name": attributes.get("name", "?")})
             action = event.get("Action") or event.get("status")
@@ -777,6 +788,18 @@ class CreateEvents:
             for cid, e in by_id.items()
             if "start" in e and "die" in e
         ]
+
+    def first_times(self, names: Collection[str]) -> dict[str, dict[str, float]]:
+        """``{name: {action: seconds}}``: when each named container was first created, started and died."""
+        with self._lock:
+            events = list(self.events.values())
+        times: dict[str, dict[str, float]] = {}
+        for event in sorted(events, key=lambda e: int(e.get("timeNano", 0))):
+            name = str(event.get("Actor", {}).get("Attributes", {}).get("name"))
+            if name in names:
+                action = str(event.get("Action") or event.get("status"))
+                times.setdefault(name, {}).setdefault(action, int(event.get("timeNano", 0)) / 1e9)
+        return times
 
     def describe(self, training_id: str) -> str:
         found = [
@@ -816,6 +839,21 @@ def visible_devices(info: dict[str, Any]) -> str:
         for device in request.get("DeviceIDs") or []
     ]
     return ",".join(ids) if ids else "none"
+
+
+def gpu_overlaps(intervals: list[tuple[str, str, float, float]]) -> list[str]:
+    """Every two of ``(name, gpus, started, died)`` (:meth:`CreateEvents.run_intervals`) that held a GPU
+    at the same time, described (``?``, ``none`` and empty GPU lists share nothing)."""
+    found = []
+    for i, (name_a, gpus_a, start_a, end_a) in enumerate(intervals):
+        for name_b, gpus_b, start_b, end_b in intervals[i + 1 :]:
+            shared = set(gpus_a.split(",")) & set(gpus_b.split(",")) - {"?", "", "none"}
+            if shared and end_a > start_b and end_b > start_a:
+                found.append(
+                    f"GPU {','.join(sorted(shared))} given to {name_a} ({start_a:.2f}-{end_a:.2f}) "
+                    f"and {name_b} ({start_b:.2f}-{end_b:.2f}) at once"
+                )
+    return found
 
 
 def assert_one_container(events: CreateEvents, training_id: str, settle: bool = True) -> None:

@@ -37,6 +37,7 @@ from tests.faults.fault_helpers import (
     alive,
     bucket_status,
     cmdline,
+    gpu_overlaps,
     heartbeat_timeout,
     open_gate,
     parent_of,
@@ -439,13 +440,8 @@ def scenario_twenty_runs_on_four_gpus(sc: Scenario, env: Env) -> None:
             )
     # Every run container on the host meanwhile (the other scenarios' too), from the daemon's events.
     everything = env.events.run_intervals()
-    for i, (name_a, gpus_a, start_a, end_a) in enumerate(everything):
-        for name_b, gpus_b, start_b, end_b in everything[i + 1 :]:
-            shared = set(gpus_a.split(",")) & set(gpus_b.split(",")) - {"?", ""}
-            assert not shared or end_a <= start_b or end_b <= start_a, (
-                f"GPU {shared} given to {name_a} ({start_a:.2f}-{end_a:.2f}) "
-                f"and {name_b} ({start_b:.2f}-{end_b:.2f}) at once"
-            )
+    overlaps = gpu_overlaps(everything)
+    assert not overlaps, "\n".join(overlaps)
     sc.note(
         f"{len(intervals)} runs on GPUs {sorted({v for v, *_ in intervals})}; "
         f"{len(everything)} run containers checked"
