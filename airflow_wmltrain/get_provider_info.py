@@ -175,6 +175,13 @@ _OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "30",
         "10",
     ),
+    "defer_after": (
+        "Seconds a deferrable run's task watches its container before it defers: a run that ends by "
+        "then is finished in the worker (no trip through the triggerer and back); 0 defers at once.",
+        "integer",
+        "60",
+        "30",
+    ),
     "metrics_interval": (
         "Seconds between two publications of a training run's metrics while it trains (its status "
         "document and the task's status XCom, read by wmltrain metrics and wmltrain show).",

@@ -73,6 +73,7 @@ class Settings:
     :param cpu_fallback: run without GPUs on a host without an NVIDIA runtime.
     :param halt_grace_period: seconds between SIGTERM and SIGKILL when a run is halted.
     :param poll_interval: seconds between two looks at a container from the triggerer.
+    :param defer_after: seconds a deferrable run's task watches its container before deferring.
     :param metrics_interval: seconds between two publications of a run's metrics while it trains.
     :param metrics_log_pattern: the regular expression of metrics in the training's output (empty:
         none), checked when the settings are read.
@@ -107,6 +108,7 @@ class Settings:
     cpu_fallback: bool = _DEFAULTS["cpu_fallback"] == "True"
     halt_grace_period: int = int(_DEFAULTS["halt_grace_period"])
     poll_interval: int = int(_DEFAULTS["poll_interval"])
+    defer_after: int = int(_DEFAULTS["defer_after"])
     metrics_interval: int = int(_DEFAULTS["metrics_interval"])
     metrics_log_pattern: str = _DEFAULTS["metrics_log_pattern"]
     training_retries: int = int(_DEFAULTS["training_retries"])
@@ -236,6 +238,7 @@ class Settings:
             cpu_fallback=get_bool("cpu_fallback"),
             halt_grace_period=get_int("halt_grace_period"),
             poll_interval=get_int("poll_interval"),
+            defer_after=get_int("defer_after", minimum=0),
             metrics_interval=get_int("metrics_interval"),
             metrics_log_pattern=get_pattern("metrics_log_pattern"),
             training_retries=get_int("training_retries", minimum=0),

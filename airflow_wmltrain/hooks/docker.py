@@ -32,6 +32,8 @@ from airflow.providers.docker.hooks.docker import DockerHook
 from docker import APIClient
 from docker.constants import DEFAULT_TIMEOUT_SECONDS
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from requests.exceptions import ConnectionError as RequestsConnectionError
+from requests.exceptions import ReadTimeout
 
 from airflow_wmltrain.errors import ImageMissingError, RunConflictError, ServerError
 from airflow_wmltrain.lifecycle import TRAINING_LOG
@@ -480,6 +482,18 @@ class TrainingDockerHook(DockerHook):
 
     def inspect(self, container_id: str) -> ContainerOutcome:
         return ContainerOutcome.from_inspect(self.api_client.inspect_container(container_id))
+
+    def wait_ended(self, container_id: str, timeout: float) -> ContainerOutcome | None:
+        """Block up to ``timeout`` seconds until the container ends (Docker's ``/wait``); how it ended,
+        or ``None`` when it still runs (or the host did not answer in time: look again later)."""
+        if timeout <= 0:
+            return None
+        try:
+            self.api_client.wait(container_id, timeout=timeout)
+        except (ReadTimeout, RequestsConnectionError):
+            return None
+        outcome = self.inspect(container_id)
+        return None if outcome.running else outcome
 
     def create_run_container(
         self, training_id: str, *, settings: Settings, **create: Any

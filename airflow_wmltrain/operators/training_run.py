@@ -696,7 +696,17 @@ class TrainingRunOperator(DockerOperator):
     # --- waiting and finishing -----------------------------------------------------------------------
 
     def _wait(self, run: TrainingRun, hook: TrainingDockerHook, outcome: ContainerOutcome) -> dict[str, Any]:
-        """Wait for the container — look first: one that already ended is finished at once."""
+        """Wait for the container — look first: one that already ended is finished at once, and a
+        deferrable run defers only when it still trains after ``[wmltrain] defer_after`` seconds (a short
+        run is finished here, without a trip through the triggerer and back)."""
+        if outcome.running and self.deferrable and run.settings.defer_after > 0:
+            self._try.connections = connections_as_json(run.manifest)  # a halt meanwhile needs them
+            self.log.info(
+                "Watching container %s for up to %ds before deferring",
+                outcome.container_id[:12],
+                run.settings.defer_after,
+            )
+            outcome = hook.wait_ended(outcome.container_id, run.settings.defer_after) or outcome
         if outcome.running and self.deferrable:
             from airflow_wmltrain.triggers.training_run import TrainingRunTrigger, seal_halt
 

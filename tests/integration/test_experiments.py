@@ -109,9 +109,9 @@ def test_the_example_grid_runs_on_four_gpus_picks_its_best_run_and_triggers_the_
         unpaused("mnist_grid")
         before = {r["dag_run_id"] for r in api.get("/dags/mnist_evaluate/dagRuns").json()["dag_runs"]}
         conf = {"data_bucket": data, "results_bucket": results, "trainingIters": 1920}
-        run_id = api.post("/dags/mnist_grid/dagRuns", json={"logical_date": None, "conf": conf}).json()[
-            "dag_run_id"
-        ]
+        response = api.post("/dags/mnist_grid/dagRuns", json={"logical_date": None, "conf": conf})
+        assert response.status_code == 200, response.text
+        run_id = response.json()["dag_run_id"]
         wait_for_dag_run(api, "mnist_grid", run_id, GRID_TIMEOUT_S)
 
         # Six runs, each labelled by its hyperparameters in the grid view.

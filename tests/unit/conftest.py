@@ -102,6 +102,7 @@ def wmltrain_env(monkeypatch: pytest.MonkeyPatch, staging_dir: Path) -> Path:
         "GPU_WAIT_TIMEOUT": "5",
         "HALT_GRACE_PERIOD": "1",
         "POLL_INTERVAL": "1",
+        "DEFER_AFTER": "0",  # defer at once; the watch before deferring has its own tests
     }.items():
         monkeypatch.setenv(f"AIRFLOW__WMLTRAIN__{option}", value)
     return staging_dir

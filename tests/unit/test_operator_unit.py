@@ -6,6 +6,8 @@ moves, clears or stops); no service is needed (``make unit``)."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -334,6 +336,49 @@ def test_halt_as_the_container_starts_leaves_it_to_the_halter(
     assert docker_api.stopped == [(container.id, 1)]
     assert docker_api.containers == {}  # stored and removed; no GPU lease left
     assert results.objects[f"{training_id_of(ti)}/learner-1/training-log.txt"] == b"epoch 1\n"
+
+
+def test_a_deferrable_run_that_ends_while_watched_finishes_without_deferring(
+    make_op: Callable[..., TrainingRunOperator],
+    docker_api: FakeDocker,
+    ti: FakeTi,
+    results: MemoryStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """[wmltrain] defer_after: a short run ends while the task watches it (Docker's /wait) and is finished
+    in the worker: no trip through the triggerer (whose early answer Airflow 3.3 makes wait)."""
+    monkeypatch.setenv("AIRFLOW__WMLTRAIN__DEFER_AFTER", "30")
+    docker_api.run_script = RunScript(running=True)
+
+    def finish_soon() -> None:
+        deadline = time.monotonic() + 20
+        while not docker_api.run_containers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        docker_api.finish(docker_api.run_containers()[0].id, exit_code=0)
+
+    finisher = threading.Thread(target=finish_soon)
+    finisher.start()
+    try:
+        result = make_op(deferrable=True).execute(context(ti))  # no TaskDeferred
+    finally:
+        finisher.join()
+    assert result["state"] == "COMPLETED"
+    assert status_in(results, ti)["state"] == "COMPLETED"
+
+
+def test_a_deferrable_run_still_training_after_defer_after_defers(
+    make_op: Callable[..., TrainingRunOperator],
+    docker_api: FakeDocker,
+    ti: FakeTi,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AIRFLOW__WMLTRAIN__DEFER_AFTER", "1")
+    docker_api.run_script = RunScript(running=True)
+    with pytest.raises(TaskDeferred):
+        make_op(deferrable=True).execute(context(ti))
+    [container] = docker_api.run_containers()
+    assert container.status == "running"
 
 
 @pytest.fixture

@@ -60,6 +60,7 @@ def test_provider_info_declares_every_setting_with_a_description() -> None:
         "cpu_fallback",
         "halt_grace_period",
         "poll_interval",
+        "defer_after",
         "metrics_interval",
         "metrics_log_pattern",
         "retention_days",
