@@ -188,6 +188,7 @@ def test_the_trigger_publishes_points_while_the_run_trains(
 ) -> None:
     xcoms: list[dict[str, Any]] = []
     monkeypatch.setattr(trigger_module, "set_xcom", lambda key, value, **where: xcoms.append(value))
+    monkeypatch.setenv("AIRFLOW__WMLTRAIN__DEFER_AFTER", "0")  # defer at once: the trigger is under test
     ti = new_ti()
     op = make_op(deferrable=True)
     context: Any = {"ti": ti, "task_instance": ti}
@@ -276,6 +277,7 @@ def test_a_deferred_run_under_dag_test_publishes_from_its_trigger(
     env = {
         **_env_for(dag_file),
         "AIRFLOW__WMLTRAIN__METRICS_INTERVAL": "1",
+        "AIRFLOW__WMLTRAIN__DEFER_AFTER": "0",  # defer at once: the trigger is under test
         # This checkout's provider, also where the venv's editable install points at another one.
         "PYTHONPATH": str(REPO_ROOT),
     }

@@ -441,7 +441,8 @@ def test_a_deferred_run_on_swift_completes(
             poll_interval=1,
             docker_url=services["WMLTRAIN_GPU_DOCKER_HOST"],
         )
-        states, output = airflow_runner.run(dag_file, home="defer", env=_env_for(dag_file))
+        env = {**_env_for(dag_file), "AIRFLOW__WMLTRAIN__DEFER_AFTER": "0"}  # defer at once, no watch
+        states, output = airflow_runner.run(dag_file, home="defer", env=env)
         assert states == {"train": "success"}, output[-6000:]
         assert "DEFERRED" in output
         training_id = _training_id(output)
