@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from airflow.sdk import Param
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The example's model-definition zip (``make build/mnist-model.zip``).
@@ -31,3 +32,12 @@ def manifest(*, data_bucket: str, results_bucket: str, data_prefix: str = "") ->
     document["training_data_reference"][0]["source"].update(bucket=data_bucket, prefix=data_prefix)
     document["training_results_reference"]["target"]["bucket"] = results_bucket
     return document
+
+
+def params(*, data_bucket: str, data_description: str) -> dict[str, Param]:
+    """The form of a DAG that trains the example: its buckets and how long each run trains."""
+    return {
+        "data_bucket": Param(data_bucket, type="string", description=data_description),
+        "results_bucket": Param("mnist-training-models", type="string", description="where runs go"),
+        "trainingIters": Param(6000, type="integer", minimum=64, description="examples per run"),
+    }

@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 from datetime import datetime
 
-from airflow.sdk import DAG, AssetAlias, Param
-from mnist_example import CONTAINER, MODEL_ZIP, manifest
+from airflow.sdk import DAG, AssetAlias
+from mnist_example import CONTAINER, MODEL_ZIP, manifest, params
 
 from airflow_wmltrain.grid import MAP_INDEX_TEMPLATE, grid
 from airflow_wmltrain.operators.best_run import BestRunOperator
@@ -32,11 +32,7 @@ with DAG(
     start_date=datetime(2026, 1, 1),
     catchup=False,
     tags=["wmltrain", "example"],
-    params={
-        "data_bucket": Param("mnist-training-data", type="string", description="the MNIST files"),
-        "results_bucket": Param("mnist-training-models", type="string", description="where runs go"),
-        "trainingIters": Param(6000, type="integer", minimum=64, description="examples per run"),
-    },
+    params=params(data_bucket="mnist-training-data", data_description="the MNIST files"),
     doc_md=__doc__,
 ) as dag:
     train = TrainingRunOperator.partial(

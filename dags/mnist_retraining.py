@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 from datetime import datetime
 
-from airflow.sdk import DAG, AssetAlias, Param
-from mnist_example import CONTAINER, MODEL_ZIP, manifest
+from airflow.sdk import DAG, AssetAlias
+from mnist_example import CONTAINER, MODEL_ZIP, manifest, params
 
 from airflow_wmltrain.operators.training_run import TrainingRunOperator
 from airflow_wmltrain.service.pools import DEFAULT_POOL, pool_slots
@@ -28,11 +28,7 @@ with DAG(
     catchup=False,
     max_active_runs=2,
     tags=["wmltrain", "example"],
-    params={
-        "data_bucket": Param("mnist-daily-data", type="string", description="one folder per day"),
-        "results_bucket": Param("mnist-training-models", type="string", description="where runs go"),
-        "trainingIters": Param(6000, type="integer", minimum=64, description="examples per run"),
-    },
+    params=params(data_bucket="mnist-daily-data", data_description="one folder per day"),
     doc_md=__doc__,
 ) as dag:
     TrainingRunOperator(
