@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -67,7 +68,7 @@ POOL_PREFIX = "wmltrain_bench_grid_"
 OURS_KIND = "bench_grid"  # its DAG id: wmltrain_fault_bench_grid_<key> (the fault tests' drop_dag)
 PEER_PREFIX = "wmltrain_bench_grid_peer_"
 TARGET = 1.10
-SIDES = ("ours", "peer", "ours-sync")
+SIDES = ("ours", "peer", "ours-sync", "ours-ahead")
 GPUS = 4
 
 PEER_DAG = """\
@@ -207,6 +208,14 @@ class Grid:
         }
         if self.who.startswith("ours"):
             h = [r.history for r in runs]
+            # What the ratio charges per run: a GPU idle between one run's end and the next one's start.
+            idle: list[float | None] = []
+            for gpu in {r.gpu for r in runs}:
+                on_gpu = sorted(
+                    (r for r in runs if r.gpu == gpu and r.started and r.died), key=lambda r: r.started
+                )
+                idle += [b.between(a.died, b.started) for a, b in itertools.pairwise(on_gpu)]
+            phases["GPU idle between two runs (died → next started)"] = median(idle)
             phases |= {
                 "task start → staging (DOWNLOADING)": median(
                     [r.between(r.ti_start, x.get("DOWNLOADING")) for r, x in zip(runs, h, strict=True)]
@@ -304,15 +313,15 @@ class Bench:
                 path.unlink()
             self.scratch.rmdir()
 
-    def make_pool(self, name: str) -> int:
-        """The GPU daemon's pool as ``wmltrain pools`` makes it; its slots."""
+    def make_pool(self, name: str, ahead: int = 0) -> int:
+        """The GPU daemon's pool as ``wmltrain pools [--ahead N]`` makes it; its GPUs."""
         from airflow_wmltrain.service.pools import sync_pools
         from airflow_wmltrain.settings import Settings
 
-        (change,) = sync_pools(self.rest, [self.docker_url], settings=Settings(), pattern=name)
+        (change,) = sync_pools(self.rest, [self.docker_url], settings=Settings(), pattern=name, ahead=ahead)
         self.cleanups.append((f"pool {name}", lambda: self.drop_pool(name)))
         log(change.describe())
-        return change.slots
+        return len(change.gpus)
 
     def drop_pool(self, name: str, patience: float = 120) -> None:
         """Delete the pool; waits up to ``patience`` seconds for an api-server that is restarting."""
@@ -401,8 +410,10 @@ def run_ours(
     poll_interval: int | None,
     timeout: float,
     deferrable: bool = True,
+    ahead: int = 0,
 ) -> Grid:
-    """Our grid (``deferrable=False``: the diagnostic side ``ours-sync``, the worker waits for the run)."""
+    """Our grid (``deferrable=False``: the diagnostic side ``ours-sync``, the worker waits for the run;
+    ``ahead``: the side ``ours-ahead``, a pool of ``wmltrain pools --ahead 4``, 8 slots for 4 GPUs)."""
     from airflow_wmltrain.runtime import labels
     from airflow_wmltrain.service.pools import pool_slots
     from airflow_wmltrain.settings import Settings
@@ -411,7 +422,7 @@ def run_ours(
 
     key = uuid.uuid4().hex[:8]
     pool = f"{POOL_PREFIX}{key}"
-    slots = bench.make_pool(pool)
+    slots = bench.make_pool(pool, ahead=ahead)
     if slots != GPUS:
         raise SystemExit(f"the GPU daemon {bench.docker_url} offers {slots} GPUs, the benchmark needs {GPUS}")
     model = model_zip(bench.scratch / "model.zip", SCRIPTS)
@@ -432,7 +443,7 @@ def run_ours(
         data_objects=objects,
     )
     bench.cleanups.append((f"DAG {dag.dag_id}", lambda: remove_dag(bench.api, bench.s3, bench.gpu, dag)))
-    side = "ours" if deferrable else "ours-sync"
+    side = "ours-ahead" if ahead else "ours" if deferrable else "ours-sync"
     log(f"{side}: dropped {dag.dag_id} ({n} runs of {seconds:g} s, {objects + 1} data objects), pool {pool}")
     grid = Grid(side, dag.dag_id, load_before=load_average())
     grid.triggered = time.time()
@@ -758,8 +769,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--sides",
         default="ours,peer",
-        help="sides to run, in order: ours, peer, ours-sync (ours with deferrable=False, a diagnostic); "
-        "default ours,peer",
+        help="sides to run, in order: ours, peer, ours-sync (ours with deferrable=False, a diagnostic), "
+        "ours-ahead (ours in a pool of `wmltrain pools --ahead 4`: runs stage ahead); default ours,peer",
     )
     parser.add_argument("--timeout", type=float, help="seconds per side (default 60 + N × seconds × 4)")
     parser.add_argument(
@@ -791,7 +802,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         objects=args.objects,
                         poll_interval=args.poll_interval,
                         timeout=timeout,
-                        deferrable=side == "ours",
+                        deferrable=side != "ours-sync",
+                        ahead=GPUS if side == "ours-ahead" else 0,
                     )
                 )
             else:

@@ -47,6 +47,15 @@ def register(commands: Any) -> None:
         help="an image on the hosts with nvidia-smi, to count their GPUs when [wmltrain] gpu_ids is auto "
         "and a daemon has no wmltrain.gpus label",
     )
+    parser.add_argument(
+        "--ahead",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N slots more than the GPUs: that many GPUs' worth of runs start early, stage their data and "
+        "wait in the worker for a GPU, which they get the moment a run ends (keeps the GPUs busy in grids "
+        "of short runs or runs with large data; costs a worker slot per waiting run); default 0",
+    )
     parser.add_argument("--dry-run", action="store_true", help="only say what would be created or updated")
     parser.add_argument("--json", action="store_true", help="print JSON")
     add_server_options(parser)
@@ -57,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
 
     Each Docker host gets an Airflow pool with one slot per GPU runs may use there (as the operator
     counts them: [wmltrain] gpu_ids, or for auto the daemon's label wmltrain.gpus or nvidia-smi) and
-    include_deferred, so that deferred runs keep their slots. Give a TrainingRunOperator task that pool
-    and pool_slots=pool_slots(resource_class) in partial(): the runs then queue in Airflow for GPUs.
+    include_deferred, so that deferred runs keep their slots; --ahead N adds N slots for runs that stage
+    their data while the GPUs are busy and wait in the worker for one. Give a TrainingRunOperator task
+    that pool and pool_slots=pool_slots(resource_class) in partial(): the runs then queue in Airflow for
+    GPUs.
     An existing pool gets the slots and include_deferred; its description stays.
     """
     from airflow_wmltrain.service.pools import sync_pools
@@ -73,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         pattern=args.pool,
         image=args.image,
         dry_run=args.dry_run,
+        ahead=args.ahead,
     )
     if not args.json:
         for change in changes:

@@ -426,15 +426,19 @@ class TrainingDockerHook(DockerHook):
 
     # --- GPUs -----------------------------------------------------------------------------------------
 
-    def has_nvidia_runtime(self, image: str) -> bool:
+    def has_nvidia_runtime(self, image: str, *, cache_dir: str | None = None) -> bool:
         from airflow_wmltrain.runtime import gpus
 
-        return gpus.has_nvidia_runtime(self.api_client, image, docker_url=self.docker_url)
+        return gpus.has_nvidia_runtime(
+            self.api_client, image, docker_url=self.docker_url, cache_dir=cache_dir
+        )
 
-    def gpu_inventory(self, setting: str, *, image: str) -> list[str]:
+    def gpu_inventory(self, setting: str, *, image: str, cache_dir: str | None = None) -> list[str]:
         from airflow_wmltrain.runtime import gpus
 
-        return gpus.gpu_inventory(self.api_client, setting, image=image, docker_url=self.docker_url)
+        return gpus.gpu_inventory(
+            self.api_client, setting, image=image, docker_url=self.docker_url, cache_dir=cache_dir
+        )
 
     def try_allocate_gpus(self, training_id: str, count: int, **kwargs: Any) -> GpuAllocation:
         from airflow_wmltrain.runtime import gpus

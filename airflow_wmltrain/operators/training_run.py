@@ -532,7 +532,7 @@ class TrainingRunOperator(DockerOperator):
         if count == 0:
             return None
         image = str(self.image)
-        if not hook.has_nvidia_runtime(image):
+        if not hook.has_nvidia_runtime(image, cache_dir=settings.cache_dir):
             if not settings.cpu_fallback:
                 raise gpus.no_nvidia_runtime_error(hook.docker_url)
             self.log.warning("!" * 78)
@@ -545,7 +545,7 @@ class TrainingRunOperator(DockerOperator):
             )
             self.log.warning("!" * 78)
             return None
-        inventory = hook.gpu_inventory(settings.gpu_ids, image=image)
+        inventory = hook.gpu_inventory(settings.gpu_ids, image=image, cache_dir=settings.cache_dir)
         gpus.check_capacity(count, inventory, resource_class=manifest.resource, docker_url=hook.docker_url)
         return inventory
 

@@ -31,13 +31,17 @@ daemon's label ``wmltrain.gpus`` or ``nvidia-smi`` in a probe container (:func:`
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -70,6 +74,7 @@ __all__ = [
     "release_leases",
     "sort_gpu_ids",
     "try_allocate_gpus",
+    "until_gpus_may_free",
     "wait_for_gpus",
 ]
 
@@ -85,6 +90,10 @@ NO_DRIVER_TEXT = "could not select device driver"
 REPORT_EVERY = 60.0
 #: Seconds a probe container may take.
 PROBE_TIMEOUT = 120
+#: Seconds a host's probed facts (NVIDIA runtime, ``nvidia-smi`` GPUs) are shared by a worker's processes.
+HOST_FACTS_TTL = 600.0
+#: The largest host-facts file read back (it holds a few booleans and ids).
+_HOST_FACTS_LIMIT = 64 * 1024
 
 # One allocation lists, leases, lists again (confirm) and may try the GPUs left a second time.
 _ROUNDS = 3
@@ -197,10 +206,67 @@ def no_nvidia_runtime_error(docker_url: str) -> NoNvidiaRuntimeError:
 
 
 def clear_caches() -> None:
-    """Forget the detected inventories and runtime probes of every host (tests; a changed host)."""
+    """Forget the detected inventories and runtime probes of every host, in this process (tests; a changed
+    host: delete the ``gpu-host-*.json`` files of the cache directory too, or wait :data:`HOST_FACTS_TTL`)."""
     with _cache_lock:
         _inventory_cache.clear()
         _runtime_cache.clear()
+
+
+# --- probed facts shared by the processes of a worker -------------------------------------------------------
+#
+# Every Airflow task is a new process, so an in-process cache alone probes the host once per run: a probe
+# container is about a second of a short run's GPU time.  The answer is also kept for HOST_FACTS_TTL
+# seconds in a small file per host in the worker's cache directory ([wmltrain] staging_dir/cache, never
+# mounted into a training container), written atomically (temporary file + rename).
+
+
+def _facts_path(cache_dir: str | os.PathLike[str], url: str) -> Path:
+    return Path(cache_dir) / f"gpu-host-{hashlib.sha256(url.encode()).hexdigest()[:16]}.json"
+
+
+def _shared_fact(cache_dir: str | os.PathLike[str] | None, url: str, key: str) -> Any:
+    """A fact another process probed less than :data:`HOST_FACTS_TTL` seconds ago, or ``None``."""
+    if cache_dir is None:
+        return None
+    try:
+        fd = os.open(_facts_path(cache_dir, url), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            facts = json.loads(handle.read(_HOST_FACTS_LIMIT))
+    except (OSError, ValueError):
+        return None
+    entry = facts.get(key) if isinstance(facts, dict) and facts.get("docker_url") == url else None
+    if not isinstance(entry, dict) or not isinstance(entry.get("at"), (int, float)):
+        return None
+    if not 0 <= time.time() - entry["at"] <= HOST_FACTS_TTL:
+        return None
+    return entry.get("value")
+
+
+def _share_fact(cache_dir: str | os.PathLike[str] | None, url: str, key: str, value: Any) -> None:
+    """Keep a probed fact for the worker's other processes (best effort: a failure only costs a probe)."""
+    if cache_dir is None:
+        return
+    path = _facts_path(cache_dir, url)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        facts: dict[str, Any] = {"docker_url": url}
+        try:
+            with path.open("rb") as handle:
+                known = json.loads(handle.read(_HOST_FACTS_LIMIT))
+            if isinstance(known, dict) and known.get("docker_url") == url:
+                facts.update(known)
+        except (OSError, ValueError):
+            pass
+        facts[key] = {"value": value, "at": time.time()}
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        temporary.write_text(json.dumps(facts), encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as exc:
+        _LOG.debug("could not keep the GPU host facts of %s in %s: %s", url, path, exc)
 
 
 def _is_conflict(exc: APIError) -> bool:
@@ -245,16 +311,25 @@ def _run_probe(client: APIClient, image: str, command: list[str], capabilities: 
     return int(status.get("StatusCode", -1)), text
 
 
-def has_nvidia_runtime(client: APIClient, image: str, *, docker_url: str | None = None) -> bool:
+def has_nvidia_runtime(
+    client: APIClient,
+    image: str,
+    *,
+    docker_url: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> bool:
     """Whether the Docker host accepts GPU device requests (it has an NVIDIA runtime).
 
-    Probes once per host and process: a container of ``image`` asking for all GPUs runs ``true`` and is
-    removed.  Only the daemon's refusal (:func:`is_no_driver_error`) means ``False``; any other failure
-    is raised and not remembered.
+    Probes once per host and process, and once per :data:`HOST_FACTS_TTL` seconds for all the processes
+    sharing ``cache_dir``: a container of ``image`` asking for all GPUs runs ``true`` and is removed.
+    Only the daemon's refusal (:func:`is_no_driver_error`) means ``False``; any other failure is raised
+    and not remembered.
 
     :param client: a low-level Docker client of the host.
     :param image: an image present on the host that has ``true`` (the run's image).
     :param docker_url: the host's URL (cache key); derived from ``client`` when omitted.
+    :param cache_dir: the worker's cache directory (``[wmltrain] staging_dir``/cache), shared by its
+        processes; ``None``: this process only.
     :return: ``True`` when the host has an NVIDIA runtime.
     :raises ImageMissingError: ``image`` is not on the host.
     :raises docker.errors.APIError: the probe failed for another reason.
@@ -264,31 +339,44 @@ def has_nvidia_runtime(client: APIClient, image: str, *, docker_url: str | None 
         known = _runtime_cache.get(url)
     if known is not None:
         return known
-    try:
-        _run_probe(client, image, ["true"], ["gpu"])
-        found = True
-    except APIError as exc:
-        if not is_no_driver_error(exc):
-            raise
-        found = False
+    shared = _shared_fact(cache_dir, url, "nvidia_runtime")
+    if isinstance(shared, bool):
+        found = shared
+    else:
+        try:
+            _run_probe(client, image, ["true"], ["gpu"])
+            found = True
+        except APIError as exc:
+            if not is_no_driver_error(exc):
+                raise
+            found = False
+        _share_fact(cache_dir, url, "nvidia_runtime", found)
     with _cache_lock:
         _runtime_cache[url] = found
     return found
 
 
-def gpu_inventory(client: APIClient, setting: str, *, image: str, docker_url: str | None = None) -> list[str]:
+def gpu_inventory(
+    client: APIClient,
+    setting: str,
+    *,
+    image: str,
+    docker_url: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> list[str]:
     """The GPUs of the Docker host that runs may use.
 
     ``setting`` is ``[wmltrain] gpu_ids``: a list (``0,1,2,3``) is taken as it is; ``auto`` asks the
     host, once per host and process: the daemon's label ``wmltrain.gpus=0,1,2,3`` when it has one, else
     ``nvidia-smi --query-gpu=index --format=csv,noheader`` in a probe container of ``image`` given all
-    GPUs.
+    GPUs (that answer is shared, like :func:`has_nvidia_runtime`'s, through ``cache_dir``).
 
     :param client: a low-level Docker client of the host.
     :param setting: ``auto`` or a comma-separated list of GPU ids.
     :param image: an image present on the host, with ``nvidia-smi`` (the run's image); used only when
         ``auto`` finds no daemon label.
     :param docker_url: the host's URL (cache key and messages); derived from ``client`` when omitted.
+    :param cache_dir: see :func:`has_nvidia_runtime`.
     :return: the GPU ids in numeric order (empty when the daemon label is empty).
     :raises NoNvidiaRuntimeError: the host refuses GPU device requests (``S100``).
     :raises GpuCapacityError: ``nvidia-smi`` failed or listed nothing usable (``S100``).
@@ -302,7 +390,15 @@ def gpu_inventory(client: APIClient, setting: str, *, image: str, docker_url: st
     if cached is not None:
         return list(cached)
     label = _daemon_label(client.info(), labels.DAEMON_GPUS)
-    found = parse_gpu_ids(label) if label is not None else _probe_inventory(client, image, url)
+    if label is not None:
+        found = parse_gpu_ids(label)
+    else:
+        shared = _shared_fact(cache_dir, url, "nvidia_smi_gpus")
+        if isinstance(shared, list) and shared and all(isinstance(item, str) for item in shared):
+            found = sort_gpu_ids(shared)
+        else:
+            found = _probe_inventory(client, image, url)
+            _share_fact(cache_dir, url, "nvidia_smi_gpus", found)
     with _cache_lock:
         _inventory_cache[url] = tuple(found)
     return list(found)
@@ -681,6 +777,43 @@ def gpu_wait_timeout_error(
     )
 
 
+def until_gpus_may_free(client: APIClient) -> Callable[[float], None]:
+    """A sleep that ends early when a GPU of the host may have freed up.
+
+    It follows the daemon's events for at most the given seconds and returns at the first ``die`` or
+    ``destroy`` of one of our containers (a run ended, a lease or probe went).  When the events cannot be
+    followed it sleeps the whole time (the caller's poll is the fallback).
+
+    :param client: a low-level Docker client of the host.
+    :return: ``sleep(seconds)``.
+    """
+    filters = {"type": "container", "event": ["die", "destroy"], "label": [labels.ROLE]}
+
+    def sleep(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        woken = False
+        try:
+            stream = client.events(decode=True, filters=filters)
+        except Exception:  # the poll is the fallback
+            stream = None
+        if stream is not None:
+            timer = threading.Timer(max(seconds, 0.0), stream.close)  # close() ends a blocked read
+            timer.daemon = True
+            timer.start()
+            try:
+                woken = next(iter(stream), None) is not None
+            except Exception as exc:  # closed by the timer, or the daemon went away
+                _LOG.debug("stopped following the events of the Docker host: %s", exc)
+            finally:
+                timer.cancel()
+                stream.close()
+        left = deadline - time.monotonic()
+        if not woken and left > 0:
+            time.sleep(left)
+
+    return sleep
+
+
 def wait_for_gpus(
     client: APIClient,
     training_id: str,
@@ -695,14 +828,16 @@ def wait_for_gpus(
     docker_url: str | None = None,
     stale_after: float = DEFAULT_STALE_AFTER,
     report_every: float = REPORT_EVERY,
-    sleep: Callable[[float], object] = time.sleep,
+    sleep: Callable[[float], object] | None = None,
     monotonic: Callable[[], float] = time.monotonic,
     on_wait: Callable[[GpuAllocation], None] | None = None,
 ) -> list[str]:
     """Lease ``count`` GPUs for ``training_id``, waiting up to ``timeout`` seconds for them to free up.
 
-    Tries :func:`try_allocate_gpus` every ``poll_interval`` seconds, and says who holds the GPUs at the
-    first wait and then at most every ``report_every`` seconds.  The caller then creates its run
+    Tries :func:`try_allocate_gpus` again as soon as a run container of the host ends or a lease goes
+    (the daemon's events: a GPU is handed over in a fraction of a second), and at least every
+    ``poll_interval`` seconds; says who holds the GPUs at the first wait and then at most every
+    ``report_every`` seconds.  The caller then creates its run
     container and calls :func:`release_leases`, as after :func:`try_allocate_gpus`.
 
     :param client: a low-level Docker client of the host.
@@ -717,7 +852,7 @@ def wait_for_gpus(
     :param docker_url: the host's URL, for messages; derived from ``client`` when omitted.
     :param stale_after: see :func:`try_allocate_gpus`.
     :param report_every: seconds between two "still waiting" lines.
-    :param sleep: the sleep function (tests).
+    :param sleep: how to wait between two tries (default: :func:`until_gpus_may_free`; tests).
     :param monotonic: the clock (tests).
     :param on_wait: told of each "still waiting" report (who holds the GPUs), e.g. to publish it.
     :return: the leased GPU ids, in numeric order.
@@ -767,7 +902,7 @@ def wait_for_gpus(
             what=f"{count} free GPU(s) for {training_id}",
             timeout=timeout,
             backoff=Backoff(interval=poll_interval, max_interval=poll_interval),
-            sleep=sleep,
+            sleep=sleep or until_gpus_may_free(client),
             clock=monotonic,
         )
     except WaitTimeoutError:

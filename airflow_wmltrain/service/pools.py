@@ -25,6 +25,14 @@ GPUs.  The set-up:
 The operator's own per-GPU leases (:mod:`airflow_wmltrain.runtime.gpus`) stay the guard that no two
 runs share a GPU — also against runs outside the pool; the pool only keeps the queue in Airflow.
 
+**Staging ahead** (``ahead``, ``wmltrain pools --ahead N``): N slots more than the host's GPUs let N
+GPUs' worth of runs start while the GPUs are busy: such a run starts its task, stages its data and then
+waits in the worker for its GPU lease (``[wmltrain] gpu_wait = wait``), which it gets the moment a run's
+container exits.  Airflow's own per-task start and the staging then happen during the previous runs'
+training instead of between them: for a grid of short runs, or runs with large data, the GPUs stay busy.
+The cost is a worker slot and the staged data of each run that waits.  0 (the default) keeps one slot
+per GPU.
+
 :func:`sync_pools` creates (or updates) the pools through the REST API v2 (``wmltrain pools``).
 """
 
@@ -206,7 +214,7 @@ class PoolChange:
     :param pool: the pool's name.
     :param docker_url: the Docker host it stands for.
     :param gpus: the host's GPUs.
-    :param slots: the pool's slots now (the number of GPUs).
+    :param slots: the pool's slots now (the number of GPUs, plus ``ahead``).
     :param include_deferred: always ``True``: deferred runs keep their slots.
     :param action: ``create``, ``update`` or ``unchanged``.
     :param previous: the slots and ``include_deferred`` the pool had before an update.
@@ -223,6 +231,7 @@ class PoolChange:
     previous: dict[str, Any] | None
     dry_run: bool
     too_large: tuple[str, ...] = ()
+    ahead: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -239,8 +248,9 @@ class PoolChange:
         if self.previous is not None:
             before = self.previous
             was = f" (was {before['slots']} slots, include_deferred {before['include_deferred']})"
+        staged = f" (+{self.ahead} to stage runs ahead)" if self.ahead else ""
         line = (
-            f"{self.pool}: {done}: {self.slots} slots{was}, include_deferred, for GPUs "
+            f"{self.pool}: {done}: {self.slots} slots{staged}{was}, include_deferred, for GPUs "
             f"{','.join(self.gpus)} of {self.docker_url}"
         )
         if self.too_large:
@@ -271,17 +281,21 @@ def _update(api: AirflowApi, name: str, slots: int) -> None:
 
 
 def sync_pool(
-    api: AirflowApi, name: str, host: HostGpus, *, settings: Settings, dry_run: bool = False
+    api: AirflowApi, name: str, host: HostGpus, *, settings: Settings, dry_run: bool = False, ahead: int = 0
 ) -> PoolChange:
-    """Make the pool ``name`` have one slot per GPU of ``host`` and ``include_deferred=True``: create it,
-    update its slots and ``include_deferred`` (its description stays), or leave it as it is.
+    """Make the pool ``name`` have one slot per GPU of ``host`` (plus ``ahead``, see the module) and
+    ``include_deferred=True``: create it, update its slots and ``include_deferred`` (its description
+    stays), or leave it as it is.
 
+    :raises ClientError: ``ahead`` is negative (``C100``, field ``--ahead``).
     :raises ApiError: the REST API refused or failed (``S200``).
     """
     from airflow_wmltrain.service.api import ApiConflictError
 
-    slots = len(host.gpus)
-    too_large = tuple(c for c, n in settings.resource_classes.items() if n > slots)
+    if ahead < 0:
+        raise ClientError(f"--ahead must be 0 or more, not {ahead}", field="--ahead")
+    too_large = tuple(c for c, n in settings.resource_classes.items() if n > len(host.gpus))
+    slots = len(host.gpus) + ahead
     current = _current(api, name)
     previous = None
     if current is None:
@@ -304,7 +318,9 @@ def sync_pool(
         previous = {"slots": current.get("slots"), "include_deferred": current.get("include_deferred")}
         if not dry_run:
             _update(api, name, slots)
-    return PoolChange(name, host.docker_url, host.gpus, slots, True, action, previous, dry_run, too_large)
+    return PoolChange(
+        name, host.docker_url, host.gpus, slots, True, action, previous, dry_run, too_large, ahead
+    )
 
 
 def sync_pools(
@@ -315,6 +331,7 @@ def sync_pools(
     pattern: str | None = None,
     image: str | None = None,
     dry_run: bool = False,
+    ahead: int = 0,
 ) -> list[PoolChange]:
     """Create or update the GPU pool of each Docker host (:func:`sync_pool`).
 
@@ -326,11 +343,12 @@ def sync_pools(
     :param pattern: the pool name pattern (:func:`pool_names`).
     :param image: an image with ``nvidia-smi`` on the hosts, for ``auto`` without the daemon label.
     :param dry_run: only say what would change.
+    :param ahead: slots beyond each host's GPUs, for runs staged ahead (see the module).
     :return: what was done to each pool, in the order of ``docker_urls``.
     """
     names = pool_names(docker_urls, pattern)
     hosts = [host_gpus(url, settings, image=image) for url in docker_urls]
     return [
-        sync_pool(api, name, host, settings=settings, dry_run=dry_run)
+        sync_pool(api, name, host, settings=settings, dry_run=dry_run, ahead=ahead)
         for name, host in zip(names, hosts, strict=True)
     ]

@@ -381,3 +381,19 @@ def test_plain_daemon_has_no_nvidia_runtime(
     translated = gpus.no_nvidia_runtime_error(url)
     assert isinstance(translated, GpuCapacityError)
     assert translated.code == "S100"
+
+
+def test_a_waiting_run_wakes_when_a_run_ends_not_at_the_next_poll(
+    gpu_api: docker.APIClient, test_image: str, prefix: str
+) -> None:
+    # The GPUs of a run are free the moment its container exits: a run waiting for them must not sleep
+    # out its poll interval (a GPU idle for seconds per hand-over in a grid of short runs).
+    training_id = f"{prefix}ending"
+    container_id = run_container(gpu_api, test_image, training_id, ["0"], ["sleep", "1"])
+    sleep = gpus.until_gpus_may_free(gpu_api)
+    gpu_api.start(container_id)
+    started = time.monotonic()
+    sleep(60)
+    woke_after = time.monotonic() - started
+    assert gpu_api.inspect_container(container_id)["State"]["Status"] == "exited"
+    assert woke_after < 30, f"slept {woke_after:.1f} s: the container's end did not wake the wait"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -277,6 +279,54 @@ def test_has_nvidia_runtime_probes_once_per_host(fake: FakeDocker) -> None:
     assert other.containers_ == {}
 
 
+def test_probed_facts_are_shared_by_the_processes_of_a_worker(fake: FakeDocker, tmp_path: Any) -> None:
+    # Each Airflow task is a new process: without the shared answer every run pays a probe container.
+    assert gpus.has_nvidia_runtime(fake, IMAGE, docker_url=URL, cache_dir=tmp_path) is True
+    fake.probe_output = b"1\n0\n"
+    assert gpus.gpu_inventory(fake, "auto", image=IMAGE, docker_url=URL, cache_dir=tmp_path) == ["0", "1"]
+    assert fake.probes == 2
+    gpus.clear_caches()  # as in the next task's process
+    assert gpus.has_nvidia_runtime(fake, IMAGE, docker_url=URL, cache_dir=tmp_path) is True
+    assert gpus.gpu_inventory(fake, "auto", image=IMAGE, docker_url=URL, cache_dir=tmp_path) == ["0", "1"]
+    assert fake.probes == 2
+    # another host is probed on its own, and a host without runtime is remembered as such
+    other = FakeDocker()
+    other.gpu_driver = False
+    assert gpus.has_nvidia_runtime(other, IMAGE, docker_url="unix:///other.sock", cache_dir=tmp_path) is False
+    other.gpu_driver = True  # a probe now would say True: the shared answer says False
+    gpus.clear_caches()
+    assert gpus.has_nvidia_runtime(other, IMAGE, docker_url="unix:///other.sock", cache_dir=tmp_path) is False
+    assert gpus.has_nvidia_runtime(fake, IMAGE, docker_url=URL, cache_dir=tmp_path) is True
+    assert fake.probes == 2
+
+
+def test_shared_facts_expire_and_are_never_followed(
+    fake: FakeDocker, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert gpus.has_nvidia_runtime(fake, IMAGE, docker_url=URL, cache_dir=tmp_path) is True
+    (facts,) = tmp_path.glob("gpu-host-*.json")
+    now = time.time()
+    monkeypatch.setattr(gpus.time, "time", lambda: now + gpus.HOST_FACTS_TTL + 1)
+    gpus.clear_caches()
+    assert gpus.has_nvidia_runtime(fake, IMAGE, docker_url=URL, cache_dir=tmp_path) is True
+    assert fake.probes == 2  # too old: probed again
+    monkeypatch.undo()
+    # a link in place of the file is not read (and a broken or foreign file is a miss, not an error)
+    target = tmp_path / "elsewhere.json"
+    target.write_text(facts.read_text())
+    facts.unlink()
+    facts.symlink_to(target)
+    gpus.clear_caches()
+    assert gpus.has_nvidia_runtime(fake, IMAGE, docker_url=URL, cache_dir=tmp_path) is True
+    assert fake.probes == 3
+    facts.unlink()
+    facts.write_text("{not json")
+    gpus.clear_caches()
+    assert gpus.has_nvidia_runtime(fake, IMAGE, docker_url=URL, cache_dir=tmp_path) is True
+    assert fake.probes == 4
+    assert json.loads(facts.read_text())["nvidia_runtime"]["value"] is True
+
+
 # --- allocation ---------------------------------------------------------------------------------------------
 
 
@@ -547,3 +597,14 @@ def test_wait_refuses_an_impossible_request_without_waiting(fake: FakeDocker) ->
             monotonic=clock.monotonic,
         )
     assert clock.sleeps == []
+
+
+def test_the_wait_for_gpus_sleeps_its_time_when_events_cannot_be_followed() -> None:
+    class NoEvents:
+        def events(self, **_: Any) -> Any:
+            raise APIError("events are not available")
+
+    sleep = gpus.until_gpus_may_free(NoEvents())  # type: ignore[arg-type]
+    started = time.monotonic()
+    sleep(0.2)
+    assert time.monotonic() - started >= 0.2

@@ -155,6 +155,19 @@ def test_resource_classes_larger_than_the_host_are_named() -> None:
     assert "large need more GPUs" in change.describe()
 
 
+def test_ahead_adds_slots_beyond_the_gpus_and_is_not_counted_as_gpus() -> None:
+    api = PoolApi()
+    change = sync_pool(api, "p", FOUR, settings=Settings(), ahead=4)
+    assert (change.slots, change.ahead, api.pools["p"]["slots"]) == (8, 4, 8)
+    assert change.describe().startswith("p: created: 8 slots (+4 to stage runs ahead), include_deferred")
+    assert change.too_large == ()  # a large run needs 4 GPUs, not 4 slots: the host has them
+    two = sync_pool(PoolApi(), "q", HostGpus("tcp://h:2376", ("0", "1")), settings=Settings(), ahead=4)
+    assert two.too_large == ("large",)
+    with pytest.raises(ClientError, match="--ahead must be 0 or more") as err:
+        sync_pool(api, "p", FOUR, settings=Settings(), ahead=-1)
+    assert err.value.code == "C100"
+
+
 def test_a_bad_name_is_refused_before_any_host_or_pool_is_touched() -> None:
     api = PoolApi()
     with pytest.raises(ClientError, match="the same pool"):
