@@ -129,7 +129,7 @@ _OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "The GPUs of the Docker host that training runs may use, as the ids the NVIDIA runtime knows "
         "(``0,1,2,3``), or ``auto``: the Docker daemon's label ``wmltrain.gpus`` (``dockerd --label "
         "wmltrain.gpus=0,1,2,3``) when it has one, else the GPUs ``nvidia-smi`` lists in a probe container "
-        "of the run's image.",
+        "of the run's image (probed once per host per 10 minutes for all of a worker's tasks).",
         "string",
         "0,1,2,3",
         "auto",
@@ -148,7 +148,13 @@ _OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "3600",
         "86400",
     ),
-    "gpu_poll_interval": ("Seconds between two looks for free GPUs.", "integer", "30", "5"),
+    "gpu_poll_interval": (
+        "Seconds between two looks for free GPUs; a waiting run also looks as soon as a run container of "
+        "the host exits (the Docker host's events).",
+        "integer",
+        "30",
+        "5",
+    ),
     "cpu_fallback": (
         "Run on the CPU when the Docker host has no NVIDIA runtime (the task log says so loudly). Off by "
         "default: a run that asked for GPUs fails with S100 instead.",
