@@ -150,6 +150,7 @@ def test_poke_waits_while_missing_and_running_then_returns_the_result(
         "state": "COMPLETED",
         "results_location": location,
         "gpus": [],
+        "hyperparameters": {},
         "metrics": {"accuracy": 0.97, "loss": 0.1},
     }
 
@@ -241,6 +242,7 @@ def test_execute_deferrable_defers_then_completes(
         "state": "COMPLETED",
         "results_location": f"{kind}://{bucket}/{training_id}/",
         "gpus": [],
+        "hyperparameters": {},
         "metrics": {"accuracy": 0.95},
     }
 
@@ -415,6 +417,7 @@ def test_sensor_in_a_real_airflow_dag_run(
         "state": "COMPLETED",
         "results_location": location,
         "gpus": [],
+        "hyperparameters": {},
         "metrics": {"accuracy": 0.99},
     }
     assert airflow_db.xcom(dag_run, "wait_deferred", "results_location") == location
