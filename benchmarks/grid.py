@@ -616,6 +616,7 @@ def report(grids: list[Grid], args: argparse.Namespace, facts: dict[str, Any]) -
     who_label = {
         "ours": "ours: TrainingRunOperator (deferrable)",
         "ours-sync": "ours, deferrable=False (diagnostic)",
+        "ours-ahead": "ours, pool of `wmltrain pools --ahead 4` (runs stage ahead)",
         "peer": "peer: DockerOperator",
     }
     lines = [

@@ -31,6 +31,8 @@ daemon's label ``wmltrain.gpus`` or ``nvidia-smi`` in a probe container (:func:`
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -38,7 +40,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -246,6 +248,55 @@ def _shared_fact(cache_dir: str | os.PathLike[str] | None, url: str, key: str) -
     return entry.get("value")
 
 
+@contextlib.contextmanager
+def _probing(cache_dir: str | os.PathLike[str] | None, url: str) -> Iterator[None]:
+    """Hold the host's probe lock: the tasks a grid starts at once probe once, not each (the others wait
+    for the answer, at most :data:`PROBE_TIMEOUT` seconds, then probe themselves)."""
+    if cache_dir is None:
+        yield
+        return
+    path = _facts_path(cache_dir, url).with_suffix(".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _probed_once(
+    cache_dir: str | os.PathLike[str] | None,
+    url: str,
+    key: str,
+    valid: Callable[[Any], bool],
+    probe: Callable[[], Any],
+) -> Any:
+    """A host fact: another process's answer when it is fresh, else ``probe()``'s, shared."""
+    shared = _shared_fact(cache_dir, url, key)
+    if valid(shared):
+        return shared
+    with _probing(cache_dir, url):
+        shared = _shared_fact(cache_dir, url, key)  # probed while this process waited
+        if valid(shared):
+            return shared
+        value = probe()
+        _share_fact(cache_dir, url, key, value)
+        return value
+
+
 def _share_fact(cache_dir: str | os.PathLike[str] | None, url: str, key: str, value: Any) -> None:
     """Keep a probed fact for the worker's other processes (best effort: a failure only costs a probe)."""
     if cache_dir is None:
@@ -339,18 +390,17 @@ def has_nvidia_runtime(
         known = _runtime_cache.get(url)
     if known is not None:
         return known
-    shared = _shared_fact(cache_dir, url, "nvidia_runtime")
-    if isinstance(shared, bool):
-        found = shared
-    else:
+
+    def probe() -> bool:
         try:
             _run_probe(client, image, ["true"], ["gpu"])
-            found = True
         except APIError as exc:
             if not is_no_driver_error(exc):
                 raise
-            found = False
-        _share_fact(cache_dir, url, "nvidia_runtime", found)
+            return False
+        return True
+
+    found = bool(_probed_once(cache_dir, url, "nvidia_runtime", lambda v: isinstance(v, bool), probe))
     with _cache_lock:
         _runtime_cache[url] = found
     return found
@@ -393,12 +443,15 @@ def gpu_inventory(
     if label is not None:
         found = parse_gpu_ids(label)
     else:
-        shared = _shared_fact(cache_dir, url, "nvidia_smi_gpus")
-        if isinstance(shared, list) and shared and all(isinstance(item, str) for item in shared):
-            found = sort_gpu_ids(shared)
-        else:
-            found = _probe_inventory(client, image, url)
-            _share_fact(cache_dir, url, "nvidia_smi_gpus", found)
+        found = sort_gpu_ids(
+            _probed_once(
+                cache_dir,
+                url,
+                "nvidia_smi_gpus",
+                lambda v: isinstance(v, list) and bool(v) and all(isinstance(item, str) for item in v),
+                lambda: _probe_inventory(client, image, url),
+            )
+        )
     with _cache_lock:
         _inventory_cache[url] = tuple(found)
     return list(found)

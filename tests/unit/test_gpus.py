@@ -608,3 +608,30 @@ def test_the_wait_for_gpus_sleeps_its_time_when_events_cannot_be_followed() -> N
     started = time.monotonic()
     sleep(0.2)
     assert time.monotonic() - started >= 0.2
+
+
+def test_tasks_starting_together_probe_the_host_once(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A grid starts many tasks at once: one probes, the others wait for its answer (a lock per host).
+    import threading
+
+    probes: list[int] = []
+
+    def slow_probe(*_: Any) -> tuple[int, str]:
+        probes.append(1)
+        time.sleep(0.3)
+        return 0, ""
+
+    monkeypatch.setattr(gpus, "_run_probe", slow_probe)
+    answers: list[bool] = []
+
+    def task() -> None:
+        answers.append(gpus.has_nvidia_runtime(FakeDocker(), IMAGE, docker_url=URL, cache_dir=tmp_path))
+
+    gpus.clear_caches()
+    threads = [threading.Thread(target=task) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert answers == [True] * 6
+    assert len(probes) == 1
