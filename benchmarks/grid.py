@@ -203,7 +203,10 @@ class Grid:
         starts = sorted(r.ti_start for r in runs if r.ti_start is not None)
         handover = [s - e for s, e in zip(starts[gpus:], ends, strict=False)]
         phases: dict[str, float | None] = {
-            "slot hand-over (a task ends → the next starts)": median(handover),
+            # (meaningless where the pool has more slots than GPUs: ours-ahead)
+            "slot hand-over (a task ends → the next starts)": None
+            if self.who == "ours-ahead"
+            else median(handover),
             "task slot time (task start → end)": median([r.between(r.ti_start, r.ti_end) for r in runs]),
         }
         if self.who.startswith("ours"):
@@ -676,7 +679,12 @@ def report(grids: list[Grid], args: argparse.Namespace, facts: dict[str, Any]) -
             lines += [
                 "",
                 f"{g.who}: {len(waits)} run(s) waited for a GPU lease "
-                f"({', '.join(f'{w:g}' for w in waits)} s): the GPUs were held by other runs on the daemon.",
+                f"({', '.join(f'{w:g}' for w in waits)} s): "
+                + (
+                    "staged ahead, they waited for the grid's own runs, as meant."
+                    if g.who == "ours-ahead"
+                    else "the GPUs were held by other runs on the daemon."
+                ),
             ]
         if g.restarted:
             lines += ["", f"{g.who}: VOID, Airflow restarted meanwhile: {', '.join(g.restarted)}"]
