@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -814,3 +816,22 @@ def test_retention_previews_old_runs_by_time_travel_and_refuses_a_future_as_of(
     assert keys(s3_client, results, f"{old}/") == old_files, "retention never touches the bucket"
     cli.ok("delete", old)
     cli.ok("delete", new)
+
+
+def test_the_services_env_is_all_the_cli_needs(services: dict[str, str], tmp_path: Path) -> None:
+    # What the README says: after `eval "$(scripts/services up)"` (or `env`), `wmltrain list` works in a
+    # fresh shell — the services export the CLI's own variable names, not only their own.
+    repo = Path(__file__).resolve().parents[2]
+    script = (
+        f'eval "$({repo}/scripts/services env)" && exec {sys.executable} -m airflow_wmltrain list --limit 1'
+    )
+    done = subprocess.run(
+        ["bash", "-c", script],
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr.strip()}"
+    assert "no Airflow credentials" not in done.stderr
