@@ -262,16 +262,22 @@ def _probing(cache_dir: str | os.PathLike[str] | None, url: str) -> Iterator[Non
     except OSError:
         yield
         return
+
+    def locked() -> bool | None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return None  # another process probes
+        return True
+
     try:
-        deadline = time.monotonic() + PROBE_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if time.monotonic() >= deadline:
-                    break
-                time.sleep(0.05)
+        with contextlib.suppress(WaitTimeoutError):  # a hung prober: probe without the lock
+            wait_until(
+                locked,
+                what=f"the GPU probe lock of {url}",
+                timeout=PROBE_TIMEOUT,
+                backoff=Backoff(interval=0.05, max_interval=0.05),
+            )
         yield
     finally:
         os.close(fd)  # releases the lock
