@@ -85,8 +85,29 @@ def main() -> int:
     os.environ.update(env)
 
     from airflow_wmltrain.hooks.docker import TrainingDockerHook
-    from airflow_wmltrain.manifest import ConnectionId, StoreReference
     from airflow_wmltrain.runtime import gpus
+
+    prepare_buckets()
+    cli = TrainingDockerHook(docker_url=services["DOCKER_HOST"]).api_client
+    if gpus.has_nvidia_runtime(cli, "airflow-wmltrain/pytorch:2.13-cpu"):
+        print(f"The Docker host {services['DOCKER_HOST']} has an NVIDIA runtime: the run gets a GPU.")
+    else:
+        env["AIRFLOW__WMLTRAIN__CPU_FALLBACK"] = "True"
+        print(
+            f"NOTE: the Docker host {services['DOCKER_HOST']} has no NVIDIA runtime; the demo switches the "
+            "CPU fallback on (AIRFLOW__WMLTRAIN__CPU_FALLBACK=True): the 'small' run trains on the CPU."
+        )
+
+    step("Checking the submission: wmltrain validate")
+    run([str(BIN / "wmltrain"), "validate", str(MODEL_ZIP), str(MANIFEST)], env=env)
+    run_dag(env)
+    return show_results()
+
+
+def prepare_buckets() -> None:
+    """The data bucket with the example's digits and the results bucket, through the connection CONN_ID
+    (also used by scripts/stack_smoke.py, against the compose stack's store)."""
+    from airflow_wmltrain.manifest import ConnectionId, StoreReference
     from airflow_wmltrain.storage import open_store
     from airflow_wmltrain.storage.transfer import TransferError
     from airflow_wmltrain.storage.upload import upload_tree
@@ -102,21 +123,6 @@ def main() -> int:
                     raise
             if bucket == DATA_BUCKET:
                 print(upload_tree(store, DATA, "").summary())
-
-    cli = TrainingDockerHook(docker_url=services["DOCKER_HOST"]).api_client
-    if gpus.has_nvidia_runtime(cli, "airflow-wmltrain/pytorch:2.13-cpu"):
-        print(f"The Docker host {services['DOCKER_HOST']} has an NVIDIA runtime: the run gets a GPU.")
-    else:
-        env["AIRFLOW__WMLTRAIN__CPU_FALLBACK"] = "True"
-        print(
-            f"NOTE: the Docker host {services['DOCKER_HOST']} has no NVIDIA runtime; the demo switches the "
-            "CPU fallback on (AIRFLOW__WMLTRAIN__CPU_FALLBACK=True): the 'small' run trains on the CPU."
-        )
-
-    step("Checking the submission: wmltrain validate")
-    run([str(BIN / "wmltrain"), "validate", str(MODEL_ZIP), str(MANIFEST)], env=env)
-    run_dag(env)
-    return show_results()
 
 
 def run_dag(env: dict[str, str]) -> None:
@@ -140,7 +146,8 @@ def run_dag(env: dict[str, str]) -> None:
         sys.exit(f"demo: the DAG run failed; the whole Airflow log is in {log_path}")
 
 
-def show_results() -> int:
+def show_results(training_id: str | None = None) -> int:
+    """The results listing of a run (default: the latest) and its model's accuracy; 0 if it COMPLETED."""
     from airflow_wmltrain.manifest import ConnectionId, StoreReference
     from airflow_wmltrain.storage import open_store
 
@@ -148,13 +155,14 @@ def show_results() -> int:
     ref = StoreReference(type="s3", bucket=RESULTS_BUCKET, connection=ConnectionId(conn_id=CONN_ID))
     with open_store(ref) as store:
         objects = sorted(store.list_objects(), key=lambda o: o.key)
-        statuses = [o for o in objects if o.key.endswith("/_status.json")]
-        latest = max(statuses, key=lambda o: store.get_json(o.key).get("updated_at") or "")
-        training_id = latest.key.split("/", 1)[0]
+        if training_id is None:
+            statuses = [o for o in objects if o.key.endswith("/_status.json")]
+            latest = max(statuses, key=lambda o: store.get_json(o.key).get("updated_at") or "")
+            training_id = latest.key.split("/", 1)[0]
         for obj in objects:
             if obj.key.startswith(training_id + "/"):
                 print(f"   {obj.size:>10}  {RESULTS_BUCKET}/{obj.key}")
-        status = store.get_json(latest.key)
+        status = store.get_json(f"{training_id}/_status.json")
         metrics = store.get_json(f"{training_id}/metrics.json")
     print(f"\nTraining run {training_id}: {status['state']}, GPUs {status['gpus'] or 'none (CPU)'}")
     print(f"Accuracy of the trained model on the test digits: {metrics['accuracy']:.4f}")
