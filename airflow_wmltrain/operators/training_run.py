@@ -66,6 +66,7 @@ from airflow_wmltrain.metrics import JSONL_FILE, MetricsCollector, check_metrics
 from airflow_wmltrain.runtime import labels
 from airflow_wmltrain.runtime.run import TrainingRun, submission_digest
 from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS
+from airflow_wmltrain.service.pools import DEFAULT_DOCKER_URL
 from airflow_wmltrain.settings import Settings
 from airflow_wmltrain.storage import connections_as_json
 from airflow_wmltrain.training_id import check_training_id, derive_training_id
@@ -78,8 +79,6 @@ if TYPE_CHECKING:
     from airflow_wmltrain.runtime.gpus import GpuAllocation
     from airflow_wmltrain.submission import Submission
 
-#: Docker's own default, as DockerOperator's: the local engine.
-DEFAULT_DOCKER_URL = "unix://var/run/docker.sock"
 _DEFERRABLE_DEFAULT = conf.getboolean("operators", "default_deferrable", fallback=False)
 
 #: ``DockerOperator`` parameters that make no sense for a training container, and why; refused.
