@@ -79,6 +79,8 @@ if TYPE_CHECKING:
     from airflow_wmltrain.runtime.gpus import GpuAllocation
     from airflow_wmltrain.submission import Submission
 
+#: Docker host URLs of this machine's own engine (a socket path means another engine elsewhere).
+LOCAL_SCHEMES = ("unix:", "npipe:", "http+unix:")
 _DEFERRABLE_DEFAULT = conf.getboolean("operators", "default_deferrable", fallback=False)
 
 #: ``DockerOperator`` parameters that make no sense for a training container, and why; refused.
@@ -744,7 +746,8 @@ class TrainingRunOperator(DockerOperator):
         """Wait for the container — look first: one that already ended is finished at once, and a
         deferrable run defers only when it still trains after ``[wmltrain] defer_after`` seconds (a short
         run is finished here, without a trip through the triggerer and back)."""
-        if outcome.running and self.deferrable and run.settings.defer_after > 0:
+        deferrable = self._defers(hook)
+        if outcome.running and deferrable and run.settings.defer_after > 0:
             self._try.connections = connections_as_json(run.manifest)  # a halt meanwhile needs them
             self.log.info(
                 "Watching container %s for up to %ds before deferring",
@@ -752,7 +755,7 @@ class TrainingRunOperator(DockerOperator):
                 run.settings.defer_after,
             )
             outcome = hook.wait_ended(outcome.container_id, run.settings.defer_after) or outcome
-        if outcome.running and self.deferrable:
+        if outcome.running and deferrable:
             from airflow_wmltrain.triggers.training_run import TrainingRunTrigger, seal_halt
 
             self.defer(
@@ -778,6 +781,23 @@ class TrainingRunOperator(DockerOperator):
         else:
             self._show_log(run, hook, outcome.container_id)
         return self._finish(run, hook, outcome)
+
+    def _defers(self, hook: TrainingDockerHook) -> bool:
+        """Whether the run may wait in the triggerer. A local socket (``unix://``) the task did not name
+        (the worker's own Docker host, :meth:`_resolve_docker_host`) is this machine's engine: the
+        triggerer, in general on another machine, would find another engine (or none) at that path, so
+        the run waits in the worker instead. To defer, give each GPU host's ``[wmltrain] docker_url`` an
+        address the triggerer reaches (``tcp://`` with TLS), or name the host in the DAG."""
+        if not self.deferrable:
+            return False
+        if self.docker_url_given or not hook.docker_url.startswith(LOCAL_SCHEMES):
+            return True
+        self.log.info(
+            "Not deferring: the Docker host %s is this worker's local socket, which the triggerer does not "
+            "reach; the run is followed here (give [wmltrain] docker_url a tcp:// address to defer)",
+            hook.docker_url,
+        )
+        return False
 
     def _show_log(self, run: TrainingRun, hook: TrainingDockerHook, container_id: str) -> None:
         """Copy the whole log of an ended container into the task log."""

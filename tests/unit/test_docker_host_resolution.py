@@ -204,3 +204,27 @@ def test_a_dag_that_names_other_hosts_still_fails_at_once(
     with pytest.raises(AirflowFailException, match="configured for"):
         make_op().execute(context(ti))
     assert docker_api.created == []
+
+
+# --- deferring ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "resolved", "defers"),
+    [
+        (None, "unix:///var/run/docker.sock", False),  # the worker's own engine: the triggerer is elsewhere
+        (None, "tcp://gpu-1.example.com:2376", True),  # an address every machine reaches
+        ("unix:///var/run/docker.sock", None, True),  # the DAG's author named it: as before
+    ],
+)
+def test_a_run_on_the_workers_local_socket_is_followed_in_the_worker(
+    given: str | None, resolved: str | None, defers: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    op = TrainingRunOperator(
+        task_id="t", manifest={}, model_definition="m.zip", docker_url=given, deferrable=True
+    )
+    op._resolve_docker_host(Settings(docker_url=resolved))
+    assert op._defers(op.hook) is defers
+    op.deferrable = False
+    assert op._defers(op.hook) is False
