@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import signal
 import subprocess
 import sys
@@ -57,6 +59,7 @@ from benchmarks.grid import (  # noqa: E402  (after the path)
 )
 
 TARGET = 1.15
+HOSTS, GPUS_PER_HOST = 3, 4  # what scripts/services scaleout-up starts
 SERVICES = REPO / "scripts" / "services"
 KIND = "scaleout"
 
@@ -64,9 +67,15 @@ KIND = "scaleout"
 # --- the set-up -------------------------------------------------------------------------------------------
 
 
-def scaleout_up() -> dict[str, str]:
-    """``scripts/services scaleout-up``; its ``WMLTRAIN_SCALEOUT_*`` variables."""
-    proc = subprocess.run([str(SERVICES), "scaleout-up"], stdout=subprocess.PIPE, text=True, check=False)
+def scaleout_up(concurrency: int | None = None) -> dict[str, str]:
+    """``scripts/services scaleout-up`` (each worker's ``--concurrency``: the host's GPUs, or
+    ``concurrency``); its ``WMLTRAIN_SCALEOUT_*`` variables."""
+    env = dict(os.environ)
+    if concurrency is not None:
+        env["WMLTRAIN_SCALEOUT_CONCURRENCY"] = str(concurrency)
+    proc = subprocess.run(
+        [str(SERVICES), "scaleout-up"], stdout=subprocess.PIPE, text=True, check=False, env=env
+    )
     if proc.returncode != 0:
         raise RuntimeError(
             f"scripts/services scaleout-up failed (exit {proc.returncode}); see its output above"
@@ -393,7 +402,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--objects", type=int, default=16, help="small objects in the data bucket (default 16)"
     )
-    parser.add_argument("--ahead", type=int, default=0, help="wmltrain pools --shared --ahead N (default 0)")
+    parser.add_argument(
+        "--ahead",
+        type=int,
+        default=0,
+        help="wmltrain pools --shared --ahead N, each worker's concurrency raised by its share (default 0)",
+    )
     parser.add_argument("--timeout", type=float, help="seconds for the grid (default 300 + N × seconds × 2)")
     parser.add_argument("--keep", action="store_true", help="leave the scale-out set-up running")
     parser.add_argument(
@@ -409,7 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with terminated_as_interrupt():
         try:
             log("scripts/services scaleout-up")
-            scaleout = scaleout_up()
+            # Runs staged ahead wait in a worker slot: each host's worker gets its share on top of its GPUs.
+            concurrency = GPUS_PER_HOST + math.ceil(args.ahead / HOSTS) if args.ahead else None
+            scaleout = scaleout_up(concurrency)
             stack = Stack(services, scaleout)
             try:
                 result = run_grid(
