@@ -286,9 +286,10 @@ def run_grid(
     stack.cleanups.append((f"DAG {dag.dag_id}", remove))
     log(
         f"dropped {dag.dag_id}: {n} runs of {seconds:g} s over {len(stack.urls)} hosts, "
-        f"pool {pool} ({gpus} slots)"
+        f"pool {pool} ({change.slots} slots for {gpus} GPUs)"
     )
-    grid = Grid("ours", dag.dag_id, load_before=load_average())
+    # "ours-ahead": Grid.phases leaves out the slot hand-over where the pool has more slots than GPUs.
+    grid = Grid("ours-ahead" if ahead else "ours", dag.dag_id, load_before=load_average())
     start_dag(stack.api, dag)
     grid.triggered = time.time()
     grid.run_id = dag.run_id
