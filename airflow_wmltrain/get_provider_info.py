@@ -90,6 +90,17 @@ _OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "1073741824",
         "1073741824",
     ),
+    "docker_url": (
+        "The Docker host of this worker's training runs when a task gives no ``docker_url``: read on the "
+        "worker when the task runs (not when the DAG is parsed), so that each GPU host's Celery worker "
+        "starts the runs of a shared queue on its own Docker engine. Empty: the worker's ``DOCKER_HOST``, "
+        "else ``unix://var/run/docker.sock``. Give an address the other workers (and the triggerer, for "
+        "deferrable runs) can reach, such as ``tcp://gpu-1.example.com:2376`` with TLS, to let a retry that "
+        "lands on another host re-attach to the run from there.",
+        "string",
+        "tcp://gpu-1.example.com:2376",
+        None,
+    ),
     "staging_dir": (
         "Where training data is staged on a worker host: each run's data directory and the content cache "
         "shared by the runs (``<staging_dir>/cache``) live here, on one file system so that cached objects "

@@ -61,6 +61,8 @@ class Settings:
     :param frameworks: optional inline YAML/JSON registry, merged last.
     :param model_definition_max_bytes: cap on a model zip's total uncompressed size.
     :param model_definition_max_entries: cap on a model zip's number of entries.
+    :param docker_url: the Docker host of a task that gives none, resolved on the worker (``None``: the
+        worker's ``DOCKER_HOST``, else the local socket).
     :param staging_dir: root of the runs' data directories and of the staging cache.
     :param cache_max_bytes: size cap of the staging cache.
     :param transfer_workers: concurrent transfers of a staging or an upload.
@@ -96,6 +98,7 @@ class Settings:
     frameworks: str | None = _DEFAULTS["frameworks"]
     model_definition_max_bytes: int = int(_DEFAULTS["model_definition_max_bytes"])
     model_definition_max_entries: int = int(_DEFAULTS["model_definition_max_entries"])
+    docker_url: str | None = _DEFAULTS["docker_url"]
     staging_dir: str = _DEFAULTS["staging_dir"]
     cache_max_bytes: int = int(_DEFAULTS["cache_max_bytes"])
     transfer_workers: int = int(_DEFAULTS["transfer_workers"])
@@ -226,6 +229,7 @@ class Settings:
             frameworks=get("frameworks"),
             model_definition_max_bytes=get_int("model_definition_max_bytes"),
             model_definition_max_entries=get_int("model_definition_max_entries"),
+            docker_url=(get("docker_url") or "").strip() or None,
             staging_dir=get("staging_dir") or _DEFAULTS["staging_dir"],
             cache_max_bytes=get_int("cache_max_bytes"),
             transfer_workers=get_int("transfer_workers"),

@@ -45,7 +45,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.faults.fault_helpers import CreateEvents
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -459,7 +462,7 @@ def run_ours(
     for r in grid.runs:
         status = bench.xcom(dag.dag_id, dag.run_id, "wmltrain_status", r.index) or {}
         r.history = {h["state"]: epoch(h["at"]) or 0.0 for h in status.get("history", [])}
-        inspected = bench.events.gpus.get(_container_id(bench, r.container), "?")
+        inspected = bench.events.gpus.get(container_id_of(bench.events, r.container), "?")
         given = ",".join(status.get("gpus") or []) or "?"
         r.gpu = inspected if inspected == given else f"{inspected}|status:{given}"
         r.logged = logged_times(bench.services, dag.dag_id, dag.run_id, r.index)
@@ -519,8 +522,9 @@ def logged_times(services: dict[str, str], dag_id: str, run_id: str, index: int)
     return found
 
 
-def _container_id(bench: Bench, name: str) -> str:
-    for (container_id, action, _t), event in list(bench.events.events.items()):
+def container_id_of(events: CreateEvents, name: str) -> str:
+    """The id of the container ``name`` from a daemon's recorded ``create`` events (empty: not seen)."""
+    for (container_id, action, _t), event in list(events.events.items()):
         if action == "create" and event.get("Actor", {}).get("Attributes", {}).get("name") == name:
             return container_id
     return ""

@@ -19,11 +19,12 @@ from airflow_wmltrain.errors import EXIT_OK
 
 
 def default_docker_url() -> str:
-    """The Docker host of a ``TrainingRunOperator`` task that names none: ``$DOCKER_HOST``, else the local
-    socket (the Docker provider's default)."""
+    """The Docker host of a ``TrainingRunOperator`` task that names none, as a worker here resolves it:
+    ``[wmltrain] docker_url``, else ``$DOCKER_HOST``, else the local socket."""
     from airflow_wmltrain.service.pools import DEFAULT_DOCKER_URL
+    from airflow_wmltrain.settings import Settings
 
-    return os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_URL
+    return Settings.from_airflow_config().docker_url or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_URL
 
 
 def register(commands: Any) -> None:
@@ -56,6 +57,12 @@ def register(commands: Any) -> None:
         "wait in the worker for a GPU, which they get the moment a run ends (keeps the GPUs busy in grids "
         "of short runs or runs with large data; costs a worker slot per waiting run); default 0",
     )
+    parser.add_argument(
+        "--shared",
+        action="store_true",
+        help="one pool for all the --docker-url hosts, its slots the sum of their GPUs (plus --ahead): for "
+        "GPU hosts whose Celery workers consume one shared queue (docs/deployment.md)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="only say what would be created or updated")
     parser.add_argument("--json", action="store_true", help="print JSON")
     add_server_options(parser)
@@ -85,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         image=args.image,
         dry_run=args.dry_run,
         ahead=args.ahead,
+        shared=args.shared,
     )
     if not args.json:
         for change in changes:

@@ -390,6 +390,13 @@ class TrainingDockerHook(DockerHook):
             return client
         raise DockerHostError(f"no Docker host answered ({'; '.join(failures)})")
 
+    @cached_property
+    def daemon_id(self) -> str:
+        """The daemon's own id (``docker info``'s ``ID``), empty when it gives none: which engine a run's
+        container lives on, also where several hosts reach their engine by the same URL (every host's
+        ``unix:///var/run/docker.sock``)."""
+        return str(self.api_client.info().get("ID") or "")
+
     def close(self) -> None:
         """Drop the client (a failed one may hold a dead connection pool); the next use builds another."""
         client = self.__dict__.pop("api_client", None)

@@ -66,6 +66,7 @@ from airflow_wmltrain.metrics import JSONL_FILE, MetricsCollector, check_metrics
 from airflow_wmltrain.runtime import labels
 from airflow_wmltrain.runtime.run import TrainingRun, submission_digest
 from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS
+from airflow_wmltrain.service.pools import DEFAULT_DOCKER_URL
 from airflow_wmltrain.settings import Settings
 from airflow_wmltrain.storage import connections_as_json
 from airflow_wmltrain.training_id import check_training_id, derive_training_id
@@ -78,6 +79,8 @@ if TYPE_CHECKING:
     from airflow_wmltrain.runtime.gpus import GpuAllocation
     from airflow_wmltrain.submission import Submission
 
+#: Docker host URLs of this machine's own engine (a socket path means another engine elsewhere).
+LOCAL_SCHEMES = ("unix:", "npipe:", "http+unix:")
 _DEFERRABLE_DEFAULT = conf.getboolean("operators", "default_deferrable", fallback=False)
 
 #: ``DockerOperator`` parameters that make no sense for a training container, and why; refused.
@@ -226,6 +229,10 @@ class TrainingRunOperator(DockerOperator):
         task = kwargs.get("task_id", "")
         check_metrics_pattern(metrics_pattern, field=f"TrainingRunOperator {task!r}: metrics_pattern")
         kwargs["mount_tmp_dir"] = False
+        # DockerOperator fills an absent docker_url in from $DOCKER_HOST where the DAG file is parsed (the
+        # dag-processor's environment shows in the UI); a task that names no host gets the worker's own
+        # when it runs instead (_resolve_docker_host), so that a grid spreads over the GPU hosts' workers.
+        self.docker_url_given = bool(kwargs.get("docker_url"))
         super().__init__(image=image or "", **kwargs)
         # A manifest mapping in a DAG file may hold inline credentials: Airflow stores template fields in
         # its serialized_dag table, so the field holds it redacted; the worker, which builds the task
@@ -268,6 +275,16 @@ class TrainingRunOperator(DockerOperator):
 
     # --- the Docker host ------------------------------------------------------------------------------
 
+    def _resolve_docker_host(self, settings: Settings) -> None:
+        """A task that names no ``docker_url`` runs on the worker's Docker host, read when it runs:
+        ``[wmltrain] docker_url``, else the worker's ``$DOCKER_HOST``, else the local socket."""
+        if self.docker_url_given:
+            return
+        url = settings.docker_url or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_URL
+        if url != self.docker_url:
+            self.docker_url = url
+            self.__dict__.pop("hook", None)  # a hook built for the parse-time default
+
     @cached_property
     def hook(self) -> TrainingDockerHook:
         """The Docker host (cached: one client for the whole task)."""
@@ -284,25 +301,54 @@ class TrainingRunOperator(DockerOperator):
             timeout=self.timeout,
         )
 
-    def _host_of(self, training_id: str, recorded: str) -> TrainingDockerHook:
-        """The Docker host a run lives on (``recorded`` by its status or its trigger event; empty:
-        unknown, the task's own): a retry never starts a second container elsewhere.
+    def _host_of(self, training_id: str, recorded: str, recorded_id: str = "") -> TrainingDockerHook:
+        """The Docker host a run lives on (``recorded`` by its status or its trigger event, with the
+        daemon's id ``recorded_id`` where known; empty: unknown, the task's own): a retry never starts a
+        second container on another engine.
 
-        :raises DockerHostError: the run lives on a host this task is not configured for.
+        A task whose DAG names its hosts goes back to the recorded one if it is among them. A task that
+        names none (the worker's host, :meth:`_resolve_docker_host`) goes back to the recorded URL from
+        whichever worker the try landed on. Either way the engine that answers there must be the one the
+        run was started on (the same URL may be another machine's engine: every host has
+        ``unix:///var/run/docker.sock``); when it is not, or does not answer, the try starts nothing and
+        fails *retryable*, so that a later try may land on a worker of the run's host.
+
+        :raises DockerHostError: the run lives on a host this task is not configured for (not retryable),
+            or on an engine this worker does not reach (retryable).
         """
         hook = self.hook
-        if not recorded or recorded == hook.docker_url:
+        if not recorded:
             return hook
-        if recorded in hook.docker_urls:
+        if recorded == hook.docker_url:
+            host = hook
+        elif recorded in hook.docker_urls or not self.docker_url_given:
             self.log.info("Training run %s lives on %s: going back there", training_id, recorded)
-            return hook.pinned(recorded)
-        error = DockerHostError(
-            f"training run {training_id} was started on the Docker host {recorded}, but this task "
-            f"is configured for {', '.join(hook.docker_urls)}; a run never gets a second container: give "
-            f"the task that docker_url again, or halt the run (wmltrain halt {training_id})"
-        )
-        error.retryable = False
-        raise error
+            host = hook.pinned(recorded)
+        else:
+            error = DockerHostError(
+                f"training run {training_id} was started on the Docker host {recorded}, but this task "
+                f"is configured for {', '.join(hook.docker_urls)}; a run never gets a second container: "
+                f"give the task that docker_url again, or halt the run (wmltrain halt {training_id})"
+            )
+            error.retryable = False
+            raise error
+        if recorded_id:
+            try:
+                found, why = host.daemon_id, ""
+            except (DockerException, DockerHostError, requests.RequestException) as err:
+                found, why = "", f"{type(err).__name__}: {err}"
+            if found != recorded_id:
+                seen = f"finds another engine there ({found[:12]})" if found else f"cannot reach it ({why})"
+                error = DockerHostError(
+                    f"training run {training_id} lives on the Docker engine {recorded_id[:12]} at "
+                    f"{recorded}, and this worker {seen}: this try starts nothing, so that a retry on a "
+                    "worker of that host re-attaches to the run (give each host's [wmltrain] docker_url "
+                    "an address every worker reaches to re-attach from anywhere), or halt it "
+                    f"(wmltrain halt {training_id})"
+                )
+                error.retryable = True
+                raise error
+        return host
 
     # --- who the task is ------------------------------------------------------------------------------
 
@@ -380,6 +426,7 @@ class TrainingRunOperator(DockerOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:  # type: ignore[override]
         settings = Settings.from_airflow_config()
+        self._resolve_docker_host(settings)
         training_id = self._training_id(context)
         owner = self._airflow_info(context)
         self._try = _Try(owner=owner, ti=context["ti"], context=context)
@@ -426,8 +473,8 @@ class TrainingRunOperator(DockerOperator):
         prior = run.resume()
         if prior is not None and prior.airflow:
             labels.check_owner(training_id, owner, prior.airflow, "the run")
-        recorded = prior.container.get("docker_url", "") if prior is not None and not prior.terminal else ""
-        hook = self._host_of(training_id, recorded)
+        recorded = prior.container if prior is not None and not prior.terminal else {}
+        hook = self._host_of(training_id, recorded.get("docker_url", ""), recorded.get("docker_id", ""))
         existing = hook.find_run_container(training_id, owner)  # another task instance's: refused
         # From here on the training id is this task instance's: a halt may touch its container and workspace.
         self._try.claimed = True
@@ -467,7 +514,7 @@ class TrainingRunOperator(DockerOperator):
             hyperparameters=dict(submission.hyperparameters),
             airflow=self._try.owner,
             digest=digest,
-            container={"docker_url": hook.docker_url},
+            container={"docker_url": hook.docker_url, "docker_id": hook.daemon_id},
         )
         try:
             hook.ensure_image(
@@ -514,7 +561,7 @@ class TrainingRunOperator(DockerOperator):
             outcome = hook.inspect(outcome.container_id)
         if not run.status.history:  # the earlier try died before it wrote a status document
             run.begin(airflow=self._try.owner, image=str(self.image))
-        run.processing(outcome, hook.docker_url)
+        run.processing(outcome, hook.docker_url, hook.daemon_id)
         return self._wait(run, hook, outcome)
 
     # --- GPUs and the container -----------------------------------------------------------------------
@@ -670,7 +717,7 @@ class TrainingRunOperator(DockerOperator):
             if outcome.status == "created":
                 hook.start(outcome.container_id)
                 outcome = hook.inspect(outcome.container_id)
-            run.processing(outcome, hook.docker_url)
+            run.processing(outcome, hook.docker_url, hook.daemon_id)
             return outcome
         if self._try.halt_requested:  # halted while the container was being created: it never starts
             hook.remove(outcome.container_id)
@@ -679,7 +726,7 @@ class TrainingRunOperator(DockerOperator):
         hook.start(outcome.container_id)
         if self._try.halter_spawned:  # halted while it started: the halter stops it and ends the run
             raise RunHaltedError("the run was halted as its container started")
-        run.processing(outcome, hook.docker_url)
+        run.processing(outcome, hook.docker_url, hook.daemon_id)
         self.log.info(
             "Started container %s (%s) with %s: %s",
             outcome.container_id[:12],
@@ -699,7 +746,8 @@ class TrainingRunOperator(DockerOperator):
         """Wait for the container — look first: one that already ended is finished at once, and a
         deferrable run defers only when it still trains after ``[wmltrain] defer_after`` seconds (a short
         run is finished here, without a trip through the triggerer and back)."""
-        if outcome.running and self.deferrable and run.settings.defer_after > 0:
+        deferrable = self._defers(hook)
+        if outcome.running and deferrable and run.settings.defer_after > 0:
             self._try.connections = connections_as_json(run.manifest)  # a halt meanwhile needs them
             self.log.info(
                 "Watching container %s for up to %ds before deferring",
@@ -707,7 +755,7 @@ class TrainingRunOperator(DockerOperator):
                 run.settings.defer_after,
             )
             outcome = hook.wait_ended(outcome.container_id, run.settings.defer_after) or outcome
-        if outcome.running and self.deferrable:
+        if outcome.running and deferrable:
             from airflow_wmltrain.triggers.training_run import TrainingRunTrigger, seal_halt
 
             self.defer(
@@ -733,6 +781,23 @@ class TrainingRunOperator(DockerOperator):
         else:
             self._show_log(run, hook, outcome.container_id)
         return self._finish(run, hook, outcome)
+
+    def _defers(self, hook: TrainingDockerHook) -> bool:
+        """Whether the run may wait in the triggerer. A local socket (``unix://``) the task did not name
+        (the worker's own Docker host, :meth:`_resolve_docker_host`) is this machine's engine: the
+        triggerer, in general on another machine, would find another engine (or none) at that path, so
+        the run waits in the worker instead. To defer, give each GPU host's ``[wmltrain] docker_url`` an
+        address the triggerer reaches (``tcp://`` with TLS), or name the host in the DAG."""
+        if not self.deferrable:
+            return False
+        if self.docker_url_given or not hook.docker_url.startswith(LOCAL_SCHEMES):
+            return True
+        self.log.info(
+            "Not deferring: the Docker host %s is this worker's local socket, which the triggerer does not "
+            "reach; the run is followed here (give [wmltrain] docker_url a tcp:// address to defer)",
+            hook.docker_url,
+        )
+        return False
 
     def _show_log(self, run: TrainingRun, hook: TrainingDockerHook, container_id: str) -> None:
         """Copy the whole log of an ended container into the task log."""
@@ -852,6 +917,7 @@ class TrainingRunOperator(DockerOperator):
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Finish a deferred run: check the event, show the log, store results and logs, end the run."""
         settings = Settings.from_airflow_config()
+        self._resolve_docker_host(settings)
         training_id = self._training_id(context)
         self._try = _Try(owner=self._airflow_info(context), ti=context["ti"], context=context)
         if not isinstance(event, dict) or event.get("training_id") != training_id:
@@ -871,6 +937,9 @@ class TrainingRunOperator(DockerOperator):
                 run.resume()
             except ResultsStoreError as err:  # the store is down as the run ends: keep what it made
                 raise run.results_kept(hook, str(event.get("container_id") or ""), err) from None
+            hook = self._host_of(  # the engine the run's status names, wherever this try landed
+                training_id, hook.docker_url, run.status.container.get("docker_id", "")
+            )
             self._try.claimed = True  # its own trigger resumed it: the run is this task instance's
             recorded = run.status.container.get("id", "")
             if recorded and event.get("container_id") != recorded:
@@ -986,7 +1055,11 @@ class TrainingRunOperator(DockerOperator):
         if self._try.metrics_stop is not None:  # no metrics written after the halt's records
             self._try.metrics_stop.set()
         settings = run.settings
-        hook = self._host_of(run.training_id, run.status.container.get("docker_url", ""))
+        hook = self._host_of(
+            run.training_id,
+            run.status.container.get("docker_url", ""),
+            run.status.container.get("docker_id", ""),
+        )
         container_id = self._try.container_id
         if container_id is None:
             try:

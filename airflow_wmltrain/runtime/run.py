@@ -266,17 +266,16 @@ class TrainingRun:
             self.log.info("Training run %s is %s", self.training_id, state.value)
         return self.status
 
-    def processing(self, outcome: ContainerOutcome, docker_url: str) -> RunStatus:
+    def processing(self, outcome: ContainerOutcome, docker_url: str, docker_id: str = "") -> RunStatus:
         """The run's container is there (started, or found by a new try): ``PROCESSING``, with the
-        container, its host and its GPUs (from its label) — unless the run is already further on."""
+        container, its host (URL and daemon id) and its GPUs (from its label) — unless the run is already
+        further on."""
         if self.status.terminal or self.status.state.rank >= RunState.PROCESSING.rank:
             return self.status
-        return self.record(
-            RunState.PROCESSING,
-            gpus=outcome.gpus,
-            container={"id": outcome.container_id, "docker_url": docker_url},
-            phase="",
-        )
+        container = {"id": outcome.container_id, "docker_url": docker_url}
+        if docker_id:
+            container["docker_id"] = docker_id
+        return self.record(RunState.PROCESSING, gpus=outcome.gpus, container=container, phase="")
 
     def progress(self, series: MetricSeries) -> RunStatus:
         """Record the metrics of a run that trains (``PROCESSING``): its points so far and the last value

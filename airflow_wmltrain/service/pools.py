@@ -42,7 +42,7 @@ import re
 import string
 import urllib.parse
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from airflow_wmltrain.errors import ClientError, GpuCapacityError, ResourceError
@@ -332,8 +332,12 @@ def sync_pools(
     image: str | None = None,
     dry_run: bool = False,
     ahead: int = 0,
+    shared: bool = False,
 ) -> list[PoolChange]:
-    """Create or update the GPU pool of each Docker host (:func:`sync_pool`).
+    """Create or update the GPU pool of each Docker host (:func:`sync_pool`), or with ``shared`` one pool
+    for all of them, its slots the sum of their GPUs: the pool of GPU hosts whose Celery workers share a
+    queue (a task cannot choose its pool by the host it lands on; the workers' ``--concurrency`` and the
+    operator's per-GPU leases keep each host within its GPUs).
 
     Every name and every host's GPUs are checked first: nothing is changed when one of them fails.
 
@@ -343,9 +347,20 @@ def sync_pools(
     :param pattern: the pool name pattern (:func:`pool_names`).
     :param image: an image with ``nvidia-smi`` on the hosts, for ``auto`` without the daemon label.
     :param dry_run: only say what would change.
-    :param ahead: slots beyond each host's GPUs, for runs staged ahead (see the module).
-    :return: what was done to each pool, in the order of ``docker_urls``.
+    :param ahead: slots beyond each host's GPUs (with ``shared``: beyond their sum), for runs staged ahead
+        (see the module).
+    :param shared: one pool (``pattern``, default :data:`DEFAULT_POOL`) for all the hosts.
+    :return: what was done to each pool, in the order of ``docker_urls`` (``shared``: the one pool).
     """
+    if shared:
+        name = pool_names([", ".join(docker_urls)], pattern)[0]  # a plain name: no {host} to fill in
+        pool_names(docker_urls, "{index}")  # each host given once
+        hosts = [host_gpus(url, settings, image=image) for url in docker_urls]
+        union = HostGpus(", ".join(docker_urls), tuple(gpu for host in hosts for gpu in host.gpus))
+        change = sync_pool(api, name, union, settings=settings, dry_run=dry_run, ahead=ahead)
+        largest = max(len(host.gpus) for host in hosts)  # a run's GPUs are on one host
+        too_large = tuple(c for c, n in settings.resource_classes.items() if n > largest)
+        return [replace(change, too_large=too_large)]
     names = pool_names(docker_urls, pattern)
     hosts = [host_gpus(url, settings, image=image) for url in docker_urls]
     return [

@@ -271,8 +271,12 @@ def drop_dag(
     results_connection: dict[str, Any] | None = None,
     docker_url: str | None = None,
     data_objects: int = 0,
+    worker_docker_host: bool = False,
 ) -> DroppedDag:
-    """Write the DAG file (aside, then renamed: never parsed half-written) and make its buckets."""
+    """Write the DAG file (aside, then renamed: never parsed half-written) and make its buckets.
+
+    ``docker_url``: the task's Docker host; none: ``$WMLTRAIN_DOCKER_URL`` where the DAG is parsed, or with
+    ``worker_docker_host`` none at all (the worker's own, ``[wmltrain] docker_url``: the scale-out)."""
     dag_id = f"wmltrain_fault_{kind}_{uuid.uuid4().hex[:8]}"
     data, results = f"wmltrain-ft-data-{uuid.uuid4().hex[:10]}", f"wmltrain-ft-res-{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=data)
@@ -306,7 +310,11 @@ def drop_dag(
             dag_id=dag_id,
             manifest=document,
             model=str(zip_path),
-            docker_url=repr(docker_url) if docker_url else 'os.environ["WMLTRAIN_DOCKER_URL"]',
+            docker_url=repr(docker_url)
+            if docker_url
+            else "None"
+            if worker_docker_host
+            else 'os.environ["WMLTRAIN_DOCKER_URL"]',
             partial=".partial" if grid else "",
             operator=operator,
             expand=f".expand(hyperparameters={grid!r})" if grid else "",

@@ -28,6 +28,7 @@ import struct
 import tarfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -172,6 +173,8 @@ class FakeDocker:
     ) -> None:
         self.gpus = gpus
         self.nvidia = nvidia
+        #: ``docker info``'s ``ID``: which engine this is (several may share a URL on different machines).
+        self.daemon_id = "FAKE:" + uuid.uuid4().hex.upper()
         self.images = set(images)
         self.pullable = set(pullable)
         self.inspect_script = list(inspect_script) if inspect_script is not None else None
@@ -398,7 +401,10 @@ class FakeDocker:
             return
         if path == "/info":
             daemon_labels = [f"{labels.DAEMON_GPUS}={self.gpus}"] if self.gpus is not None else []
-            h.reply(200, {"Name": "fake-docker", "Labels": daemon_labels, "SystemTime": _now()})
+            h.reply(
+                200,
+                {"ID": self.daemon_id, "Name": "fake-docker", "Labels": daemon_labels, "SystemTime": _now()},
+            )
             return
         if path.startswith("/images/") and path.endswith("/json") and method == "GET":
             image = unquote(path[len("/images/") : -len("/json")])

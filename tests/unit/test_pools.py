@@ -188,3 +188,22 @@ def test_the_command_takes_several_hosts() -> None:
     assert args.docker_url == ["tcp://a:1", "tcp://b:1"]
     assert args.pool == "g_{index}"
     assert args.dry_run
+
+
+def test_shared_makes_one_pool_of_all_the_hosts_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU hosts whose Celery workers share a queue: one pool, the sum of their GPUs (issue 12)."""
+    found = {"unix:///run/a.sock": ("0", "1", "2", "3"), "tcp://b:2376": ("0", "1")}
+    monkeypatch.setattr(
+        "airflow_wmltrain.service.pools.host_gpus",
+        lambda url, settings, image=None: HostGpus(url, found[url]),
+    )
+    api = PoolApi()
+    (change,) = sync_pools(api, list(found), settings=Settings(), shared=True, ahead=2)
+    assert change.pool == "wmltrain_gpus"
+    assert (change.slots, api.pools["wmltrain_gpus"]["slots"]) == (8, 8)
+    assert "unix:///run/a.sock, tcp://b:2376" in change.describe()
+    assert change.too_large == ()  # the largest host has the 4 GPUs of a large run
+    (named,) = sync_pools(PoolApi(), ["tcp://b:2376"], settings=Settings(), shared=True, pattern="gpus")
+    assert (named.pool, named.slots, named.too_large) == ("gpus", 2, ("large",))
+    args = build_parser().parse_args(["pools", "--docker-url", "tcp://b:2376", "--shared"])
+    assert args.shared

@@ -42,6 +42,7 @@ def test_provider_info_declares_every_setting_with_a_description() -> None:
     options = get_provider_info()["config"]["wmltrain"]["options"]
     assert set(options) == {
         "resource_classes",
+        "docker_url",
         "training_retries",
         "training_retry_delay",
         "frameworks_file",
