@@ -85,6 +85,23 @@ _TLS_ARGUMENTS = (
 )
 
 
+def _keep_daemon_tls(client: APIClient) -> None:
+    """Verify a TLS daemon with the TLS parameters' CA (or not at all, ``tls_verify=False``) whatever the
+    environment says: ``requests`` puts ``$REQUESTS_CA_BUNDLE`` / ``$CURL_CA_BUNDLE`` (set on many hosts and
+    images to the system's bundle) in place of a session's own CA (psf/requests#3829), and a daemon whose
+    certificate a private CA signed is then refused ("self-signed certificate in certificate chain").
+    The environment's proxies still apply."""
+    merge = client.merge_environment_settings
+
+    def merged(url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> Any:
+        settings = merge(url, proxies, stream, verify, cert)
+        if verify is None:  # no per-request choice: the session's, which TLSConfig set
+            settings["verify"] = client.verify
+        return settings
+
+    client.merge_environment_settings = merged
+
+
 class DockerHostError(ServerError):
     """The Docker host failed or refused an operation on a run's container (``S100``)."""
 
@@ -377,6 +394,8 @@ class TrainingDockerHook(DockerHook):
                     tls=self.tls_config,
                     timeout=self.params["timeout"],
                 )
+                if self.tls_config:
+                    _keep_daemon_tls(client)
                 client.ping()
                 if self.docker_conn_id:
                     self._DockerHook__login(client, self.get_connection(self.docker_conn_id))  # type: ignore[attr-defined]

@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import re
+import ssl
 import stat as stat_module
 import struct
 import tarfile
@@ -158,6 +159,7 @@ class FakeDocker:
         host without the NVIDIA runtime does).
     :param images: images present on the host.
     :param pullable: images a pull can fetch.
+    :param tls: serve the API over TLS with this server context (a remote engine's ``tcp://`` + TLS).
     :param inspect_script: raw answers ``(status, body)`` to ``GET /containers/<id>/json`` (the last
         repeats), instead of the containers' state (the trigger tests).
     """
@@ -170,6 +172,7 @@ class FakeDocker:
         images: tuple[str, ...] = ("busybox:fake",),
         pullable: tuple[str, ...] = (),
         inspect_script: list[tuple[int, Any]] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.gpus = gpus
         self.nvidia = nvidia
@@ -200,6 +203,8 @@ class FakeDocker:
         self._ids = itertools.count(1)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
+        if tls is not None:  # dockerd --tlsverify: TLS, and the client's certificate checked by ``tls``
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.url = f"tcp://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True

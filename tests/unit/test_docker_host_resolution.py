@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_wmltrain.hooks.docker import DockerHostError
@@ -228,3 +230,136 @@ def test_a_run_on_the_workers_local_socket_is_followed_in_the_worker(
     assert op._defers(op.hook) is defers
     op.deferrable = False
     assert op._defers(op.hook) is False
+
+
+# --- a remote engine over TLS -------------------------------------------------------------------------------
+
+
+def _certificates(folder: Path) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files (``openssl`` would
+    make the same for a dockerd --tlsverify)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(name: str, key: Any, issuer: Any, issuer_key: Any, **kind: Any) -> Any:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=kind.get("ca", False), path_length=None), critical=True)
+        )
+        ca = kind.get("ca", False)
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=not ca,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        ).add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        if not ca:
+            builder = builder.add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
+            )
+        if "san" in kind:
+            builder = builder.add_extension(kind["san"], critical=False)
+        if "usage" in kind:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([kind["usage"]]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    files: dict[str, str] = {}
+
+    def write(name: str, cert: Any, key: Any) -> None:
+        (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (folder / f"{name}-key.pem").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        files[name], files[f"{name}-key"] = str(folder / f"{name}.pem"), str(folder / f"{name}-key.pem")
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "wmltrain test CA")])
+    ca = issue("wmltrain test CA", ca_key, ca_name, ca_key, ca=True)
+    write("ca", ca, ca_key)
+    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    write(
+        "server",
+        issue("127.0.0.1", server_key, ca_name, ca_key, san=san, usage=ExtendedKeyUsageOID.SERVER_AUTH),
+        server_key,
+    )
+    write(
+        "client",
+        issue("worker", client_key, ca_name, ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH),
+        client_key,
+    )
+    return files
+
+
+def test_a_remote_engine_over_tls_runs_the_training(
+    make_op: Callable[..., TrainingRunOperator],
+    ti: FakeTi,
+    results: MemoryStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``tcp://`` + the Docker provider's TLS parameters, against an engine that checks the client's
+    certificate (dockerd --tlsverify): the run completes and its status records the engine. The worker's
+    environment names the system's CA bundle (as many images do), which must not replace the daemon's CA."""
+    import ssl
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", ssl.get_default_verify_paths().openssl_cafile)
+    certs = _certificates(tmp_path)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(certs["server"], certs["server-key"])
+    server.load_verify_locations(certs["ca"])
+    server.verify_mode = ssl.CERT_REQUIRED
+    with FakeDocker(tls=server) as remote:
+        op = make_op(
+            docker_url=remote.url,
+            tls_ca_cert=certs["ca"],
+            tls_client_cert=certs["client"],
+            tls_client_key=certs["client-key"],
+        )
+        assert op.execute(context(ti))["state"] == "COMPLETED"
+        assert run_name(ti) in remote.created
+        container = status_in(results, ti)["container"]
+        assert container["docker_url"] == remote.url.replace("tcp://", "https://")
+        assert container["docker_id"] == remote.daemon_id
+
+
+def test_a_remote_engine_over_tls_refuses_a_worker_without_its_certificate(
+    make_op: Callable[..., TrainingRunOperator], ti: FakeTi, tmp_path: Path
+) -> None:
+    import ssl
+
+    certs = _certificates(tmp_path)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(certs["server"], certs["server-key"])
+    server.load_verify_locations(certs["ca"])
+    server.verify_mode = ssl.CERT_REQUIRED
+    with FakeDocker(tls=server) as remote:
+        # Without a client certificate the Docker provider uses no TLS at all (it builds a TLS config
+        # only from all three files): plain HTTP, which the engine refuses.
+        op = make_op(docker_url=remote.url, tls_ca_cert=certs["ca"])
+        with pytest.raises(requests.exceptions.ConnectionError):
+            op.execute(context(ti))
+        assert remote.created == []
