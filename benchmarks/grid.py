@@ -618,6 +618,26 @@ def row(cells: Sequence[Any]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def summary_cells(s: dict[str, Any]) -> dict[str, Any]:
+    """A grid summary's cells of the report's table, by column (:data:`COLUMNS` but ``side``)."""
+    return {
+        "N": s["n"],
+        "completed": s["completed"],
+        "retried": s["retried"],
+        "Σ run s": fmt(s["run_s_total"], 1),
+        "ideal s": fmt(s["ideal_s"], 1),
+        "makespan s": fmt(s["makespan_s"], 1),
+        "ratio": f"**{fmt(s['ratio'])}**",
+        "GPU span s": fmt(s["gpu_span_s"], 1),
+        "GPU-span ratio": fmt(s["gpu_span_ratio"]),
+        "overlaps": s["overlaps"],
+        "GPUs used": ",".join(s["gpus_used"]),
+        "trigger → 1st container s": fmt(s["trigger_to_first_container_s"], 1),
+        "last container → DAG end s": fmt(s["last_container_to_dag_end_s"], 1),
+        "others' runs": s["others_run_containers"],
+    }
+
+
 def report(grids: list[Grid], args: argparse.Namespace, facts: dict[str, Any]) -> str:
     summaries = {g.who: g.summary() for g in grids}
     who_label = {
@@ -638,28 +658,8 @@ def report(grids: list[Grid], args: argparse.Namespace, facts: dict[str, Any]) -
         row(["---", *["---:"] * 10, "---", "---:", "---:", "---:"]),
     ]
     for g in grids:
-        s = summaries[g.who]
-        lines.append(
-            row(
-                [
-                    who_label[g.who],
-                    s["n"],
-                    s["completed"],
-                    s["retried"],
-                    fmt(s["run_s_total"], 1),
-                    fmt(s["ideal_s"], 1),
-                    fmt(s["makespan_s"], 1),
-                    f"**{fmt(s['ratio'])}**",
-                    fmt(s["gpu_span_s"], 1),
-                    fmt(s["gpu_span_ratio"]),
-                    s["overlaps"],
-                    ",".join(s["gpus_used"]),
-                    fmt(s["trigger_to_first_container_s"], 1),
-                    fmt(s["last_container_to_dag_end_s"], 1),
-                    s["others_run_containers"],
-                ]
-            )
-        )
+        cells = summary_cells(summaries[g.who])
+        lines.append(row([who_label[g.who], *(cells[column] for column in COLUMNS[1:])]))
     if "ours" in summaries and "peer" in summaries:
         o, p = summaries["ours"], summaries["peer"]
         if o["makespan_s"] and p["makespan_s"]:

@@ -45,6 +45,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.grid import (  # noqa: E402  (after the path)
+    COLUMNS,
     Grid,
     Run,
     container_id_of,
@@ -56,6 +57,7 @@ from benchmarks.grid import (  # noqa: E402  (after the path)
     machine_facts,
     row,
     services_env,
+    summary_cells,
 )
 
 TARGET = 1.15
@@ -325,6 +327,9 @@ def run_grid(
 def report(result: ScaleOutResult, args: argparse.Namespace, facts: dict[str, Any]) -> str:
     s = result.summary()
     g = result.grid
+    # grid.py's table but the side, the GPUs used and others' runs (per host below)
+    columns = [c for c in COLUMNS if c not in ("side", "GPUs used", "others' runs")]
+    cells = summary_cells(s)
     lines = [
         f"## Grid of {args.n} runs × {args.seconds:g} s over {len(result.hosts)} GPU hosts × 4 stand-in GPUs "
         f"(Celery; target ratio ≤ {TARGET:.2f}, 0 overlaps)",
@@ -332,39 +337,9 @@ def report(result: ScaleOutResult, args: argparse.Namespace, facts: dict[str, An
         f"*ratio* = DAG-run makespan ÷ ideal (Σ run s ÷ {result.gpus}); run s from the hosts' container "
         "start/die events.",
         "",
-        row(
-            [
-                "N",
-                "completed",
-                "retried",
-                "Σ run s",
-                "ideal s",
-                "makespan s",
-                "ratio",
-                "GPU span s",
-                "GPU-span ratio",
-                "overlaps",
-                "trigger → 1st container s",
-                "last container → DAG end s",
-            ]
-        ),
-        row(["---:"] * 12),
-        row(
-            [
-                s["n"],
-                s["completed"],
-                s["retried"],
-                fmt(s["run_s_total"], 1),
-                fmt(s["ideal_s"], 1),
-                fmt(s["makespan_s"], 1),
-                f"**{fmt(s['ratio'])}**",
-                fmt(s["gpu_span_s"], 1),
-                fmt(s["gpu_span_ratio"]),
-                s["overlaps"],
-                fmt(s["trigger_to_first_container_s"], 1),
-                fmt(s["last_container_to_dag_end_s"], 1),
-            ]
-        ),
+        row(columns),
+        row(["---:"] * len(columns)),
+        row([cells[column] for column in columns]),
         "",
         "| host | runs | GPU overlaps | GPUs used | busy GPU s | others' runs |",
         "|---|---:|---:|---|---:|---:|",
