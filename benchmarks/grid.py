@@ -273,33 +273,41 @@ class Grid:
 # --- the services -----------------------------------------------------------------------------------------
 
 
+def services_clients(services: dict[str, str]) -> tuple[Any, Any]:
+    """The services' Airflow REST API (``AirflowApi``) and a boto3 S3 client of their store."""
+    import boto3
+    from botocore.config import Config
+
+    from airflow_wmltrain.service.api import AirflowApi
+
+    rest = AirflowApi(
+        services["WMLTRAIN_AIRFLOW_URL"],
+        services["WMLTRAIN_AIRFLOW_USER"],
+        services["WMLTRAIN_AIRFLOW_PASSWORD"],
+    )
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=services["WMLTRAIN_S3_ENDPOINT"],
+        aws_access_key_id=services["WMLTRAIN_STORE_USER"],
+        aws_secret_access_key=services["WMLTRAIN_STORE_KEY"],
+        region_name=services.get("WMLTRAIN_S3_REGION", "us-east-1"),
+        config=Config(s3={"addressing_style": "path"}, max_pool_connections=32),
+    )
+    return rest, s3
+
+
 class Bench:
     """The services' clients and everything the benchmark made, removed by :meth:`clean_up`."""
 
     def __init__(self, services: dict[str, str]) -> None:
-        import boto3
         import docker
-        from botocore.config import Config
 
-        from airflow_wmltrain.service.api import AirflowApi
         from tests.faults.fault_helpers import CreateEvents
         from tests.integration.service_helpers import api_client
 
         self.services = services
         self.api = api_client(services)
-        self.rest = AirflowApi(
-            services["WMLTRAIN_AIRFLOW_URL"],
-            services["WMLTRAIN_AIRFLOW_USER"],
-            services["WMLTRAIN_AIRFLOW_PASSWORD"],
-        )
-        self.s3 = boto3.client(
-            "s3",
-            endpoint_url=services["WMLTRAIN_S3_ENDPOINT"],
-            aws_access_key_id=services["WMLTRAIN_STORE_USER"],
-            aws_secret_access_key=services["WMLTRAIN_STORE_KEY"],
-            region_name=services.get("WMLTRAIN_S3_REGION", "us-east-1"),
-            config=Config(s3={"addressing_style": "path"}, max_pool_connections=32),
-        )
+        self.rest, self.s3 = services_clients(services)
         self.docker_url = services["WMLTRAIN_GPU_DOCKER_HOST"]
         self.gpu = docker.APIClient(base_url=self.docker_url, timeout=60)
         self.events = CreateEvents(self.docker_url)
@@ -766,14 +774,17 @@ def clean(services: dict[str, str]) -> int:
     return 0
 
 
+def add_grid_arguments(parser: argparse.ArgumentParser, *, n: int, bucket: str) -> None:
+    """The grid's shape: ``--n`` runs of ``--seconds`` of work, ``--objects`` small objects to stage."""
+    parser.add_argument("--n", type=int, default=n, help=f"runs in the grid (default {n})")
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds of work per run (default 5)")
+    parser.add_argument("--objects", type=int, default=16, help=f"small objects in {bucket} (default 16)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", nargs="?", choices=("run", "clean"), default="run")
-    parser.add_argument("--n", type=int, default=32, help="runs in the grid (default 32)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="seconds of work per run (default 5)")
-    parser.add_argument(
-        "--objects", type=int, default=16, help="small objects in ours' data bucket (default 16)"
-    )
+    add_grid_arguments(parser, n=32, bucket="ours' data bucket")
     parser.add_argument(
         "--poll-interval",
         type=int,

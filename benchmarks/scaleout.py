@@ -48,6 +48,7 @@ from benchmarks.grid import (  # noqa: E402  (after the path)
     COLUMNS,
     Grid,
     Run,
+    add_grid_arguments,
     container_id_of,
     epoch,
     fmt,
@@ -56,6 +57,7 @@ from benchmarks.grid import (  # noqa: E402  (after the path)
     logged_times,
     machine_facts,
     row,
+    services_clients,
     services_env,
     summary_cells,
 )
@@ -159,11 +161,8 @@ class Stack:
     """The clients of the scale-out's Airflow, the store and the host daemons."""
 
     def __init__(self, services: dict[str, str], scaleout: dict[str, str]) -> None:
-        import boto3
         import docker
-        from botocore.config import Config
 
-        from airflow_wmltrain.service.api import AirflowApi
         from tests.faults.fault_helpers import CreateEvents
         from tests.integration.service_helpers import api_client
 
@@ -177,19 +176,7 @@ class Stack:
         self.queue = scaleout["WMLTRAIN_SCALEOUT_QUEUE"]
         self.urls = scaleout["WMLTRAIN_SCALEOUT_HOSTS"].split(",")
         self.api = api_client(self.services)
-        self.rest = AirflowApi(
-            self.services["WMLTRAIN_AIRFLOW_URL"],
-            self.services["WMLTRAIN_AIRFLOW_USER"],
-            self.services["WMLTRAIN_AIRFLOW_PASSWORD"],
-        )
-        self.s3 = boto3.client(
-            "s3",
-            endpoint_url=services["WMLTRAIN_S3_ENDPOINT"],
-            aws_access_key_id=services["WMLTRAIN_STORE_USER"],
-            aws_secret_access_key=services["WMLTRAIN_STORE_KEY"],
-            region_name=services.get("WMLTRAIN_S3_REGION", "us-east-1"),
-            config=Config(s3={"addressing_style": "path"}, max_pool_connections=32),
-        )
+        self.rest, self.s3 = services_clients(services)
         self.docker = {url: docker.APIClient(base_url=url, timeout=60) for url in self.urls}
         self.events = {url: CreateEvents(url) for url in self.urls}
         self.cleanups: list[tuple[str, Callable[[], None]]] = []
@@ -373,11 +360,7 @@ def report(result: ScaleOutResult, args: argparse.Namespace, facts: dict[str, An
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=48, help="runs in the grid (default 48)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="seconds of work per run (default 5)")
-    parser.add_argument(
-        "--objects", type=int, default=16, help="small objects in the data bucket (default 16)"
-    )
+    add_grid_arguments(parser, n=48, bucket="the data bucket")
     parser.add_argument(
         "--ahead",
         type=int,
