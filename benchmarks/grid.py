@@ -273,6 +273,16 @@ class Grid:
 # --- the services -----------------------------------------------------------------------------------------
 
 
+def run_cleanups(cleanups: list[tuple[str, Callable[[], None]]]) -> None:
+    """Undo what a benchmark made, last first; a failing step is logged and the others still run."""
+    for what, cleanup in reversed(cleanups):
+        try:
+            cleanup()
+        except Exception as err:
+            log(f"clean-up of {what} failed: {type(err).__name__}: {err}")
+    cleanups.clear()
+
+
 def services_clients(services: dict[str, str]) -> tuple[Any, Any]:
     """The services' Airflow REST API (``AirflowApi``) and a boto3 S3 client of their store."""
     import boto3
@@ -315,12 +325,7 @@ class Bench:
         self.scratch = Path(tempfile.mkdtemp(prefix="wmltrain-bench-grid-"))
 
     def clean_up(self) -> None:
-        for what, cleanup in reversed(self.cleanups):
-            try:
-                cleanup()
-            except Exception as err:
-                log(f"clean-up of {what} failed: {type(err).__name__}: {err}")
-        self.cleanups.clear()
+        run_cleanups(self.cleanups)
         self.events.close()
         with contextlib.suppress(OSError):
             for path in self.scratch.iterdir():

@@ -57,6 +57,7 @@ from benchmarks.grid import (  # noqa: E402  (after the path)
     logged_times,
     machine_facts,
     row,
+    run_cleanups,
     services_clients,
     services_env,
     summary_cells,
@@ -182,12 +183,7 @@ class Stack:
         self.cleanups: list[tuple[str, Callable[[], None]]] = []
 
     def clean_up(self) -> None:
-        for what, cleanup in reversed(self.cleanups):
-            try:
-                cleanup()
-            except Exception as err:
-                log(f"clean-up of {what} failed: {type(err).__name__}: {err}")
-        self.cleanups.clear()
+        run_cleanups(self.cleanups)
         for events in self.events.values():
             events.close()
 
