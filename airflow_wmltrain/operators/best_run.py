@@ -270,8 +270,7 @@ class BestRunOperator(BaseOperator):
         if not self.conn_id:
             self.log.info("No conn_id: the grid's comparison chart is not stored")
             return None
-        from airflow_wmltrain.storage import open_store
-        from airflow_wmltrain.triggers.training_run import results_reference
+        from airflow_wmltrain.storage import open_store, results_reference
 
         match = re.fullmatch(r"(s3|swift)://([^/]+)/(.+?)/?", best.results_location)
         if match is None:

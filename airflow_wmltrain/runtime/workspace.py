@@ -155,5 +155,7 @@ def _remove_as_root(docker: APIClient, image: str, root: Path) -> None:
             docker.start(container["Id"])
             docker.wait(container["Id"], timeout=REMOVAL_TIMEOUT)
         finally:
+            from airflow_wmltrain.hooks.docker import remove_container
+
             with contextlib.suppress(DockerException, RequestException):
-                docker.remove_container(container["Id"], force=True)
+                remove_container(docker, container["Id"])

@@ -16,8 +16,9 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 
 from airflow_wmltrain.lifecycle import RunState, RunStatus, results_location
 from airflow_wmltrain.links.training_run import TrainingResultsLink
+from airflow_wmltrain.storage import results_reference
 from airflow_wmltrain.triggers.base import LookFailed
-from airflow_wmltrain.triggers.training_run import TrainingStatusTrigger, results_reference
+from airflow_wmltrain.triggers.training_run import TrainingStatusTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

@@ -16,13 +16,17 @@ from airflow_wmltrain.manifest import (
     ConnectionId,
     S3Connection,
     StoreReference,
+    StoreType,
     SwiftConnection,
     TrainingManifest,
 )
 from airflow_wmltrain.storage.base import ObjectInfo, ObjectStore
 from airflow_wmltrain.storage.transfer import HttpClient, RetryPolicy
 
-__all__ = ["ObjectInfo", "ObjectStore", "connections_as_json", "open_store"]
+__all__ = ["ObjectInfo", "ObjectStore", "connections_as_json", "open_store", "results_reference"]
+
+#: The store types a results reference may name.
+_RESULTS_TYPES = ("s3", "swift")
 
 
 def open_store(
@@ -90,3 +94,21 @@ def connections_as_json(manifest: TrainingManifest) -> dict[str, str]:
             conn_id = reference.connection.conn_id
             resolved[conn_id] = BaseHook.get_connection(conn_id).as_json()
     return resolved
+
+
+def results_reference(type_: str, bucket: str, conn_id: str) -> StoreReference:
+    """The results store of a run, reached through an Airflow connection.
+
+    :param type_: ``s3`` (an ``aws`` connection) or ``swift`` (a ``swift`` connection).
+    :param bucket: the results bucket (S3) or container (Swift).
+    :param conn_id: the Airflow connection id.
+    :raises ValueError: an unknown type, an empty bucket or connection id.
+    """
+    if type_ not in _RESULTS_TYPES:
+        raise ValueError(f"results type '{type_}' is not one of {', '.join(_RESULTS_TYPES)}")
+    if not bucket:
+        raise ValueError("the results bucket is empty; give the bucket (S3) or container (Swift) name")
+    if not conn_id:
+        raise ValueError("the results connection id is empty; give an Airflow connection id")
+    kind: StoreType = "s3" if type_ == "s3" else "swift"
+    return StoreReference(type=kind, bucket=bucket, connection=ConnectionId(conn_id=conn_id))

@@ -10,7 +10,7 @@ hold connection ids and Docker parameters, never a credential.  The halt of a ru
 inline credentials needs them to store the run: they travel sealed with Airflow's Fernet key
 (:func:`seal_halt`), which the worker and the triggerer share; the kwargs show the redacted manifest.
 The results store is given as a plain dict ``{"type": "s3" | "swift", "bucket": ..., "conn_id": ...}``
-(:func:`results_reference` turns it into
+(:func:`~airflow_wmltrain.storage.results_reference` turns it into
 the :class:`~airflow_wmltrain.manifest.StoreReference` the storage layer opens).
 """
 
@@ -28,37 +28,18 @@ from docker.errors import APIError, DockerException, NotFound
 from airflow_wmltrain.errors import WmlTrainError
 from airflow_wmltrain.hooks.docker import LogCursor, TrainingDockerHook
 from airflow_wmltrain.lifecycle import STATUS_FILE, STATUS_XCOM_KEY, RunState, results_location
-from airflow_wmltrain.manifest import ConnectionId, StoreReference, StoreType
 from airflow_wmltrain.metrics import JSONL_FILE, MetricsCollector, MetricSeries, check_metrics_pattern
 from airflow_wmltrain.runtime.run import TrainingRun, read_status_at
 from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS
+from airflow_wmltrain.storage import results_reference
 from airflow_wmltrain.triggers.base import LookFailed, PollingTrigger
 
-__all__ = ["TrainingRunTrigger", "TrainingStatusTrigger", "results_reference", "seal_halt"]
+__all__ = ["TrainingRunTrigger", "TrainingStatusTrigger", "seal_halt"]
 
-_RESULTS_TYPES = ("s3", "swift")
 #: ``$RESULT_DIR/metrics.jsonl`` in the container.
 JSONL_PATH = f"{CONTAINER_DIRS['RESULT_DIR']}/{JSONL_FILE}"
 #: Terminal state → the ``status`` of :class:`TrainingStatusTrigger`'s event.
 EVENT_STATUS = {RunState.COMPLETED: "success", RunState.FAILED: "failed", RunState.HALTED: "halted"}
-
-
-def results_reference(type_: str, bucket: str, conn_id: str) -> StoreReference:
-    """The results store of a run, reached through an Airflow connection.
-
-    :param type_: ``s3`` (an ``aws`` connection) or ``swift`` (a ``swift`` connection).
-    :param bucket: the results bucket (S3) or container (Swift).
-    :param conn_id: the Airflow connection id.
-    :raises ValueError: an unknown type, an empty bucket or connection id.
-    """
-    if type_ not in _RESULTS_TYPES:
-        raise ValueError(f"results type '{type_}' is not one of {', '.join(_RESULTS_TYPES)}")
-    if not bucket:
-        raise ValueError("the results bucket is empty; give the bucket (S3) or container (Swift) name")
-    if not conn_id:
-        raise ValueError("the results connection id is empty; give an Airflow connection id")
-    kind: StoreType = "s3" if type_ == "s3" else "swift"
-    return StoreReference(type=kind, bucket=bucket, connection=ConnectionId(conn_id=conn_id))
 
 
 def set_xcom(key: str, value: Any, *, dag_id: str, run_id: str, task_id: str, map_index: int) -> None:
