@@ -177,7 +177,8 @@ class Stack:
         self.queue = scaleout["WMLTRAIN_SCALEOUT_QUEUE"]
         self.urls = scaleout["WMLTRAIN_SCALEOUT_HOSTS"].split(",")
         self.api = api_client(self.services)
-        self.rest, self.s3 = services_clients(services)
+        # The REST client of the scale-out's Airflow (its pools), not of the services' own.
+        self.rest, self.s3 = services_clients(self.services)
         self.docker = {url: docker.APIClient(base_url=url, timeout=60) for url in self.urls}
         self.events = {url: CreateEvents(url) for url in self.urls}
         self.cleanups: list[tuple[str, Callable[[], None]]] = []
@@ -243,6 +244,10 @@ def run_grid(
     )
     stack.cleanups.append((f"pool {pool}", lambda: stack.rest.call("DELETE", f"/pools/{pool}")))
     log(change.describe())
+    # A task whose pool its Airflow does not know stays "scheduled": check the pool is the scale-out's.
+    if stack.api.get(f"/pools/{pool}").status_code != 200:
+        url = stack.services["WMLTRAIN_AIRFLOW_URL"]
+        raise RuntimeError(f"the pool {pool} is not on the scale-out's Airflow {url}")
     gpus = len(change.gpus)
     scratch = Path(stack.services["WMLTRAIN_AIRFLOW_TEST_DAGS"]).parent / "test-files"
     scratch.mkdir(parents=True, exist_ok=True)
