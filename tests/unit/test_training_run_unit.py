@@ -338,6 +338,28 @@ def test_halt_without_a_container_ends_halted_at_once(
     assert new_run(settings).halt(hook, "0" * 64, grace=3, reason="again").state is RunState.HALTED
 
 
+def test_a_halt_during_storing_ends_the_run_instead_of_leaving_it_storing(
+    settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
+) -> None:
+    """The task was killed while it stored (issue 9: with no retry the run stayed STORING for ever): the
+    halter stores the ended container again and ends the run as the container ended."""
+    run = processing(new_run(settings))
+    (run.workspace.results / "model.pt").write_bytes(b"weights")
+    container = docker_api.add_container(
+        NAME, container_labels=container_labels(), status="exited", log="epoch 9\n"
+    )
+    run.record(RunState.STORING, exit_code=0)  # the task's store() stopped here: killed
+    assert stored_status(results)["state"] == "STORING"
+    status = new_run(settings).halt(hook, None, grace=3, reason="the run was halted: its task was killed")
+    assert status.state is RunState.COMPLETED, status.state
+    assert stored_status(results)["state"] == "COMPLETED"
+    assert results.objects[f"{TRAINING_ID}/model.pt"] == b"weights"
+    assert results.objects[f"{TRAINING_ID}/learner-1/training-log.txt"] == b"epoch 9\n"
+    assert docker_api.stopped == []
+    assert docker_api.find(container.id) is None
+    assert not run.workspace.exists()
+
+
 def test_halt_leaves_a_run_already_over_as_it_is(
     settings: Settings, results: MemoryStore, docker_api: FakeDocker, hook: TrainingDockerHook
 ) -> None:
