@@ -29,6 +29,7 @@ def main() -> int:
     for name in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CORE__SQL_ALCHEMY_CONN"):
         if os.environ.get(name, "").startswith("airflow-db-not-allowed"):
             del os.environ[name]
+    from airflow_wmltrain.errors import EXIT_OK, exit_status
     from airflow_wmltrain.runtime.run import halt_run
 
     owner = params.pop("owner", None)
@@ -36,11 +37,11 @@ def main() -> int:
         if params.get("container_id") is None and owner is not None:
             params["container_id"] = _own_container(params, owner)
         result = halt_run(**params)
-    except Exception:
+    except Exception as err:
         logging.getLogger(__name__).exception("Halting training run %s failed", params.get("training_id"))
-        return 1
+        return exit_status(err)
     logging.getLogger(__name__).info("Training run %s is %s", result["training_id"], result["state"])
-    return 0
+    return EXIT_OK
 
 
 def _own_container(params: dict[str, Any], owner: dict[str, Any]) -> str | None:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 
-from airflow_wmltrain.errors import ManifestError, ModelDefinitionError, RunConflictError
+from airflow_wmltrain.errors import EXIT_BAD_INPUT, ManifestError, ModelDefinitionError, RunConflictError
 from airflow_wmltrain.lifecycle import STATUS_FILE, STATUS_XCOM_KEY, RunState
 from airflow_wmltrain.manifest import load_manifest
 from airflow_wmltrain.operators import training_run as operator_module
@@ -248,7 +248,7 @@ def test_the_halter_never_halts_a_container_of_another_task_instance(
         "owner": {"dag_id": "wmltrain_training", "run_id": training_id, "task_id": "train", "map_index": -1},
     }
     monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(params)))
-    assert halter.main() == 1
+    assert halter.main() == EXIT_BAD_INPUT  # C105: refused, not halted
     untouched(docker_api, container, workspace)
 
 
