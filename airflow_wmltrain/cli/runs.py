@@ -1,4 +1,5 @@
-"""``wmltrain list | show | metrics | delete | logs | halt``: training runs as Airflow knows them (REST API).
+"""``wmltrain list | show | metrics | delete | logs | monitor | halt``: training runs as Airflow knows
+them (REST API).
 
 ``list`` shows every run — the bundled DAG's and those of ``TrainingRunOperator`` tasks in any DAG,
 failed and halted ones included, with their reason —, in the seed service's columns plus the DAG.
@@ -50,6 +51,7 @@ def register(commands: Any) -> None:
         ("logs", "print a run's training log", run_logs),
         ("metrics", "print a run's metrics per step", run_metrics),
         ("halt", "stop a run (it ends HALTED, its logs stored)", run_halt),
+        ("monitor", "follow a run's training log until the run ends (logs --follow)", run_logs),
     ):
         parser = commands.add_parser(name, help=helptext)
         parser.add_argument("args", nargs="+", metavar="ID", help="the training id (training-...)")
@@ -59,6 +61,9 @@ def register(commands: Any) -> None:
             parser.add_argument(
                 "--halt", action="store_true", help="halt the run first if it is still active"
             )
+        if name == "monitor":  # the seed service's `bx ml monitor`
+            parser.set_defaults(follow=True)
+            add_wait_options(parser)
         if name in ("logs", "metrics"):
             parser.add_argument(
                 "--follow",
@@ -73,10 +78,12 @@ def register(commands: Any) -> None:
 
 def _training_id(args: argparse.Namespace) -> str:
     words = [w for w in args.args if w not in NOUNS]
-    if len(words) != 1:
-        raise SystemExit(
-            f"wmltrain {args.command}: give one training id, e.g. wmltrain {args.command} training-abc"
+    if len(words) != 1:  # a usage error (exit status 2), like argparse's own
+        print(
+            f"wmltrain {args.command}: give one training id, e.g. wmltrain {args.command} training-abc",
+            file=sys.stderr,
         )
+        raise SystemExit(EXIT_BAD_INPUT)
     return str(words[0])
 
 
@@ -126,8 +133,9 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    training_id = _training_id(args)  # a usage error before the server is asked anything
     api = api_from_args(args)
-    record = find_run(api, _training_id(args))
+    record = find_run(api, training_id)
     document = {**record.to_dict(), "url": _ui_url(api, record)}
     if args.json:
         print(json.dumps(document, indent=2))
@@ -176,8 +184,9 @@ def _wait_not_running(
 
 
 def run_delete(args: argparse.Namespace) -> int:
+    training_id = _training_id(args)  # a usage error before the server is asked anything
     api = api_from_args(args)
-    record = find_run(api, _training_id(args))
+    record = find_run(api, training_id)
     if record.active:
         if not args.halt:
             print(
@@ -202,8 +211,9 @@ def run_delete(args: argparse.Namespace) -> int:
 
 
 def run_logs(args: argparse.Namespace) -> int:
+    training_id = _training_id(args)  # a usage error before the server is asked anything
     api = api_from_args(args)
-    record = find_run(api, _training_id(args))
+    record = find_run(api, training_id)
     for line in log_lines(api, record, follow=args.follow, options=wait_options(args)):
         print(line, flush=True)
     return EXIT_OK
@@ -223,8 +233,9 @@ def _metrics_row(cells: list[str], headers: list[str]) -> str:
 
 
 def run_metrics(args: argparse.Namespace) -> int:
+    training_id = _training_id(args)  # a usage error before the server is asked anything
     api = api_from_args(args)
-    record = find_run(api, _training_id(args))
+    record = find_run(api, training_id)
     points = metric_points(api, record, follow=args.follow, options=wait_options(args))
     if args.json:  # one JSON object a line with --follow (the points as they come), else one document
         if args.follow:
@@ -252,8 +263,9 @@ def run_metrics(args: argparse.Namespace) -> int:
 
 
 def run_halt(args: argparse.Namespace) -> int:
+    training_id = _training_id(args)  # a usage error before the server is asked anything
     api = api_from_args(args)
-    record = find_run(api, _training_id(args))
+    record = find_run(api, training_id)
     if not record.active:
         print(f"{record.training_id} is already {record.state.value}")
         return EXIT_OK

@@ -209,3 +209,22 @@ def test_help_shows_each_command_its_line_description_and_positionals(
     assert "whose run id is the new training id, and print it (\"Model-ID is 'training-...'\")." in train
     assert "MODEL.zip the zipped training code, or its s3:// / swift:// URL MANIFEST.yaml" in train
     assert "--param NAME=VALUE, -p NAME=VALUE override an option of the command (repeatable)" in train
+
+
+def test_two_training_ids_are_a_usage_error_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 13: ``show`` given two ids exited 1, the status of a failed run."""
+    from airflow_wmltrain.cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["show", "training-a", "training-b"])
+    assert exited.value.code == 2
+    assert "give one training id" in capsys.readouterr().err
+
+
+def test_monitor_is_logs_follow() -> None:
+    """``bx ml monitor`` users type ``wmltrain monitor ID``: the log, followed until the run ends."""
+    from airflow_wmltrain.cli import runs
+    from airflow_wmltrain.cli.main import build_parser
+
+    args = build_parser().parse_args(["monitor", "training-a", "--timeout", "60"])
+    assert (args.handler, args.follow, args.args) == (runs.run_logs, True, ["training-a"])
