@@ -23,6 +23,7 @@ from airflow_wmltrain.storage.transfer import (
     RetryPolicy,
     SignedRequest,
     TransferError,
+    etag_is_md5,
     request_bytes,
     with_retries,
 )
@@ -191,11 +192,16 @@ class ObjectStore(ABC):
         """
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> str:
-        """Write a small object in one request, verified by its MD5; returns its ETag."""
+        """Write a small object in one request, verified by its MD5; returns its ETag.
+
+        The store checks the body against the MD5 header; the ETag is compared too where it is the MD5
+        (:func:`~airflow_wmltrain.storage.transfer.etag_is_md5`: not on SSE-KMS or SSE-C buckets).
+        """
         md5 = hashlib.md5(data, usedforsecurity=False)
         headers = {"content-type": content_type, **self.integrity_headers(md5.digest())}
-        etag = self.request("PUT", key, headers=headers, body=data)[1].get("etag", "").strip('"').lower()
-        if etag and etag != md5.hexdigest():
+        answer = self.request("PUT", key, headers=headers, body=data)[1]
+        etag = answer.get("etag", "").strip('"').lower()
+        if etag and etag != md5.hexdigest() and etag_is_md5(answer.get):
             raise TransferError(f"PUT {self.describe(key)}: the store stored other bytes", transient=False)
         return etag
 

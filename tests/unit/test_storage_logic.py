@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,8 +19,9 @@ from airflow_wmltrain.storage.progress import Progress
 from airflow_wmltrain.storage.s3 import S3Store
 from airflow_wmltrain.storage.sigv4 import EMPTY_SHA256, Credentials, SigV4Signer, canonical_query
 from airflow_wmltrain.storage.staging import StagingResult, cache_principal, plan_objects
-from airflow_wmltrain.storage.transfer import RetryPolicy, etag_is_md5
+from airflow_wmltrain.storage.transfer import RetryPolicy, TransferError, etag_is_md5
 from airflow_wmltrain.storage.upload import UploadResult
+from tests.unit.fakes import MemoryStore
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 # The AWS documentation's example key id, spelled in two parts so that secret scanners do not flag it.
@@ -244,6 +247,43 @@ def test_non_blocking_staging_lock(tmp_path: Path) -> None:
 )
 def test_etag_is_md5_unless_kms_or_customer_key(headers: dict[str, str], md5: bool) -> None:
     assert etag_is_md5(headers.get) is md5
+
+
+class _EncryptingStore(MemoryStore):
+    """A bucket whose PUT answers as S3 does with default encryption: an ETag that is not the MD5."""
+
+    def __init__(self, answer: dict[str, str]) -> None:
+        super().__init__("encrypted")
+        self.answer = answer
+
+    def request(self, method: str, key: str, **kwargs: Any) -> tuple[int, Mapping[str, str], bytes]:
+        status, headers, body = super().request(method, key, **kwargs)
+        if method == "PUT":
+            headers = {**headers, "etag": '"0123456789abcdef0123456789abcdef"', **self.answer}
+        return status, headers, body
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"x-amz-server-side-encryption": "aws:kms"},
+        {"x-amz-server-side-encryption": "aws:kms:dsse"},
+        {"x-amz-server-side-encryption-customer-algorithm": "AES256"},
+    ],
+)
+def test_small_writes_to_an_sse_kms_or_sse_c_bucket_are_accepted(answer: dict[str, str]) -> None:
+    """put_bytes/put_json (the status document, the submitted zip, the learning curve) follow the one
+    ETag rule (issue 9): on a KMS- or customer-key-encrypted bucket every status write failed with "the
+    store stored other bytes"."""
+    store = _EncryptingStore(answer)
+    store.put_json("training-x/_status.json", {"state": "PENDING"})
+    assert store.objects["training-x/_status.json"].startswith(b"{")
+
+
+def test_a_small_write_whose_md5_etag_differs_is_still_refused() -> None:
+    store = _EncryptingStore({"x-amz-server-side-encryption": "AES256"})  # SSE-S3: the ETag is the MD5
+    with pytest.raises(TransferError, match="stored other bytes"):
+        store.put_bytes("k", b"data")
 
 
 def test_retry_delays_grow_and_are_capped() -> None:
