@@ -476,11 +476,7 @@ class TrainingRunOperator(DockerOperator):
         recorded = prior.container if prior is not None and not prior.terminal else {}
         hook = self._host_of(training_id, recorded.get("docker_url", ""), recorded.get("docker_id", ""))
         existing = hook.find_run_container(training_id, owner)  # another task instance's: refused
-        # From here on the training id is this task instance's: a halt may touch its container and workspace.
-        self._try.claimed = True
-        if existing is not None:
-            return self._reattach(run, hook, existing)
-        if prior is not None and prior.state is RunState.COMPLETED:
+        if existing is None and prior is not None and prior.state is RunState.COMPLETED:
             if prior.digest == digest:
                 # An earlier try (or run) of this task instance completed it: same submission, same result.
                 self.log.info(
@@ -492,6 +488,11 @@ class TrainingRunOperator(DockerOperator):
                 "manifest or the hyperparameters changed since); to train again, give the task a new "
                 "training_id (or leave it empty and trigger a new DAG run)"
             )
+        run.workspace.claim(training_id, owner)  # staged by another task instance, no container yet: refused
+        # From here on the training id is this task instance's: a halt may touch its container and workspace.
+        self._try.claimed = True
+        if existing is not None:
+            return self._reattach(run, hook, existing)
         if prior is not None and not prior.terminal and prior.state.rank >= RunState.PROCESSING.rank:
             # The status says that the run had a container, and the host has none: someone removed it.
             lost = DockerHostError(

@@ -12,17 +12,21 @@ results are read through the Docker API instead (``TrainingDockerHook.copy_out``
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from docker.errors import DockerException
 from docker.types import Mount
 from requests import RequestException
 
+from airflow_wmltrain.errors import RunConflictError
 from airflow_wmltrain.runtime import labels
 
 if TYPE_CHECKING:
@@ -32,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 #: Seconds the helper container that removes what the worker may not may take.
 REMOVAL_TIMEOUT = 120
+
+#: The task instance that owns a run's workspace, in its ``worker`` folder (never mounted).
+OWNER_FILE = "owner.json"
+#: The most of an owner file read.
+_OWNER_MAX_BYTES = 4096
 
 #: Where the container sees each directory, and the environment variable naming it.
 CONTAINER_DIRS = {
@@ -101,6 +110,42 @@ class Workspace:
         """:attr:`worker`, made when missing (only the worker may enter it)."""
         self.worker.mkdir(mode=0o700, parents=True, exist_ok=True)
         return self.worker
+
+    def claim(self, training_id: str, owner: Mapping[str, Any]) -> None:
+        """Make the workspace this task instance's, or refuse it when another task instance's holds it.
+
+        Before a run's container exists, its training id is already listed (``wmltrain list``) while its
+        data is staged here: a second task instance given that id (the bundled DAG triggered with it) must
+        not share the data, the code or the results, nor remove them when it fails. The first to claim
+        writes its owner (:data:`~airflow_wmltrain.runtime.labels.OWNER_LABELS`) into
+        ``worker/owner.json``, atomically (a full file linked into place, or nothing); a try of the same
+        task instance finds itself there.
+
+        :raises RunConflictError: (C105) the workspace belongs to another task instance.
+        """
+        path = self.worker_dir() / OWNER_FILE
+        mine = {key: owner.get(key) for key in labels.OWNER_LABELS}
+        draft = path.with_name(f".{OWNER_FILE}.{uuid.uuid4().hex}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                json.dump(mine, file)
+            os.link(draft, path)  # fails when an owner is already there
+            return
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink(missing_ok=True)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as file:
+                found = json.loads(file.read(_OWNER_MAX_BYTES))
+        except (OSError, ValueError) as err:
+            raise RunConflictError(
+                f"the workspace {self.root} of training run {training_id} has an owner file that cannot be "
+                f"read ({err}); remove {path} if no task instance runs it"
+            ) from None
+        labels.check_owner(training_id, owner, found if isinstance(found, dict) else {}, "the workspace")
 
     def mounts(self) -> list[Mount]:
         """Bind mounts for the training container (the data read-only)."""

@@ -179,6 +179,46 @@ def test_a_training_id_whose_status_another_task_instance_wrote_is_refused_untou
     assert docker_api.created == []
 
 
+VICTIM = {"dag_id": "victim_dag", "run_id": "scheduled__1", "task_id": "train", "map_index": -1}
+
+
+def test_a_training_id_whose_run_is_still_staging_is_refused_and_its_workspace_untouched(
+    make_op: Callable[..., TrainingRunOperator],
+    docker_api: FakeDocker,
+    wmltrain_env: Path,
+    results: MemoryStore,
+) -> None:
+    """The window before the owner's container exists: its id is listed, its data is being staged on this
+    worker, its status document is in a bucket the attacker does not use. The workspace's owner refuses
+    the second task instance (C105); the data and the code being staged stay the owner's, and nothing
+    of theirs is removed when the second one fails."""
+    training_id = "training-victim_staging"
+    workspace = Workspace.for_run(str(wmltrain_env), training_id)
+    workspace.claim(training_id, VICTIM)
+    workspace.create()
+    (workspace.data / "train.csv").write_text("the victim's data")
+    attacker = FakeTi(dag_id="wmltrain_training", run_id=training_id)
+    with pytest.raises(AirflowFailException, match="C105") as caught:
+        make_op(training_id=training_id, model_definition=b64_zip(), submitted_inputs=True).execute(
+            context(attacker)
+        )
+    assert "the workspace of task victim_dag/scheduled__1/train" in str(caught.value)
+    assert (workspace.data / "train.csv").read_text() == "the victim's data"
+    assert not workspace.model.exists()
+    assert docker_api.created == []
+    assert results.keys() == set()
+
+
+def test_a_workspace_is_claimed_once_and_found_again_by_its_own_task_instance(tmp_path: Path) -> None:
+    workspace = Workspace.for_run(str(tmp_path), "training-x")
+    workspace.claim("training-x", VICTIM)
+    workspace.claim("training-x", {**VICTIM, "try_number": 2})  # a retry of the same task instance
+    with pytest.raises(RunConflictError, match="already used by the workspace of task victim_dag"):
+        workspace.claim("training-x", {**VICTIM, "map_index": 3})
+    assert sorted(p.name for p in workspace.worker.iterdir()) == ["owner.json"]  # no draft left behind
+    assert oct(workspace.worker.stat().st_mode & 0o777) == "0o700"
+
+
 def test_a_task_stopped_before_it_owns_the_training_id_never_halts_the_owners_run(
     make_op: Callable[..., TrainingRunOperator],
     docker_api: FakeDocker,
