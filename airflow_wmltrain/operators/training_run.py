@@ -95,6 +95,7 @@ REFUSED_PARAMETERS = {
     "retrieve_output_path": "write outputs into $RESULT_DIR: they are stored in the results bucket",
     "host_tmp_dir": "a run's directories are under [wmltrain] staging_dir",
     "mount_tmp_dir": "a run's directories are under [wmltrain] staging_dir",
+    "tmp_dir": "no temporary host folder is mounted; write into $CHECKPOINT_DIR or $RESULT_DIR",
     "privileged": "the training code is not trusted: its container gets no privilege (training_cap_add)",
 }
 #: The task-instance states that mean a person (or the scheduler, for a task with no try left) ended the

@@ -103,6 +103,7 @@ REFUSED_VALUES: dict[str, Any] = {
     "retrieve_output_path": "/tmp/out",
     "host_tmp_dir": "/tmp",
     "mount_tmp_dir": True,
+    "tmp_dir": "/scratch",
     "privileged": True,
 }
 
