@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 #: Seconds the helper container that removes what the worker may not may take.
 REMOVAL_TIMEOUT = 120
 
-#: The task instance that owns a run's workspace, in its ``worker`` folder (never mounted).
+#: The task instance that owns a run's workspace, at its top (never mounted, never uploaded).
 OWNER_FILE = "owner.json"
 #: The most of an owner file read.
 _OWNER_MAX_BYTES = 4096
@@ -117,13 +117,14 @@ class Workspace:
         Before a run's container exists, its training id is already listed (``wmltrain list``) while its
         data is staged here: a second task instance given that id (the bundled DAG triggered with it) must
         not share the data, the code or the results, nor remove them when it fails. The first to claim
-        writes its owner (:data:`~airflow_wmltrain.runtime.labels.OWNER_LABELS`) into
-        ``worker/owner.json``, atomically (a full file linked into place, or nothing); a try of the same
+        writes its owner (:data:`~airflow_wmltrain.runtime.labels.OWNER_LABELS`) into ``owner.json`` at
+        the top of the workspace (no container mounts it; it is not uploaded), atomically (a full file linked into place, or nothing); a try of the same
         task instance finds itself there.
 
         :raises RunConflictError: (C105) the workspace belongs to another task instance.
         """
-        path = self.worker_dir() / OWNER_FILE
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / OWNER_FILE
         mine = {key: owner.get(key) for key in labels.OWNER_LABELS}
         draft = path.with_name(f".{OWNER_FILE}.{uuid.uuid4().hex}")
         fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

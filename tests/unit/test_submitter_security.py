@@ -215,8 +215,8 @@ def test_a_workspace_is_claimed_once_and_found_again_by_its_own_task_instance(tm
     workspace.claim("training-x", {**VICTIM, "try_number": 2})  # a retry of the same task instance
     with pytest.raises(RunConflictError, match="already used by the workspace of task victim_dag"):
         workspace.claim("training-x", {**VICTIM, "map_index": 3})
-    assert sorted(p.name for p in workspace.worker.iterdir()) == ["owner.json"]  # no draft left behind
-    assert oct(workspace.worker.stat().st_mode & 0o777) == "0o700"
+    assert sorted(p.name for p in workspace.root.iterdir()) == ["owner.json"]  # no draft left behind
+    assert oct((workspace.root / "owner.json").stat().st_mode & 0o777) == "0o600"
 
 
 def test_a_task_stopped_before_it_owns_the_training_id_never_halts_the_owners_run(
