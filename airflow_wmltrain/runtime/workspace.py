@@ -118,8 +118,8 @@ class Workspace:
         data is staged here: a second task instance given that id (the bundled DAG triggered with it) must
         not share the data, the code or the results, nor remove them when it fails. The first to claim
         writes its owner (:data:`~airflow_wmltrain.runtime.labels.OWNER_LABELS`) into ``owner.json`` at
-        the top of the workspace (no container mounts it; it is not uploaded), atomically (a full file linked into place, or nothing); a try of the same
-        task instance finds itself there.
+        the top of the workspace (no container mounts it; it is not uploaded), atomically (a full file
+        linked into place, or nothing); a try of the same task instance finds itself there.
 
         :raises RunConflictError: (C105) the workspace belongs to another task instance.
         """
