@@ -465,7 +465,12 @@ class TrainingRunOperator(DockerOperator):
             run.location,
         )
         with _airflow_errors():
-            return self._execute(run, submission)
+            try:
+                return self._execute(run, submission)
+            except WmlTrainError as err:
+                if not run.status.history and not err.retryable:  # ended before recording anything: say why
+                    run.end_in_task(RunState.FAILED, err)
+                raise
 
     def _execute(self, run: TrainingRun, submission: Submission) -> dict[str, Any]:
         owner = self._try.owner

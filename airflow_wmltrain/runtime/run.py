@@ -238,10 +238,14 @@ class TrainingRun:
         """Take the status in the bucket as this run's (a retry, a resume, a halt); it or ``None``.
 
         :raises ResultsStoreError: the results store does not answer (``S303``, a retry may succeed).
+        :raises CredentialsError: the results store refused the credentials (``C103``, not retried).
         """
         try:
             prior = self.read_status()
         except TransferError as err:
+            refused = self.results_store.refused(err, field="training_results_reference.connection")
+            if refused is not None:
+                raise refused from None
             raise ResultsStoreError(f"cannot read the status of {self.training_id}: {err}") from None
         if prior is not None:
             self.status = prior

@@ -172,13 +172,24 @@ class ObjectStore(ABC):
                     f"bucket '{self.bucket}' does not exist at {self.endpoint}; create it or fix the name",
                     field=field,
                 ) from None
-            if err.status in (401, 403):
-                raise CredentialsError(
-                    f"{self.endpoint} refused the credentials for bucket '{self.bucket}' "
-                    f"(HTTP {err.status}); check the access key / user and secret / password",
-                    field=field,
-                ) from None
+            refused = self.refused(err, field=field)
+            if refused is not None:
+                raise refused from None
             raise
+
+    def refused(self, err: TransferError, *, field: str | None = None) -> CredentialsError | None:
+        """The ``C103`` that a ``401``/``403`` answer of this store means (it refused the credentials: a
+        retry cannot help), else ``None``.
+
+        :param field: the manifest field of the store's credentials or bucket, for the message.
+        """
+        if err.status not in (401, 403):
+            return None
+        return CredentialsError(
+            f"{self.endpoint} refused the credentials for bucket '{self.bucket}' "
+            f"(HTTP {err.status}); check the access key / user and secret / password",
+            field=field,
+        )
 
     def get_bytes(self, key: str) -> bytes:
         """Read a small object whole."""

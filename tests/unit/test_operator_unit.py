@@ -125,6 +125,30 @@ def test_all_refused_docker_parameters_are_named_at_once(make_op: Callable[..., 
 # --- execute ------------------------------------------------------------------------------------------------
 
 
+def test_a_results_store_that_refuses_the_credentials_fails_c103_at_once_and_says_why(
+    make_op: Callable[..., TrainingRunOperator],
+    docker_api: FakeDocker,
+    ti: FakeTi,
+    results: MemoryStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by ``wmltrain train --no-store-check`` with wrong keys: the first read of the results
+    bucket got 403, the run was retried three times as if the store were down (S303) and ended FAILED
+    with no reason in ``list``/``show``. A refusal is C103, not retried, and the status XCom says so."""
+    from airflow_wmltrain.storage.transfer import TransferError
+
+    def refuse(method: str, key: str, **_: Any) -> Any:
+        raise TransferError(f"{method} {key}: access denied (403)", transient=False, status=403)
+
+    monkeypatch.setattr(results, "request", refuse)
+    with pytest.raises(AirflowFailException, match="C103"):
+        make_op().execute(context(ti))
+    [document] = ti.published()
+    assert (document["state"], document["error"]["code"]) == ("FAILED", "C103")
+    assert "refused the credentials" in document["error"]["message"]
+    assert docker_api.created == []
+
+
 def test_bad_manifest_fails_without_retry_publishes_the_refusal_and_creates_nothing(
     make_op: Callable[..., TrainingRunOperator], docker_api: FakeDocker, ti: FakeTi, results: MemoryStore
 ) -> None:
