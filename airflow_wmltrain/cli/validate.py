@@ -29,6 +29,7 @@ from airflow_wmltrain.errors import (
     WmlTrainError,
     exit_status,
 )
+from airflow_wmltrain.frameworks import FRAMEWORK_FIELD
 from airflow_wmltrain.manifest import ConnectionId, TrainingManifest
 from airflow_wmltrain.settings import Settings
 from airflow_wmltrain.submission import check_submission
@@ -108,11 +109,13 @@ def check_stores(manifest: TrainingManifest, *, timeout: float = STORE_CHECK_TIM
             checked[role] = f"not checked (Airflow connection '{reference.connection.conn_id}')"
             continue
         try:
+            # The store first: opening one may import Airflow (a hook), which sets up its logging; the
+            # logs are dropped from then on (_logs_dropped redirects Airflow's logger as it finds it).
             with (
-                _logs_dropped(),
                 open_store(
                     reference, http=HttpClient(timeout=timeout), retry=RetryPolicy(attempts=1)
                 ) as store,
+                _logs_dropped(),
             ):
                 store.check_bucket(field=f"{field}.{bucket_field}")
         except BucketNotFoundError as err:
@@ -159,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     stores given with inline credentials answer and accept them (exit 3 when one cannot be reached).
     """
     try:
-        settings = Settings.from_airflow_config()
+        settings = Settings.from_local_config()
         submission = check_submission(
             args.model_definition,
             args.manifest,
@@ -168,6 +171,12 @@ def run(args: argparse.Namespace) -> int:
         )
         stores = check_stores(submission.manifest) if args.check_stores else None
     except WmlTrainError as err:
+        if (getattr(err, "field", None) or "").startswith(FRAMEWORK_FIELD):
+            print(
+                "note: validate checks against this machine's framework registry ([wmltrain] frameworks, "
+                "frameworks_file); wmltrain train checks against the server's",
+                file=sys.stderr,
+            )
         if not args.json:
             raise
         print(json.dumps({"valid": False, "error": err.to_dict()}, indent=2))
