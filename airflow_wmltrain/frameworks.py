@@ -64,12 +64,34 @@ class FrameworkRegistry:
         if settings.frameworks:
             where = f"[{SECTION}] frameworks"
             _merge(merged, _load_yaml(settings.frameworks, where), where)
+        return cls._of(merged)
+
+    @classmethod
+    def from_data(cls, data: Any, where: str) -> FrameworkRegistry:
+        """A registry given in the registry file's shape (:meth:`to_data`), e.g. the one a server publishes.
+
+        :raises ConfigurationError: naming ``where`` when the data is not a registry.
+        """
+        merged: dict[str, dict[str, Framework | None]] = {}
+        _merge(merged, data, where)
+        return cls._of(merged)
+
+    @classmethod
+    def _of(cls, merged: Mapping[str, Mapping[str, Framework | None]]) -> FrameworkRegistry:
         return cls(
             {
                 name: {version: fw for version, fw in versions.items() if fw is not None}
                 for name, versions in merged.items()
             }
         )
+
+    def to_data(self) -> dict[str, dict[str, dict[str, str]]]:
+        """The registry in its file's shape: ``{name: {version: {image, description}}}``."""
+        data: dict[str, dict[str, dict[str, str]]] = {}
+        for fw in self:
+            entry = {"image": fw.image, **({"description": fw.description} if fw.description else {})}
+            data.setdefault(fw.name, {})[fw.version] = entry
+        return data
 
     def __iter__(self) -> Iterator[Framework]:
         for name in sorted(self._frameworks):

@@ -33,6 +33,7 @@ from airflow_wmltrain.service.runs import (
     delete_moved_connections,
     ensure_connection,
     moved_connection_id,
+    server_facts,
     submit_run,
     wait_until_over,
 )
@@ -126,9 +127,16 @@ def run(args: argparse.Namespace) -> int:
     from airflow_wmltrain.settings import Settings
     from airflow_wmltrain.submission import check_submission
 
-    settings = Settings.from_airflow_config()
     hyperparameters = parse_hyperparameters(args.param)
-    manifest = load_manifest(args.manifest, settings=settings)
+    api = api_from_args(args)
+    # The server decides which frameworks and resource classes exist (its registry may have images this
+    # machine has never heard of): one API call, before anything is sent.
+    facts = server_facts(api)
+    settings = Settings.from_local_config()
+    registry = None
+    if facts is not None:
+        settings, registry = facts.settings(settings), facts.registry()
+    manifest = load_manifest(args.manifest, settings=settings, registry=registry)
     if is_url(args.model_definition):  # the zip is checked by the run itself
         from airflow_wmltrain.command import validate_hyperparameters
 
@@ -138,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
     model_definition = _model_definition(args.model_definition, args.max_inline)
     if not args.no_store_check:  # before any connection or run is made
         check_stores(manifest)
-    api = api_from_args(args)
     options = wait_options(args)
     training_id = new_training_id()
     document = manifest.to_dict(redact=False)

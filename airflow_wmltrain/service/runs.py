@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from airflow_wmltrain.errors import RunHaltedError
+from airflow_wmltrain.errors import ConfigurationError, RunHaltedError
 from airflow_wmltrain.lifecycle import (
     RUN_XCOM_PREFIX,
     STATUS_XCOM_KEY,
@@ -46,6 +46,10 @@ from airflow_wmltrain.service.api import (
 from airflow_wmltrain.waiting import Backoff, wait_until
 
 TRAINING_DAG_ID = "wmltrain_training"
+#: The JSON-schema keyword of the bundled DAG's ``manifest`` parameter under which the server publishes
+#: what a submission is checked against there, not on the submitter's machine: its framework registry
+#: and its resource classes (:func:`server_facts`, published by ``training_dag.published_facts``).
+SERVER_FACTS_KEY = "x-wmltrain-server"
 #: The task of the bundled DAG.
 TRAINING_TASK_ID = "train"
 #: Task-instance states after which the task will not run again.
@@ -411,6 +415,53 @@ def _may_have_reached(err: BaseException) -> bool:
     if isinstance(err, ApiUnreachableError):
         return err.maybe_sent
     return isinstance(err, ApiServerError | TimeoutError)
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    """What the server checks a submission against: its framework registry (the images it can run) and
+    its resource classes (GPUs per class). The command line validates with these, not its own.
+
+    :param frameworks: the registry in its file's shape (``FrameworkRegistry.to_data``).
+    :param resource_classes: class name → GPU count.
+    """
+
+    frameworks: dict[str, Any]
+    resource_classes: dict[str, int]
+
+    def registry(self) -> Any:
+        """The server's :class:`~airflow_wmltrain.frameworks.FrameworkRegistry`."""
+        from airflow_wmltrain.frameworks import FrameworkRegistry
+
+        where = f"the frameworks of the server's {TRAINING_DAG_ID}"
+        return FrameworkRegistry.from_data(self.frameworks, where)
+
+    def settings(self, local: Any) -> Any:
+        """``local`` :class:`~airflow_wmltrain.settings.Settings` with the server's resource classes."""
+        return replace(local, resource_classes=dict(self.resource_classes))
+
+
+def server_facts(api: AirflowApi) -> ServerFacts | None:
+    """The server's :class:`ServerFacts`, read from the bundled DAG (one API call); ``None`` when its
+    DAG publishes none (a server older than this command line: the local configuration decides).
+
+    :raises ConfigurationError: (S001) the server has no bundled training DAG (nothing can be submitted).
+    """
+    try:
+        details = api.call("GET", f"/dags/{TRAINING_DAG_ID}/details")
+    except ApiNotFoundError:
+        raise ConfigurationError(
+            f"the Airflow server {api.url} has no DAG {TRAINING_DAG_ID}; install airflow-wmltrain on it "
+            "and put dags/wmltrain_training.py in its DAGs folder"
+        ) from None
+    param = ((details or {}).get("params") or {}).get("manifest") or {}
+    facts = (param.get("schema") or {}).get(SERVER_FACTS_KEY)
+    if not isinstance(facts, dict):
+        return None
+    frameworks, classes = facts.get("frameworks"), facts.get("resource_classes")
+    if not isinstance(frameworks, dict) or not isinstance(classes, dict):
+        return None
+    return ServerFacts(frameworks=frameworks, resource_classes={str(k): int(v) for k, v in classes.items()})
 
 
 def submit_run(

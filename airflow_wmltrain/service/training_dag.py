@@ -19,7 +19,7 @@ import os
 from datetime import datetime, timedelta
 from typing import Any
 
-from airflow_wmltrain.service.runs import TRAINING_DAG_ID
+from airflow_wmltrain.service.runs import SERVER_FACTS_KEY, TRAINING_DAG_ID
 
 MANIFEST_HELP = (
     "The training manifest (YAML): model_definition (name, framework, execution.command, "
@@ -31,6 +31,18 @@ MODEL_HELP = (
     "The model-definition zip: an object-store URL (s3://bucket/model.zip or swift://container/model.zip, "
     "read with the manifest's credentials), or base64:<the zip's bytes in base64>."
 )
+
+
+def published_facts(settings: Any) -> dict[str, Any]:
+    """What ``wmltrain train`` checks a submission against, from this server's settings
+    (:class:`~airflow_wmltrain.service.runs.ServerFacts`): the framework registry and the resource
+    classes, published in the ``manifest`` parameter's schema under :data:`SERVER_FACTS_KEY`."""
+    from airflow_wmltrain.frameworks import FrameworkRegistry
+
+    return {
+        "frameworks": FrameworkRegistry.from_settings(settings).to_data(),
+        "resource_classes": dict(settings.resource_classes),
+    }
 
 
 def build_training_dag(dag_id: str = TRAINING_DAG_ID, **operator_kwargs: Any) -> Any:
@@ -49,6 +61,8 @@ def build_training_dag(dag_id: str = TRAINING_DAG_ID, **operator_kwargs: Any) ->
     from airflow_wmltrain.settings import Settings
 
     settings = Settings.from_airflow_config()
+    # The manifest parameter's schema also says what the server checks a submission against.
+    facts: dict[str, Any] = {SERVER_FACTS_KEY: published_facts(settings)}
     defaults: dict[str, Any] = {
         "retries": settings.training_retries,
         "retry_delay": timedelta(seconds=settings.training_retry_delay),
@@ -72,6 +86,7 @@ def build_training_dag(dag_id: str = TRAINING_DAG_ID, **operator_kwargs: Any) ->
                 format="multiline",
                 title="Training manifest (YAML)",
                 description=MANIFEST_HELP,
+                **facts,
             ),
             "model_definition": Param("", type="string", title="Model definition", description=MODEL_HELP),
             "hyperparameters": Param(

@@ -271,21 +271,21 @@ def test_no_store_check_skips_the_check(
     buckets: tuple[str, str],
     store_credentials: dict[str, str],  # noqa: F811
 ) -> None:
-    """With --no-store-check the refused credentials are not noticed: the command goes on to the API
-    (here with a wrong API password, so that nothing is queued either)."""
+    """The refused credentials are noticed before anything is queued; with --no-store-check they are not:
+    the run is submitted, and its worker refuses them when it stages (the run ends FAILED C103)."""
     data, results = buckets
     path = write_manifest(
         tmp_path / "manifest.yml", data, results, s3_inline(store_credentials, secret=WRONG_SECRET)
     )
-    refused_api = {"WMLTRAIN_PASSWORD": f"wrong-{uuid.uuid4().hex}"}
     connections_before = _moved_connections(api)
-    checked = cli.run("train", str(model), str(path), env=refused_api)
+    checked = cli.run("train", str(model), str(path))
     assert checked.stderr.startswith("error C103: "), checked.describe()
-    skipped = cli.run("train", str(model), str(path), SKIP_OPTION, env=refused_api)
-    assert skipped.code == 3, skipped.describe()
-    assert "C103" not in skipped.stderr, skipped.describe()
-    assert "API server" in skipped.stderr, skipped.describe()  # it got past the stores to the API
     assert_nothing_queued(api, results, connections_before)
+    skipped = cli.run("train", str(model), str(path), SKIP_OPTION, "--wait", "--timeout", "240", timeout=300)
+    assert skipped.code == 1, skipped.describe()  # submitted; the run failed
+    training_id = skipped.stdout.split("Model-ID is '")[1].split("'")[0]
+    assert f"{training_id} FAILED: C103" in skipped.stderr, skipped.describe()
+    cli.ok("delete", training_id)
 
 
 @pytest.mark.integration
@@ -297,24 +297,26 @@ def test_validate_checks_the_stores_only_when_asked(
     store_credentials: dict[str, str],  # noqa: F811
 ) -> None:
     data, results = buckets
+    # validate is offline: it checks against this machine's registry, where the services' framework is put.
+    here = {"AIRFLOW__WMLTRAIN__FRAMEWORKS": json.dumps({"busybox": {"1": {"image": "busybox"}}})}
     good = write_manifest(tmp_path / "good.yml", data, results, s3_inline(store_credentials))
     bad = write_manifest(
         tmp_path / "bad.yml", data, results, s3_inline(store_credentials, secret=WRONG_SECRET)
     )
 
-    assert cli.run("validate", str(model), str(bad)).code == 0  # offline by default
-    refused = cli.run("validate", str(model), str(bad), "--check-stores", "--json")
+    assert cli.run("validate", str(model), str(bad), env=here).code == 0  # offline by default
+    refused = cli.run("validate", str(model), str(bad), "--check-stores", "--json", env=here)
     assert refused.code == 2, refused.describe()
     error = json.loads(refused.stdout)["error"]
     assert error["code"] == "C103", error
     assert error["field"] == "training_data_reference[0].connection", error
     assert WRONG_SECRET not in refused.stdout + refused.stderr
 
-    checked = cli.run("validate", str(model), str(good), "--check-stores", "--json")
+    checked = cli.run("validate", str(model), str(good), "--check-stores", "--json", env=here)
     assert checked.code == 0, checked.describe()
     summary = json.loads(checked.stdout)
     assert summary["data"]["store_check"] == summary["results"]["store_check"] == "answers", summary
-    text = cli.run("validate", str(model), str(good), "--check-stores")
+    text = cli.run("validate", str(model), str(good), "--check-stores", env=here)
     assert text.code == 0, text.describe()
     assert "(answers)" in text.stdout, text.describe()
     assert not leaks(checked.stdout + checked.stderr + text.stdout + text.stderr, store_credentials["key"])

@@ -72,12 +72,11 @@ class Cli:
                 "WMLTRAIN_API_URL": services["WMLTRAIN_AIRFLOW_URL"],
                 "WMLTRAIN_USER": services["WMLTRAIN_AIRFLOW_USER"],
                 "WMLTRAIN_PASSWORD": services["WMLTRAIN_AIRFLOW_PASSWORD"],
-                # `train` validates locally and reads [wmltrain] settings: the services' framework.
+                # A machine of its own: no [wmltrain] settings. `train` checks the submission against the
+                # server's framework registry (its busybox framework is the services' own) and resource
+                # classes, which the bundled DAG publishes (issue 13 item 6).
                 "AIRFLOW_HOME": str(airflow_home),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-                "AIRFLOW__WMLTRAIN__FRAMEWORKS": json.dumps(
-                    {"busybox": {"1": {"image": services["WMLTRAIN_TEST_IMAGE"]}}}
-                ),
                 "NO_PROXY": "127.0.0.1,localhost",
                 "no_proxy": "127.0.0.1,localhost",
             }

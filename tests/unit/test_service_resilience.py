@@ -188,6 +188,7 @@ def cli_api(monkeypatch: pytest.MonkeyPatch) -> Callable[[Handler], FakeApi]:
     from airflow_wmltrain.settings import Settings
 
     monkeypatch.setattr(Settings, "from_airflow_config", classmethod(lambda cls: cls()))
+    monkeypatch.setattr(Settings, "from_local_config", classmethod(lambda cls, environ=None: cls()))
 
     def install(handler: Handler) -> FakeApi:
         api = FakeApi(handler)
