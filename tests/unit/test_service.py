@@ -201,3 +201,26 @@ def test_hyperparameters_rendered_as_json_text_are_read() -> None:
         _hyperparameters("[1, 2]")
     with pytest.raises(ManifestError, match="not a JSON object"):
         _hyperparameters("lr=0.1")
+
+
+def test_list_and_show_say_a_run_waits_for_gpus_and_who_holds_them(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 9: a run waiting for GPUs looked like one staging data; its phase says so, in both."""
+    from airflow_wmltrain.cli import runs as cli_runs
+    from airflow_wmltrain.cli.main import main
+
+    waiting = "waiting for 1 GPU: GPU 0 held by training-other (PROCESSING)"
+    status = RunStatus(training_id="training-w", name="n").advance(RunState.DOWNLOADING, phase=waiting)
+    found = TrainingRunRecord("training-w", "dag", "run", "train", -1, "running", 1, status)
+    api = AirflowApi("http://airflow.test", "u", "p")
+    monkeypatch.setattr(cli_runs, "api_from_args", lambda args: api)
+    monkeypatch.setattr(cli_runs, "list_runs", lambda api, state=None, limit=None: [found])
+    monkeypatch.setattr(cli_runs, "find_run", lambda api, training_id: found)
+    assert main(["list"]) == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert "DOWNLOADING" in row
+    assert "waiting for 1 GPU: GPU 0 held by training-other" in row
+    assert main(["show", "training-w"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert [line.split(None, 1) for line in shown if line.startswith("phase")] == [["phase", waiting]]
