@@ -33,7 +33,7 @@ from docker import APIClient
 from docker.constants import DEFAULT_TIMEOUT_SECONDS
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from requests.exceptions import ConnectionError as RequestsConnectionError
-from requests.exceptions import ReadTimeout
+from requests.exceptions import ReadTimeout, RequestException
 
 from airflow_wmltrain.errors import ImageMissingError, RunConflictError, ServerError
 from airflow_wmltrain.lifecycle import TRAINING_LOG
@@ -401,7 +401,7 @@ class TrainingDockerHook(DockerHook):
                     self._DockerHook__login(client, self.get_connection(self.docker_conn_id))  # type: ignore[attr-defined]
             except APIError:
                 raise
-            except DockerException as exc:
+            except (DockerException, RequestException, OSError) as exc:  # unreachable: try the next
                 failures.append(f"{url}: {exc}")
                 continue
             self._connected_url = url

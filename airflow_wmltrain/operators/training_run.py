@@ -896,7 +896,13 @@ class TrainingRunOperator(DockerOperator):
                 what=f"the Docker host {hook.docker_url} to answer again",
                 timeout=DOCKER_OUTAGE_WAIT,
                 backoff=Backoff(interval=2.0, max_interval=30.0),
-                transient=(DockerException, requests.RequestException, OSError, AirflowException),
+                transient=(
+                    DockerException,
+                    DockerHostError,
+                    requests.RequestException,
+                    OSError,
+                    AirflowException,
+                ),
                 on_failure=lambda n, delay, exc: self.log.info(
                     "The Docker host %s does not answer yet (%d, again in %.0f s): %s",
                     hook.docker_url,

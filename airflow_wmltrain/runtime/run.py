@@ -33,6 +33,7 @@ from airflow_wmltrain.charts import LEARNING_CURVE_FILE, learning_curve_png
 from airflow_wmltrain.errors import (
     ResultsStoreError,
     RunHaltedError,
+    ServerError,
     TrainingFailedError,
     WmlTrainError,
 )
@@ -561,7 +562,7 @@ class TrainingRun:
         copy = tmp / name
         try:
             hook.copy_out(container_id, where, copy)
-        except (DockerException, RequestException, OSError, tarfile.TarError) as err:
+        except (DockerException, RequestException, OSError, tarfile.TarError, ServerError) as err:
             self.log.warning(
                 "Cannot copy %s out of the container (%s); storing what the worker may read", where, err
             )

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_wmltrain.hooks.docker import DockerHostError
@@ -358,8 +357,22 @@ def test_a_remote_engine_over_tls_refuses_a_worker_without_its_certificate(
     server.verify_mode = ssl.CERT_REQUIRED
     with FakeDocker(tls=server) as remote:
         # Without a client certificate the Docker provider uses no TLS at all (it builds a TLS config
-        # only from all three files): plain HTTP, which the engine refuses.
+        # only from all three files): plain HTTP, which the engine refuses; the host is named.
         op = make_op(docker_url=remote.url, tls_ca_cert=certs["ca"])
-        with pytest.raises(requests.exceptions.ConnectionError):
+        with pytest.raises(DockerHostError, match=f"no Docker host answered \\({remote.url}: "):
             op.execute(context(ti))
         assert remote.created == []
+
+
+def test_a_docker_url_list_falls_over_to_the_first_host_that_answers(docker_api: FakeDocker) -> None:
+    """``docker_url=[down, up]``: the hook uses the second, names it as the host in use, and says which
+    failed when none answers (issue 9: only the first URL of a list was ever used)."""
+    from airflow_wmltrain.hooks.docker import TrainingDockerHook
+
+    down = "tcp://127.0.0.1:9"  # the discard port: nothing answers
+    hook = TrainingDockerHook(docker_url=[down, docker_api.url], api_version="1.43", timeout=3)
+    assert hook.docker_url == down  # nothing asked yet: the first given
+    hook.api_client.ping()
+    assert hook.docker_url == docker_api.url
+    with pytest.raises(DockerHostError, match=r"no Docker host answered \(tcp://127\.0\.0\.1:9: "):
+        TrainingDockerHook(docker_url=[down], api_version="1.43", timeout=3).api_client  # noqa: B018
