@@ -55,8 +55,11 @@ def register(commands: Any) -> None:
     ):
         parser = commands.add_parser(name, help=helptext)
         parser.add_argument("args", nargs="+", metavar="ID", help="the training id (training-...)")
-        if name in ("show", "metrics"):
-            parser.add_argument("--json", action="store_true", help="print JSON")
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            help="print JSON lines, one a log line" if name in ("logs", "monitor") else "print JSON",
+        )
         if name == "delete":
             parser.add_argument(
                 "--halt", action="store_true", help="halt the run first if it is still active"
@@ -202,11 +205,20 @@ def run_delete(args: argparse.Namespace) -> int:
         halted = False
     removed = delete_run(api, record)
     where = record.status.results_location or "the results bucket"
-    print(f"Deleted {record.training_id}: {removed} removed from Airflow; its files in {where} stay")
-    if halted:  # the halt may still need them to store the logs: the retention DAG removes them later
-        print("note: connections made from the run's inline credentials are removed by wmltrain_retention")
-    else:
+    if not halted:  # a halt may still need them to store the logs: the retention DAG removes them later
         delete_moved_connections(api, record.training_id)
+    if args.json:
+        document = {
+            "training_id": record.training_id,
+            "removed": removed,
+            "results_location": record.status.results_location,
+            "halted": halted,
+        }
+        print(json.dumps(document, indent=2))
+        return EXIT_OK
+    print(f"Deleted {record.training_id}: {removed} removed from Airflow; its files in {where} stay")
+    if halted:
+        print("note: connections made from the run's inline credentials are removed by wmltrain_retention")
     return EXIT_OK
 
 
@@ -215,7 +227,8 @@ def run_logs(args: argparse.Namespace) -> int:
     api = api_from_args(args)
     record = find_run(api, training_id)
     for line in log_lines(api, record, follow=args.follow, options=wait_options(args)):
-        print(line, flush=True)
+        shown = json.dumps({"training_id": record.training_id, "line": line}) if args.json else line
+        print(shown, flush=True)
     return EXIT_OK
 
 
@@ -267,16 +280,27 @@ def run_halt(args: argparse.Namespace) -> int:
     api = api_from_args(args)
     record = find_run(api, training_id)
     if not record.active:
-        print(f"{record.training_id} is already {record.state.value}")
-        return EXIT_OK
-    request_halt(api, record)
-    if record.ti_state in ("running", "deferred"):
-        print(
-            f"Halting {record.training_id}: its container is stopped and its logs are stored; it ends HALTED"
-        )
+        message = f"{record.training_id} is already {record.state.value}"
     else:
-        print(
-            f"Halted {record.training_id}: its task was {record.ti_state or 'not started'}, so no "
-            "training was under way; it is marked failed and will not start"
-        )
+        request_halt(api, record)
+        if record.ti_state in ("running", "deferred"):
+            message = (
+                f"Halting {record.training_id}: its container is stopped and its logs are stored; it ends "
+                "HALTED"
+            )
+        else:
+            message = (
+                f"Halted {record.training_id}: its task was {record.ti_state or 'not started'}, so no "
+                "training was under way; it is marked failed and will not start"
+            )
+    if args.json:
+        document = {
+            "training_id": record.training_id,
+            "halt_requested": record.active,
+            "state": record.state.value,
+            "message": message,
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(message)
     return EXIT_OK

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from airflow_wmltrain.service.api import AirflowApi, ApiError
 from airflow_wmltrain.service.runs import (
     SubmissionError,
     TrainingRunRecord,
+    WaitOptions,
     delete_moved_connections,
     ensure_connection,
     moved_connection_id,
@@ -49,6 +51,11 @@ def register(commands: Any) -> None:
     add_hyperparameter_option(parser, "--param", "-p")
     parser.add_argument("--name", help="the run's name (model_definition.name)")
     parser.add_argument("--wait", action="store_true", help="wait for the run to end; exit 1 if it failed")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the training id (with --wait: the run as `show --json` does) as JSON",
+    )
     parser.add_argument(
         "--max-inline",
         type=int,
@@ -183,14 +190,25 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"note: inline credentials were stored as Airflow connections {', '.join(moved)}", file=sys.stderr
         )
-    print(f"Model-ID is '{training_id}'", flush=True)
+    return _submitted(api, training_id, args, options)
+
+
+def _submitted(api: AirflowApi, training_id: str, args: argparse.Namespace, options: WaitOptions) -> int:
+    """Say the submitted run's id (``--json``: as JSON); with ``--wait``, follow it to its end: exit 1
+    when it failed or was halted."""
+    if not args.json:
+        print(f"Model-ID is '{training_id}'", flush=True)
     if not args.wait:
+        if args.json:
+            print(json.dumps({"training_id": training_id, "state": RunState.QUEUED.value}, indent=2))
         return EXIT_OK
 
     def changed(record: TrainingRunRecord) -> None:
         print(f"{record.training_id}: {record.state.value}", file=sys.stderr, flush=True)
 
     final = wait_until_over(api, training_id, options=options, on_change=changed)
+    if args.json:
+        print(json.dumps(final.to_dict(), indent=2))
     if final.state is RunState.COMPLETED:
         return EXIT_OK
     error = final.error or {}

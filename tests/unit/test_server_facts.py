@@ -173,3 +173,20 @@ def test_the_cli_commands_import_no_airflow_to_start(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "AIRFLOW_HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "[]"
+
+
+def test_train_json_prints_the_training_id_as_json(
+    cli_api: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from airflow_wmltrain.cli.main import main
+
+    sent: dict[str, Any] = {}
+
+    def handler(method: str, path: str, params: dict[str, Any], body: Any) -> Any:
+        if (method, path) == ("POST", RUNS):
+            sent.update(body)
+        return body
+
+    cli_api(handler)
+    assert main([*_train(tmp_path, SEED_MANIFEST), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"training_id": sent["dag_run_id"], "state": "QUEUED"}

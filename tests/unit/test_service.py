@@ -224,3 +224,38 @@ def test_list_and_show_say_a_run_waits_for_gpus_and_who_holds_them(
     assert main(["show", "training-w"]) == 0
     shown = capsys.readouterr().out.splitlines()
     assert [line.split(None, 1) for line in shown if line.startswith("phase")] == [["phase", waiting]]
+
+
+def test_halt_delete_and_logs_print_json_when_asked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 13 item 9: ``--json`` on every command."""
+    from airflow_wmltrain.cli import runs as cli_runs
+    from airflow_wmltrain.cli.main import main
+
+    status = RunStatus(training_id="training-j", name="n").advance(RunState.PROCESSING)
+    active = TrainingRunRecord("training-j", "dag", "run", "train", -1, "running", 1, status)
+    over = TrainingRunRecord(
+        "training-j", "dag", "run", "train", -1, "success", 1, status.advance(RunState.COMPLETED)
+    )
+    found = {"record": active}
+    api = AirflowApi("http://airflow.test", "u", "p")
+    monkeypatch.setattr(cli_runs, "api_from_args", lambda args: api)
+    monkeypatch.setattr(cli_runs, "find_run", lambda api, training_id: found["record"])
+    monkeypatch.setattr(cli_runs, "request_halt", lambda api, record: None)
+    monkeypatch.setattr(cli_runs, "delete_run", lambda api, record: "the DAG run")
+    monkeypatch.setattr(cli_runs, "delete_moved_connections", lambda api, training_id: None)
+    monkeypatch.setattr(cli_runs, "log_lines", lambda api, record, follow, options: iter(["a", '{"b": 1}']))
+
+    assert main(["halt", "training-j", "--json"]) == 0
+    halted = json.loads(capsys.readouterr().out)
+    assert (halted["training_id"], halted["halt_requested"]) == ("training-j", True)
+    assert halted["state"] == "PROCESSING"
+    assert main(["logs", "training-j", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["line"] for line in lines] == ["a", '{"b": 1}']
+    assert {line["training_id"] for line in lines} == {"training-j"}
+    found["record"] = over
+    assert main(["delete", "training-j", "--json"]) == 0
+    deleted = json.loads(capsys.readouterr().out)
+    assert (deleted["removed"], deleted["halted"]) == ("the DAG run", False)
