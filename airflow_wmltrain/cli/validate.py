@@ -29,7 +29,6 @@ from airflow_wmltrain.errors import (
     WmlTrainError,
     exit_status,
 )
-from airflow_wmltrain.frameworks import FRAMEWORK_FIELD
 from airflow_wmltrain.manifest import ConnectionId, TrainingManifest
 from airflow_wmltrain.settings import Settings
 from airflow_wmltrain.submission import check_submission
@@ -171,12 +170,6 @@ def run(args: argparse.Namespace) -> int:
         )
         stores = check_stores(submission.manifest) if args.check_stores else None
     except WmlTrainError as err:
-        if (getattr(err, "field", None) or "").startswith(FRAMEWORK_FIELD):
-            print(
-                "note: validate checks against this machine's framework registry ([wmltrain] frameworks, "
-                "frameworks_file); wmltrain train checks against the server's",
-                file=sys.stderr,
-            )
         if not args.json:
             raise
         print(json.dumps({"valid": False, "error": err.to_dict()}, indent=2))
