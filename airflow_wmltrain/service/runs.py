@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow_wmltrain.errors import ConfigurationError, RunHaltedError
 from airflow_wmltrain.lifecycle import (
@@ -44,6 +44,10 @@ from airflow_wmltrain.service.api import (
     quote,
 )
 from airflow_wmltrain.waiting import Backoff, wait_until
+
+if TYPE_CHECKING:
+    from airflow_wmltrain.frameworks import FrameworkRegistry
+    from airflow_wmltrain.settings import Settings
 
 TRAINING_DAG_ID = "wmltrain_training"
 #: The JSON-schema keyword of the bundled DAG's ``manifest`` parameter under which the server publishes
@@ -429,16 +433,23 @@ class ServerFacts:
     frameworks: dict[str, Any]
     resource_classes: dict[str, int]
 
-    def registry(self) -> Any:
+    def registry(self) -> FrameworkRegistry:
         """The server's :class:`~airflow_wmltrain.frameworks.FrameworkRegistry`."""
         from airflow_wmltrain.frameworks import FrameworkRegistry
 
         where = f"the frameworks of the server's {TRAINING_DAG_ID}"
         return FrameworkRegistry.from_data(self.frameworks, where)
 
-    def settings(self, local: Any) -> Any:
+    def settings(self, local: Settings) -> Settings:
         """``local`` :class:`~airflow_wmltrain.settings.Settings` with the server's resource classes."""
         return replace(local, resource_classes=dict(self.resource_classes))
+
+
+def _no_training_dag(api: AirflowApi) -> str:
+    return (
+        f"the Airflow server {api.url} has no DAG {TRAINING_DAG_ID}; install airflow-wmltrain on it and "
+        "put dags/wmltrain_training.py in its DAGs folder"
+    )
 
 
 def server_facts(api: AirflowApi) -> ServerFacts | None:
@@ -450,10 +461,7 @@ def server_facts(api: AirflowApi) -> ServerFacts | None:
     try:
         details = api.call("GET", f"/dags/{TRAINING_DAG_ID}/details")
     except ApiNotFoundError:
-        raise ConfigurationError(
-            f"the Airflow server {api.url} has no DAG {TRAINING_DAG_ID}; install airflow-wmltrain on it "
-            "and put dags/wmltrain_training.py in its DAGs folder"
-        ) from None
+        raise ConfigurationError(_no_training_dag(api)) from None
     param = ((details or {}).get("params") or {}).get("manifest") or {}
     facts = (param.get("schema") or {}).get(SERVER_FACTS_KEY)
     if not isinstance(facts, dict):
@@ -487,10 +495,7 @@ def submit_run(
     try:
         api.call("PATCH", f"/dags/{TRAINING_DAG_ID}", body={"is_paused": False}, idempotent=True)
     except ApiNotFoundError:
-        raise ApiNotFoundError(
-            f"the Airflow server has no DAG {TRAINING_DAG_ID}; install airflow-wmltrain on it and put "
-            "dags/wmltrain_training.py in its DAGs folder"
-        ) from None
+        raise ApiNotFoundError(_no_training_dag(api)) from None
     except ApiError as err:
         raise SubmissionError(f"{training_id} was not submitted: {err}", may_exist=False, cause=err) from None
     body: dict[str, Any] = {"dag_run_id": training_id, "logical_date": None, "conf": conf}
