@@ -59,7 +59,11 @@ _SWIFT_FIELDS: dict[str, tuple[str, str] | tuple[str, str, str]] = {
         "Do not verify the TLS certificates of the auth and storage URLs.",
         "boolean",
     ),
-    "cacert": ("CA bundle", "Path of a CA bundle file used to verify TLS certificates."),
+    "cacert": ("CA bundle", "Path of a CA bundle file on the workers, used to verify TLS certificates."),
+    "ca_certificate": (
+        "CA certificates (PEM)",
+        "The CA certificates themselves, as PEM text, trusted besides the CA bundle (a private CA).",
+    ),
 }
 
 #: The ``[wmltrain]`` options: name -> (description, type, example, default).

@@ -111,6 +111,27 @@ def _http_url(value: str | None) -> str | None:
     return value
 
 
+#: The most PEM text a manifest's ``ca_certificate`` may hold (a bundle of a few dozen CAs).
+MAX_CA_CERTIFICATE_BYTES = 256 * 1024
+
+
+def _pem_certificates(value: str | None) -> str | None:
+    """CA certificates as PEM text, never a path: a submitter names no file of the worker."""
+    if value is None:
+        return None
+    if len(value.encode()) > MAX_CA_CERTIFICATE_BYTES:
+        raise PydanticCustomError(
+            "wmltrain", "is longer than {limit} bytes", {"limit": MAX_CA_CERTIFICATE_BYTES}
+        )
+    if "-----BEGIN CERTIFICATE-----" not in value:
+        raise PydanticCustomError(
+            "wmltrain",
+            "is not PEM text: paste the CA certificate itself (-----BEGIN CERTIFICATE----- ...), not a file name",
+            {},
+        )
+    return value
+
+
 def _not_empty_secret(value: SecretStr) -> SecretStr:
     if not value.get_secret_value():
         raise PydanticCustomError("wmltrain", "must not be empty")
@@ -180,6 +201,8 @@ class S3Connection(_InlineConnection):
     :param endpoint_url: the S3 endpoint (IBM COS, MinIO, Ceph, Swift s3api...); AWS when omitted.
     :param aws_access_key_id: access key id.
     :param aws_secret_access_key: secret access key.
+    :param region: the bucket's region (AWS: where botocore finds its endpoint; also the signing region).
+    :param ca_certificate: the CA that signed the endpoint's TLS certificate, as PEM text (a private CA).
     """
 
     AIRFLOW_CONN_TYPE: ClassVar[str] = "aws"
@@ -187,13 +210,18 @@ class S3Connection(_InlineConnection):
         "aws_access_key_id": "login",
         "aws_secret_access_key": "password",
         "endpoint_url": "extra.endpoint_url",
+        "region": "extra.region_name",
+        "ca_certificate": "extra.ca_certificate",
     }
 
     endpoint_url: NonEmptyStr | None = None
     aws_access_key_id: SecretStr
     aws_secret_access_key: SecretStr
+    region: Annotated[StrictStr, Field(pattern=r"^[a-z0-9-]{1,40}$")] | None = None
+    ca_certificate: NonEmptyStr | None = None
 
     _check_url = field_validator("endpoint_url")(_http_url)
+    _check_ca = field_validator("ca_certificate")(_pem_certificates)
     _check_secrets = field_validator("aws_access_key_id", "aws_secret_access_key")(_not_empty_secret)
 
 
@@ -207,6 +235,7 @@ class SwiftConnection(_InlineConnection):
     :param region: region name.
     :param domain_name: Keystone v3 user/project domain name.
     :param project_id: Keystone v3 project id.
+    :param ca_certificate: the CA that signed the auth and storage endpoints' TLS certificates, as PEM text.
     """
 
     AIRFLOW_CONN_TYPE: ClassVar[str] = "swift"
@@ -217,6 +246,7 @@ class SwiftConnection(_InlineConnection):
         "region": "extra.region_name",
         "domain_name": "extra.domain_name",
         "project_id": "extra.project_id",
+        "ca_certificate": "extra.ca_certificate",
     }
 
     auth_url: NonEmptyStr
@@ -225,8 +255,10 @@ class SwiftConnection(_InlineConnection):
     region: NonEmptyStr | None = None
     domain_name: NonEmptyStr | None = None
     project_id: NonEmptyStr | None = None
+    ca_certificate: NonEmptyStr | None = None
 
     _check_url = field_validator("auth_url")(_http_url)
+    _check_ca = field_validator("ca_certificate")(_pem_certificates)
     _check_secrets = field_validator("password")(_not_empty_secret)
 
 

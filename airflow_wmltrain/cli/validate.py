@@ -97,7 +97,7 @@ def check_stores(manifest: TrainingManifest, *, timeout: float = STORE_CHECK_TIM
     :raises ResultsStoreError: (S303) the results store cannot be reached.
     """
     from airflow_wmltrain.storage import open_store
-    from airflow_wmltrain.storage.transfer import HttpClient, RetryPolicy, TransferError
+    from airflow_wmltrain.storage.transfer import RetryPolicy, TransferError
 
     checked: dict[str, str] = {}
     for role, reference, field, bucket_field, unreachable in (
@@ -112,7 +112,7 @@ def check_stores(manifest: TrainingManifest, *, timeout: float = STORE_CHECK_TIM
             # logs are dropped from then on (_logs_dropped redirects Airflow's logger as it finds it).
             with (
                 open_store(
-                    reference, http=HttpClient(timeout=timeout), retry=RetryPolicy(attempts=1)
+                    reference, timeout=timeout, retry=RetryPolicy(attempts=1)
                 ) as store,
                 _logs_dropped(),
             ):

@@ -21,7 +21,9 @@ The Airflow connection:
 - extra ``region_name`` (or ``region``): the region whose ``object-store`` endpoint is used (the first
   one in the catalog when absent).
 - extra ``endpoint_type``: the catalog interface, ``public`` (default), ``internal`` or ``admin``.
-- extra ``insecure``: ``true`` to skip TLS certificate verification; extra ``cacert``: a CA bundle file.
+- extra ``insecure``: ``true`` to skip TLS certificate verification; extra ``cacert``: a CA bundle file
+  on the worker; extra ``ca_certificate``: CA certificates as PEM text (what inline credentials give).
+  The same trust is used for the auth endpoint and for the storage URL (:attr:`SwiftHook.reach`).
 
 Auth version, when not given: the URL's path decides (:func:`detect_auth_version`).  ``.../auth/v1.0``,
 ``.../v1.0`` or ``.../auth/v1`` is v1; ``.../v3`` is Keystone v3; ``.../v2.0`` is Keystone v2.0; any
@@ -40,6 +42,7 @@ the first 16 characters of tokens (and of ``X-Auth-Key``); importing this module
 from __future__ import annotations
 
 import json
+import os
 import re
 import ssl
 import threading
@@ -49,7 +52,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import swiftclient.client
@@ -59,6 +62,9 @@ from swiftclient.exceptions import ClientException
 
 from airflow_wmltrain.errors import CredentialsError, DataLoadError, WmlTrainError
 from airflow_wmltrain.manifest import SwiftConnection, is_http_url
+
+if TYPE_CHECKING:
+    from airflow_wmltrain.storage.transfer import Reach
 
 # python-swiftclient logs (at INFO on failures, DEBUG otherwise) the first 16 characters of tokens and
 # keys; show none of them.
@@ -92,6 +98,7 @@ EXTRA_KEYS = frozenset(
         "endpoint_type",
         "insecure",
         "cacert",
+        "ca_certificate",
     }
 )
 _TRUE = frozenset({"true", "1", "yes", "on"})
@@ -99,6 +106,11 @@ _FALSE = frozenset({"false", "0", "no", "off", ""})
 _MIN_SCRUB_LEN = 4  # shorter secrets cannot be told apart from ordinary text
 _MAX_BACKOFF_S = 8.0
 _MAX_AUTH_RETRIES = 3  # an unreachable auth endpoint is reported within seconds, not minutes
+#: Where a user of a ``swift`` connection names the CA of a private endpoint.
+CA_HINT = (
+    "set the swift connection's extra cacert (a CA bundle path on the worker) or ca_certificate "
+    "(PEM text; inline credentials: ca_certificate), or insecure"
+)
 
 
 def display_url(url: str) -> str:
@@ -182,6 +194,7 @@ class SwiftAuthConfig:
     endpoint_type: str | None = None
     insecure: bool = False
     cacert: str | None = None
+    ca_certificate: str | None = field(default=None, repr=False)
 
     @property
     def display_url(self) -> str:
@@ -214,7 +227,7 @@ def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) or "timed out" in text.lower():
         return "timed out"
     if isinstance(exc, ssl.SSLError) or "certificate" in text.lower():
-        return "TLS certificate verification failed (set the cacert extra, or insecure)"
+        return f"TLS certificate verification failed ({CA_HINT})"
     return type(exc).__name__
 
 
@@ -226,11 +239,15 @@ class KeystoneSession:
 
     :param config: the credentials (``config.auth_url`` ends with ``/v3`` or ``/v2.0``).
     :param timeout: seconds for each HTTP request.
+    :param reach: the CAs trusted (the hook's :attr:`SwiftHook.reach`; the system's when ``None``).
     """
 
-    def __init__(self, config: SwiftAuthConfig, *, timeout: float) -> None:
+    def __init__(self, config: SwiftAuthConfig, *, timeout: float, reach: Reach | None = None) -> None:
+        from airflow_wmltrain.storage.transfer import Reach
+
         self._config = config
         self._timeout = timeout
+        self._reach = reach or Reach(hint=CA_HINT)
         self._token: str | None = None
         self._catalog: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -370,12 +387,7 @@ class KeystoneSession:
             headers={"Content-Type": "application/json", "Accept": "application/json"},
             method="POST",
         )
-        context: ssl.SSLContext | None = None
-        if url.startswith("https:"):
-            context = ssl.create_default_context(cafile=config.cacert)
-            if config.insecure:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
+        context = self._reach.ssl_context() if url.startswith("https:") else None
         try:
             with urllib.request.urlopen(request, timeout=self._timeout, context=context) as response:  # noqa: S310
                 raw = response.read()
@@ -534,6 +546,7 @@ class SwiftHook(BaseHook):
             endpoint_type=text("endpoint_type"),
             insecure=_boolean(extra.get("insecure", False), f"{source} extra insecure"),
             cacert=text("cacert"),
+            ca_certificate=text("ca_certificate"),
         )
 
     # --- the client -------------------------------------------------------------------------------
@@ -550,11 +563,38 @@ class SwiftHook(BaseHook):
             "retries": self.retries,
             "timeout": self.timeout,
             "insecure": config.insecure,
-            "cacert": config.cacert,
+            "cacert": self._cacert_file(),
         }
         if config.keystone:
-            kwargs["session"] = KeystoneSession(config, timeout=self.timeout)
+            kwargs["session"] = KeystoneSession(config, timeout=self.timeout, reach=self.reach)
         return kwargs
+
+    @cached_property
+    def reach(self) -> Reach:
+        """How the auth endpoint and the storage URL are reached: the connection's CAs (the transfer
+        engine's proxies from the environment)."""
+        from airflow_wmltrain.storage.transfer import Reach
+
+        config = self.auth_config
+        verify: bool | str = False if config.insecure else (config.cacert or True)
+        return Reach(verify=verify, ca_pem=config.ca_certificate, hint=CA_HINT)
+
+    def _cacert_file(self) -> str | None:
+        """python-swiftclient's ``cacert`` (a v1 authentication): the connection's file, or its PEM text
+        written to a private file of this process (python-swiftclient reads files only)."""
+        config = self.auth_config
+        if not config.ca_certificate or config.keystone:
+            return config.cacert
+        import atexit
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", prefix="wmltrain-ca-", suffix=".pem", delete=False) as pem:
+            if config.cacert:
+                with open(config.cacert, encoding="utf-8") as bundle:
+                    pem.write(bundle.read() + "\n")
+            pem.write(config.ca_certificate)
+        atexit.register(lambda path=pem.name: os.path.exists(path) and os.unlink(path))
+        return pem.name
 
     @cached_property
     def conn(self) -> swiftclient.client.Connection:

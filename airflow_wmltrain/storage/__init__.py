@@ -21,7 +21,7 @@ from airflow_wmltrain.manifest import (
     TrainingManifest,
 )
 from airflow_wmltrain.storage.base import ObjectInfo, ObjectStore
-from airflow_wmltrain.storage.transfer import HttpClient, RetryPolicy
+from airflow_wmltrain.storage.transfer import DEFAULT_TIMEOUT, HttpClient, RetryPolicy
 
 __all__ = ["ObjectInfo", "ObjectStore", "connections_as_json", "open_store", "results_reference"]
 
@@ -30,24 +30,23 @@ _RESULTS_TYPES = ("s3", "swift")
 
 
 def open_store(
-    reference: StoreReference, *, http: HttpClient | None = None, retry: RetryPolicy | None = None
+    reference: StoreReference, *, timeout: float = DEFAULT_TIMEOUT, retry: RetryPolicy | None = None
 ) -> ObjectStore:
-    """The store a manifest reference points at.
+    """The store a manifest reference points at, reached as its credentials say (CAs, proxies, region).
 
     :param reference: ``manifest.data`` or ``manifest.results``.
-    :param http: the transfer engine's connections (a new pool when ``None``); its timeout also bounds
-        each request of a Swift authentication.
+    :param timeout: seconds each request may wait for the store (a Swift authentication's too).
     :param retry: how transfers are retried; a Swift authentication is tried as often (at most 4 times).
     """
     conn = reference.connection
     if reference.type == "s3":
-        from airflow_wmltrain.storage.s3 import S3Store
+        from airflow_wmltrain.storage.s3 import S3Store, aws_reach
 
         if isinstance(conn, ConnectionId):
             from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
             return S3Store.from_hook(
-                reference.bucket, S3Hook(aws_conn_id=conn.conn_id), http=http, retry=retry
+                reference.bucket, S3Hook(aws_conn_id=conn.conn_id), timeout=timeout, retry=retry
             )
         if not isinstance(conn, S3Connection):  # pragma: no cover - the manifest guarantees it
             raise TypeError(type(conn).__name__)
@@ -59,16 +58,15 @@ def open_store(
             reference.bucket,
             credentials=lambda: keys,
             endpoint_url=fields["extra"].get("endpoint_url"),
-            http=http,
+            region=fields["extra"].get("region_name"),
+            http=HttpClient(timeout=timeout, reach=aws_reach(None, ca_pem=conn.ca_certificate)),
             retry=retry,
         )
 
     from airflow_wmltrain.hooks.swift import SwiftHook
     from airflow_wmltrain.storage.swift import SwiftStore
 
-    bounds: dict[str, Any] = {}
-    if http is not None:
-        bounds["timeout"] = http.timeout
+    bounds: dict[str, Any] = {"timeout": timeout}
     if retry is not None:
         bounds["retries"] = retry.attempts - 1
     if isinstance(conn, ConnectionId):
@@ -77,7 +75,9 @@ def open_store(
         hook = SwiftHook(None, credentials=conn, **bounds)
     else:  # pragma: no cover - the manifest guarantees it
         raise TypeError(type(conn).__name__)
-    return SwiftStore(reference.bucket, hook=hook, http=http, retry=retry)
+    return SwiftStore(
+        reference.bucket, hook=hook, http=HttpClient(timeout=timeout, reach=hook.reach), retry=retry
+    )
 
 
 def connections_as_json(manifest: TrainingManifest) -> dict[str, str]:

@@ -81,6 +81,9 @@ class ObjectStore(ABC):
     """
 
     kind: ClassVar[str]
+    #: The cheapest request that fails when the bucket is missing or the credentials are refused:
+    #: ``(method, key, query)``.
+    bucket_probe: ClassVar[tuple[str, str, Fields]] = ("HEAD", "", None)
     #: The smallest part a multipart upload accepts (except the last).
     min_part_size: ClassVar[int]
 
@@ -127,6 +130,11 @@ class ObjectStore(ABC):
     def refresh_credentials(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Renew a token or temporary credentials after the store answered 401 (default: nothing)."""
 
+    def redirected(self, error: TransferError) -> bool:
+        """Learn where to send requests from an error that says they went to the wrong place (an S3
+        bucket in another region); ``True`` when the next try goes elsewhere (default: never)."""
+        return False
+
     # --- small requests, shared by every store --------------------------------------------------------
 
     def request(
@@ -165,7 +173,8 @@ class ObjectStore(ABC):
         :raises TransferError: the store cannot be reached.
         """
         try:
-            self.request("HEAD", "")
+            method, key, query = self.bucket_probe
+            self.request(method, key, query=query)
         except TransferError as err:
             if err.status == 404:
                 raise BucketNotFoundError(
@@ -183,7 +192,7 @@ class ObjectStore(ABC):
 
         :param field: the manifest field of the store's credentials or bucket, for the message.
         """
-        if err.status not in (401, 403):
+        if err.status not in (401, 403) and not err.credentials_expired:
             return None
         return CredentialsError(
             f"{self.endpoint} refused the credentials for bucket '{self.bucket}' "

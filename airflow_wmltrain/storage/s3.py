@@ -1,25 +1,31 @@
 """S3 (and S3-compatible: IBM Cloud Object Storage, MinIO, Ceph, Swift's s3api) as an :class:`ObjectStore`.
 
 Connections and credentials come from the amazon provider's ``S3Hook`` (an ``aws`` Airflow connection:
-keys, assumed roles, ``endpoint_url``, ``region_name`` and ``config_kwargs.s3.addressing_style`` in its
-extra) or from a manifest's inline keys; requests are then signed here (:mod:`.sigv4`) and sent by
-the transfer engine, which is several times cheaper per request than a boto3 call.
+keys, assumed roles, ``endpoint_url``, ``region_name``, ``verify``, ``config_kwargs`` ``s3.addressing_style``,
+``proxies``, ``use_fips_endpoint``, ``use_dualstack_endpoint`` in its extra) or from a manifest's inline
+keys; requests are then signed here (:mod:`.sigv4`) and sent by the transfer engine, which is several
+times cheaper per request than a boto3 call.  AWS's endpoint for a region (China, GovCloud, FIPS,
+dual-stack) is botocore's, and a bucket found in another region than the one asked is followed there.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
+import os
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus, urlsplit
 
 from airflow_wmltrain.storage.base import Fields, ObjectInfo, ObjectStore, SignedRequest, UploadedPart
 from airflow_wmltrain.storage.sigv4 import Credentials, SigV4Signer, canonical_query, quote_path
 from airflow_wmltrain.storage.transfer import (
+    DEFAULT_TIMEOUT,
     HttpClient,
+    Reach,
     RetryPolicy,
     TransferError,
     request_bytes,
@@ -32,6 +38,47 @@ if TYPE_CHECKING:
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 DEFAULT_REGION = "us-east-1"
 CREDENTIALS_TTL = 300.0
+#: Where a user of an ``aws`` connection names the CA of a private endpoint.
+CA_HINT = (
+    "give the CA bundle as the aws connection's extra \"verify\" (a path on the worker), AWS_CA_BUNDLE, "
+    "or its PEM text as the extra (or inline credentials') ca_certificate"
+)
+
+
+@functools.cache
+def _endpoint_resolver() -> object:
+    from botocore.loaders import create_loader
+    from botocore.regions import EndpointResolver
+
+    return EndpointResolver(create_loader().load_data("endpoints"))
+
+
+def aws_endpoint(region: str, *, fips: bool = False, dualstack: bool = False) -> str:
+    """AWS's S3 endpoint for ``region``, as botocore knows it (``s3.cn-north-1.amazonaws.com.cn``...).
+
+    :raises ValueError: botocore knows no S3 endpoint for this region (or variant).
+    """
+    resolved = _endpoint_resolver().construct_endpoint(  # type: ignore[attr-defined]
+        "s3", region, use_fips_endpoint=fips, use_dualstack_endpoint=dualstack
+    )
+    if not resolved or not resolved.get("hostname"):
+        raise ValueError(f"no S3 endpoint is known for region '{region}'")
+    return f"https://{resolved['hostname']}"
+
+
+def aws_reach(verify: bool | str | None, *, ca_pem: str | None = None, proxies: object = None) -> Reach:
+    """How an ``aws`` connection reaches its endpoint: its ``verify`` (``AWS_CA_BUNDLE`` when unset, as
+    botocore does), a PEM ``ca_certificate``, and botocore's ``proxies`` (the environment's when unset)."""
+    if verify is None:
+        verify = os.environ.get("AWS_CA_BUNDLE") or True
+    elif isinstance(verify, str) and verify.strip().lower() in ("true", "false"):
+        verify = verify.strip().lower() == "true"
+    return Reach(
+        verify=verify,
+        ca_pem=ca_pem,
+        proxies=dict(proxies) if isinstance(proxies, dict) and proxies else None,
+        hint=CA_HINT,
+    )
 
 
 def _text(element: ET.Element, tag: str) -> str:
@@ -62,11 +109,14 @@ class S3Store(ObjectStore):
     :param region: the signing region.
     :param addressing_style: ``path`` (``endpoint/bucket/key``), ``virtual`` (``bucket.endpoint/key``)
         or ``auto`` (path-style for a custom endpoint, virtual-hosted for AWS).
+    :param endpoint_variant: ``{"fips": bool, "dualstack": bool}``: which of AWS's endpoints (botocore's).
     :param http: the transfer engine's connections.
     :param retry: how transfers are retried.
     """
 
     kind = "s3"
+    # A GET, not a HEAD: an answer with a body says which region the bucket is in when it is elsewhere.
+    bucket_probe = ("GET", "", {"list-type": "2", "max-keys": "0"})
 
     def __init__(
         self,
@@ -76,36 +126,62 @@ class S3Store(ObjectStore):
         endpoint_url: str | None = None,
         region: str | None = None,
         addressing_style: str = "auto",
+        endpoint_variant: Mapping[str, bool] | None = None,
         http: HttpClient | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
         super().__init__(bucket, http=http, retry=retry)
-        self.region = region or DEFAULT_REGION
-        self._endpoint = (endpoint_url or f"https://s3.{self.region}.amazonaws.com").rstrip("/")
+        self._custom_endpoint = endpoint_url
+        self._addressing_style = addressing_style
+        self._variant = dict(endpoint_variant or {})
+        self._get_credentials = credentials
+        self._credentials: Credentials | None = None
+        self._credentials_at = 0.0
+        self._lock = threading.Lock()
+        self._aim(region or DEFAULT_REGION)
+
+    def _aim(self, region: str) -> None:
+        """Send the requests to ``region``: its endpoint (AWS's, unless a custom one) and signing region."""
+        self.region = region
+        if self._custom_endpoint:
+            self._endpoint = self._custom_endpoint.rstrip("/")
+        else:
+            try:
+                self._endpoint = aws_endpoint(region, **self._variant)
+            except ValueError as err:
+                from airflow_wmltrain.errors import CredentialsError
+
+                raise CredentialsError(f"{err}: check the region name, or give an endpoint_url") from None
         parts = urlsplit(self._endpoint)
-        virtual = addressing_style == "virtual" or (
-            addressing_style == "auto" and endpoint_url is None and "." not in bucket
-        )
+        style = self._addressing_style
+        virtual = style == "virtual" or (style == "auto" and not self._custom_endpoint and "." not in self.bucket)
         if virtual:
-            _check_host_label(bucket)
-            self._host = f"{bucket}.{parts.netloc}"
+            _check_host_label(self.bucket)
+            self._host = f"{self.bucket}.{parts.netloc}"
             self._base_path = ""
         else:
             self._host = parts.netloc
-            self._base_path = f"{parts.path.rstrip('/')}/{quote_path(bucket)}"
+            self._base_path = f"{parts.path.rstrip('/')}/{quote_path(self.bucket)}"
         self._scheme = parts.scheme
         # http.client leaves the default port out of the Host header: sign what is sent
         default_port = {"http": ":80", "https": ":443"}.get(parts.scheme, "")
         if default_port and self._host.endswith(default_port):
             self._host = self._host[: -len(default_port)]
-        self._signer = SigV4Signer(self.region)
-        self._get_credentials = credentials
-        self._credentials: Credentials | None = None
-        self._credentials_at = 0.0
-        self._lock = threading.Lock()
+        self._signer = SigV4Signer(region)
+
+    def redirected(self, error: TransferError) -> bool:
+        """Follow S3's answer that the bucket is in another region (a redirect, a refused signature)."""
+        region = error.bucket_region
+        if not region or region == self.region or error.status not in (301, 307, 400):
+            return False
+        with self._lock:
+            self._aim(region)
+        return True
 
     @classmethod
-    def from_hook(cls, bucket: str, hook: S3Hook, **kwargs: object) -> S3Store:
+    def from_hook(
+        cls, bucket: str, hook: S3Hook, *, timeout: float = DEFAULT_TIMEOUT, retry: RetryPolicy | None = None
+    ) -> S3Store:
         """A store on an Airflow ``aws`` connection, through the amazon provider's S3 hook."""
 
         def credentials() -> Credentials:
@@ -115,6 +191,15 @@ class S3Store(ObjectStore):
         config = hook.conn_config
         botocore_config = config.botocore_config
         s3_options = (getattr(botocore_config, "s3", None) or {}) if botocore_config is not None else {}
+        variant = {
+            name: bool(getattr(botocore_config, f"use_{name}_endpoint", None))
+            for name in ("fips", "dualstack")
+        }
+        reach = aws_reach(
+            config.verify,
+            ca_pem=config.extra_config.get("ca_certificate") or None,
+            proxies=getattr(botocore_config, "proxies", None),
+        )
         return cls(
             bucket,
             credentials=credentials,
@@ -123,7 +208,9 @@ class S3Store(ObjectStore):
             # 0.3 s a store, measured in benchmarks/overhead.py) and is asked only when none is set.
             region=config.region_name or hook.conn_region_name,
             addressing_style=str(s3_options.get("addressing_style") or "auto"),
-            **kwargs,  # type: ignore[arg-type]
+            endpoint_variant=variant,
+            http=HttpClient(timeout=timeout, reach=reach),
+            retry=retry,
         )
 
     @property

@@ -9,6 +9,12 @@ one persistent ``http.client`` connection per thread and host, requests signed b
 
 Every transfer is retried with exponential backoff on transient failures (connection errors, 5xx,
 short reads, 429, a failed verification); a 401 makes the store refresh its credentials once.
+
+How an endpoint is reached is a :class:`Reach`: the CAs its TLS certificate is checked against (the
+store's own setting: an ``aws`` connection's ``verify`` or ``AWS_CA_BUNDLE``, a ``swift`` connection's
+``cacert``/``insecure``, inline credentials' PEM text) and the HTTP proxy requests go through (the
+connection's ``proxies``, else ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``).  A certificate that is not
+trusted fails at once, naming the endpoint and where to give the CA: trying again cannot fix it.
 """
 
 from __future__ import annotations
@@ -17,13 +23,16 @@ import hashlib
 import http.client
 import os
 import random
+import re
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from airflow_wmltrain.errors import WmlTrainError
 
@@ -31,6 +40,8 @@ if TYPE_CHECKING:
     from airflow_wmltrain.storage.base import ObjectStore
 
 BUFFER_SIZE = 1024 * 1024
+#: Seconds a socket waits for the store (each read, each write).
+DEFAULT_TIMEOUT = 60.0
 T = TypeVar("T")
 
 
@@ -57,15 +68,41 @@ class TransferError(WmlTrainError):
     :param message: what failed (object and reason; never a credential).
     :param transient: whether trying again may succeed (also :attr:`retryable`).
     :param status: the HTTP status, when there was a response.
+    :param error_code: the S3 error code of the response's body (``ExpiredToken``...), when it had one.
+    :param bucket_region: the region S3 says the bucket is in (a redirect's ``x-amz-bucket-region``, a
+        wrongly signed request's ``<Region>``), when it says so.
     """
 
     code = "S300"
 
-    def __init__(self, message: str, *, transient: bool, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        transient: bool,
+        status: int | None = None,
+        error_code: str | None = None,
+        bucket_region: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.transient = transient
         self.retryable = transient
         self.status = status
+        self.error_code = error_code
+        self.bucket_region = bucket_region
+
+    @property
+    def credentials_expired(self) -> bool:
+        """The store refused credentials that renewing may fix: a 401, or S3's expired-token answers."""
+        return self.status == 401 or self.error_code in _EXPIRED_CODES
+
+
+#: S3 error codes of credentials that have expired (renew them and try again).
+_EXPIRED_CODES = frozenset({"ExpiredToken", "TokenRefreshRequired", "RequestExpired"})
+#: S3 error codes (with a 400 or 403) that another try may not see: a slow client, a busy store.
+_TRANSIENT_CODES = frozenset({"RequestTimeout", "SlowDown", "InternalError", "BadDigest", "OperationAborted"})
+_ERROR_CODE = re.compile(rb"<Code>([A-Za-z]{1,64})</Code>")
+_REGION = re.compile(rb"<Region>([a-z0-9-]{1,40})</Region>")
 
 
 @dataclass(frozen=True)
@@ -86,32 +123,124 @@ class RetryPolicy:
         return float(min(self.max_delay, self.base_delay * 2 ** (attempt - 1)) * jitter)
 
 
-class HttpClient:
-    """Persistent HTTP(S) connections, one per thread and host.
+@dataclass(frozen=True)
+class Reach:
+    """How the transfer engine reaches a store's endpoint: the CAs it trusts and the proxy it goes through.
 
-    :param timeout: socket timeout in seconds.
-    :param ssl_context: context for ``https`` endpoints (default: system CAs, verified).
+    :param verify: ``True`` to check certificates against the system's CAs, ``False`` not to check them,
+        or the path of a CA bundle file (or of a directory of hashed CA files) on this machine.
+    :param ca_pem: CA certificates as PEM text, trusted besides ``verify`` (inline credentials: a
+        submitter names no file of the worker).
+    :param proxies: ``{"http": url, "https": url, "no": "host,.domain"}``; ``None`` reads the
+        environment (``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``, any case).
+    :param hint: where the user names a CA, for the message of an untrusted certificate.
     """
 
-    def __init__(self, *, timeout: float = 60.0, ssl_context: ssl.SSLContext | None = None) -> None:
-        self.timeout = timeout
-        self.ssl_context = ssl_context
-        self._local = threading.local()
+    verify: bool | str = True
+    ca_pem: str | None = field(default=None, repr=False)
+    proxies: Mapping[str, str] | None = None
+    hint: str = "give the CA that signed it"
 
-    def connection(self, url: str) -> tuple[http.client.HTTPConnection, str]:
-        """The thread's connection for ``url``'s host, and the path-and-query to request."""
+    def ssl_context(self) -> ssl.SSLContext:
+        """A TLS context as this reach asks (built once per :class:`HttpClient`).
+
+        :raises TransferError: (not transient) the CA bundle cannot be read or holds no certificate.
+        """
+        if self.verify is False:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            return context
+        try:
+            if isinstance(self.verify, str):
+                is_dir = os.path.isdir(self.verify)
+                context = ssl.create_default_context(
+                    cafile=None if is_dir else self.verify, capath=self.verify if is_dir else None
+                )
+            else:
+                context = ssl.create_default_context()
+            if self.ca_pem:
+                context.load_verify_locations(cadata=self.ca_pem)
+        except (OSError, ssl.SSLError, ValueError) as err:
+            where = f"the CA bundle {self.verify}" if isinstance(self.verify, str) else "the CA certificates"
+            raise TransferError(
+                f"{where} cannot be used ({_reason(err)}); {self.hint}", transient=False
+            ) from None
+        return context
+
+    def proxy_for(self, scheme: str, host: str) -> tuple[str, str | None] | None:
+        """The proxy for a request to ``host`` (``host:port``): ``(proxy host:port, Proxy-Authorization)``,
+        or ``None`` to go directly.  Only HTTP proxies are spoken (an HTTPS endpoint through ``CONNECT``).
+        """
+        proxies = urllib.request.getproxies_environment() if self.proxies is None else self.proxies
+        url = proxies.get(scheme)
+        if not url or urllib.request.proxy_bypass_environment(host, proxies):
+            return None
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        netloc = parts.hostname or ""
+        if ":" in netloc:
+            netloc = f"[{netloc}]"
+        netloc = f"{netloc}:{parts.port or 80}"
+        authorization = None
+        if parts.username is not None:
+            import base64
+
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            authorization = "Basic " + base64.b64encode(pair).decode()
+        return netloc, authorization
+
+
+class HttpClient:
+    """Persistent HTTP(S) connections, one per thread and host, reached as :class:`Reach` says.
+
+    :param timeout: socket timeout in seconds.
+    :param reach: the CAs trusted and the proxy used (default: system CAs, the environment's proxies).
+    """
+
+    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, reach: Reach | None = None) -> None:
+        self.timeout = timeout
+        self.reach = reach or Reach()
+        self._local = threading.local()
+        self._routes: dict[tuple[str, str], tuple[str, str | None] | None] = {}  # the proxy of each host
+
+    @cached_property
+    def ssl_context(self) -> ssl.SSLContext:
+        return self.reach.ssl_context()
+
+    def connection(self, url: str) -> tuple[http.client.HTTPConnection, str, dict[str, str]]:
+        """The thread's connection for ``url``'s host, the target to request (the path and query; the
+        whole URL when a proxy forwards a plain ``http`` request) and headers for the proxy."""
         parts = urlsplit(url)
         pool: dict[tuple[str, str], http.client.HTTPConnection] = self._local.__dict__.setdefault("pool", {})
         conn = pool.get((parts.scheme, parts.netloc))
-        if conn is None:
-            if parts.scheme == "https":
-                context = self.ssl_context or ssl.create_default_context()
-                conn = http.client.HTTPSConnection(parts.netloc, timeout=self.timeout, context=context)
-            else:
-                conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
-            pool[(parts.scheme, parts.netloc)] = conn
         target = parts.path or "/"
-        return conn, f"{target}?{parts.query}" if parts.query else target
+        if parts.query:
+            target = f"{target}?{parts.query}"
+        route = (parts.scheme, parts.netloc)
+        if route not in self._routes:  # read once: the environment is not read again for every request
+            self._routes[route] = self.reach.proxy_for(*route)
+        proxy = self._routes[route]
+        if conn is None:
+            conn = self._connect(parts.scheme, parts.netloc, proxy)
+            pool[(parts.scheme, parts.netloc)] = conn
+        if proxy is None or parts.scheme != "http":
+            return conn, target, {}
+        # a forwarding proxy takes the whole URL, and its credentials with each request
+        return conn, f"http://{parts.netloc}{target}", {"Proxy-Authorization": proxy[1]} if proxy[1] else {}
+
+    def _connect(
+        self, scheme: str, netloc: str, proxy: tuple[str, str | None] | None
+    ) -> http.client.HTTPConnection:
+        if proxy is None:
+            if scheme == "https":
+                return http.client.HTTPSConnection(netloc, timeout=self.timeout, context=self.ssl_context)
+            return http.client.HTTPConnection(netloc, timeout=self.timeout)
+        proxy_netloc, authorization = proxy
+        if scheme == "https":  # a CONNECT tunnel, TLS end to end with the store
+            tunnel = http.client.HTTPSConnection(proxy_netloc, timeout=self.timeout, context=self.ssl_context)
+            tunnel.set_tunnel(netloc, headers={"Proxy-Authorization": authorization} if authorization else None)
+            return tunnel
+        return http.client.HTTPConnection(proxy_netloc, timeout=self.timeout)
 
     def buffer(self) -> memoryview:
         """The thread's reusable read buffer."""
@@ -141,11 +270,12 @@ class HttpClient:
         :param body: a small body sent as is.
         :param file: ``(fd, offset, length)`` of a file region sent with ``sendfile``.
         """
-        conn, target = self.connection(request.url)
+        where = request.url.split("?", 1)[0]
         length = len(body) if body is not None else file[2] if file is not None else None
         try:
+            conn, target, proxy_headers = self.connection(request.url)
             conn.putrequest(request.method, target, skip_accept_encoding=True)
-            for name, value in request.headers.items():
+            for name, value in {**request.headers, **proxy_headers}.items():
                 conn.putheader(name, value)
             if length is not None or request.method in ("PUT", "POST"):
                 conn.putheader("Content-Length", str(length or 0))
@@ -155,9 +285,15 @@ class HttpClient:
             elif file is not None and file[2]:
                 _sendfile(conn, *file)
             return conn.getresponse()
+        except ssl.SSLCertVerificationError as err:
+            self.discard(request.url)
+            raise TransferError(
+                f"{request.method} {where}: the TLS certificate of {urlsplit(where).netloc} is not trusted "
+                f"({err.verify_message or _reason(err)}); {self.reach.hint}",
+                transient=False,
+            ) from None
         except (OSError, http.client.HTTPException) as err:
             self.discard(request.url)
-            where = request.url.split("?", 1)[0]
             raise TransferError(f"{request.method} {where} failed: {_reason(err)}", transient=True) from None
         except ValueError:  # an invalid header value; its text would show the value (a credential)
             self.discard(request.url)
@@ -193,16 +329,34 @@ def _status_error(
 ) -> TransferError:
     status = response.status
     body = response.read()  # drained, so that the connection can be reused
+    headers = {name.lower(): value for name, value in response.getheaders()}
+    match = _ERROR_CODE.search(body[:4096])
+    code = match.group(1).decode() if match else None
+    match = _REGION.search(body[:4096])
+    region = headers.get("x-amz-bucket-region") or (match.group(1).decode() if match else None)
     where = store.describe(key)
+
+    def error(text: str, transient: bool) -> TransferError:
+        return TransferError(
+            f"{verb} {where}: {text}",
+            transient=transient,
+            status=status,
+            error_code=code,
+            bucket_region=region,
+        )
+
     if status == 404:
-        return TransferError(f"{verb} {where}: not found (404)", transient=False, status=status)
+        return error("not found (404)", False)
+    if code in _EXPIRED_CODES:
+        return error(f"the credentials have expired ({code})", False)
     if status in (401, 403):
-        return TransferError(f"{verb} {where}: access denied ({status})", transient=False, status=status)
+        return error(f"access denied ({status}{f' {code}' if code else ''})", False)
+    if status in (301, 307) or code in ("PermanentRedirect", "AuthorizationHeaderMalformed"):
+        elsewhere = f"the bucket is in region {region}" if region else "another region or endpoint"
+        return error(f"HTTP {status} {code or response.reason}: {elsewhere}; set the connection's region", False)
     # 422 (Swift) and BadDigest (S3): the body arrived damaged, sending it again may work.
-    transient = status >= 500 or status in (408, 409, 422, 429) or b"<Code>BadDigest</Code>" in body
-    return TransferError(
-        f"{verb} {where}: HTTP {status} {response.reason}", transient=transient, status=status
-    )
+    transient = status >= 500 or status in (408, 409, 422, 429) or code in _TRANSIENT_CODES
+    return error(f"HTTP {status} {code or response.reason}", transient)
 
 
 def with_retries(
@@ -214,17 +368,22 @@ def with_retries(
 ) -> T:
     """Run ``action``; on a transient :class:`TransferError` wait and try again, up to the policy's count.
 
-    A 401 makes the store refresh its credentials (an expired token) and counts as transient once.
+    Expired credentials (a 401, S3's ``ExpiredToken``) make the store renew them, and a redirect to the
+    bucket's region makes an S3 store follow it (:meth:`ObjectStore.redirected`): each once, not counted
+    as a try.
     """
-    refreshed = False
+    refreshed = redirected = False
     attempt = 1
     while True:
         try:
             return action()
         except TransferError as err:
-            if err.status == 401 and not refreshed:  # an expired token: renew it, not counted as a try
+            if err.credentials_expired and not refreshed:
                 store.refresh_credentials()
                 refreshed = True
+                continue
+            if not redirected and store.redirected(err):
+                redirected = True
                 continue
             if not err.transient or attempt >= policy.attempts:
                 raise

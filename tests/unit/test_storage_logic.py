@@ -326,6 +326,9 @@ class _FakeStore:
     def refresh_credentials(self) -> None:
         self.refreshed += 1
 
+    def redirected(self, error: object) -> bool:
+        return False
+
 
 def test_a_401_on_the_last_try_renews_the_token_and_tries_again() -> None:
     from airflow_wmltrain.storage.transfer import TransferError, with_retries
