@@ -126,7 +126,8 @@ def _pem_certificates(value: str | None) -> str | None:
     if "-----BEGIN CERTIFICATE-----" not in value:
         raise PydanticCustomError(
             "wmltrain",
-            "is not PEM text: paste the CA certificate itself (-----BEGIN CERTIFICATE----- ...), not a file name",
+            "is not PEM text: paste the CA certificate itself (-----BEGIN CERTIFICATE-----...), "
+            "not a file name",
             {},
         )
     return value

@@ -111,9 +111,7 @@ def check_stores(manifest: TrainingManifest, *, timeout: float = STORE_CHECK_TIM
             # The store first: opening one may import Airflow (a hook), which sets up its logging; the
             # logs are dropped from then on (_logs_dropped redirects Airflow's logger as it finds it).
             with (
-                open_store(
-                    reference, timeout=timeout, retry=RetryPolicy(attempts=1)
-                ) as store,
+                open_store(reference, timeout=timeout, retry=RetryPolicy(attempts=1)) as store,
                 _logs_dropped(),
             ):
                 store.check_bucket(field=f"{field}.{bucket_field}")

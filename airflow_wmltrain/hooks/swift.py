@@ -41,6 +41,7 @@ the first 16 characters of tokens (and of ``X-Auth-Key``); importing this module
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -593,7 +594,7 @@ class SwiftHook(BaseHook):
                 with open(config.cacert, encoding="utf-8") as bundle:
                     pem.write(bundle.read() + "\n")
             pem.write(config.ca_certificate)
-        atexit.register(lambda path=pem.name: os.path.exists(path) and os.unlink(path))
+        atexit.register(_remove_quietly, pem.name)
         return pem.name
 
     @cached_property
@@ -754,6 +755,11 @@ def _check_no_user_info(url: str, source: str) -> None:
             f"the auth URL {display_url(url)} holds a user name or password ({source}); give them in "
             "the user and password fields instead"
         )
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _plain_extra(extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -65,11 +65,11 @@ from airflow_wmltrain.storage.staging import StagingResult, stage
 from airflow_wmltrain.storage.transfer import TransferError
 from airflow_wmltrain.storage.upload import unreadable_entries, upload_tree
 
-__all__ = ["METRICS_FILE", "TrainingRun", "halt_run", "read_metrics", "read_status", "read_status_at"]
+__all__ = ["METRICS_FILE", "TrainingRun", "halt_run", "read_metrics", "read_status"]
 
 if TYPE_CHECKING:
     from airflow_wmltrain.hooks.docker import ContainerOutcome, TrainingDockerHook
-    from airflow_wmltrain.manifest import StoreReference, TrainingManifest
+    from airflow_wmltrain.manifest import TrainingManifest
     from airflow_wmltrain.model_definition import ModelDefinition
     from airflow_wmltrain.settings import Settings
     from airflow_wmltrain.storage.base import ObjectStore
@@ -130,12 +130,6 @@ def read_status(store: ObjectStore, training_id: str, *, check_bucket: bool = Tr
             store.check_bucket()
         return None
     return RunStatus.from_json(body, where=store.describe(key), training_id=training_id)
-
-
-def read_status_at(reference: StoreReference, training_id: str) -> RunStatus | None:
-    """:func:`read_status` in the store of ``reference`` (the sensor's and the trigger's look)."""
-    with open_store(reference) as store:
-        return read_status(store, training_id)
 
 
 def submission_digest(submission: Submission) -> str:

@@ -17,7 +17,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus, urlsplit
 
 from airflow_wmltrain.storage.base import Fields, ObjectInfo, ObjectStore, SignedRequest, UploadedPart
@@ -40,15 +40,15 @@ DEFAULT_REGION = "us-east-1"
 CREDENTIALS_TTL = 300.0
 #: Where a user of an ``aws`` connection names the CA of a private endpoint.
 CA_HINT = (
-    "give the CA bundle as the aws connection's extra \"verify\" (a path on the worker), AWS_CA_BUNDLE, "
+    'give the CA bundle as the aws connection\'s extra "verify" (a path on the worker), AWS_CA_BUNDLE, '
     "or its PEM text as the extra (or inline credentials') ca_certificate"
 )
 
 
 @functools.cache
 def _endpoint_resolver() -> object:
-    from botocore.loaders import create_loader
-    from botocore.regions import EndpointResolver
+    from botocore.loaders import create_loader  # type: ignore[import-untyped]
+    from botocore.regions import EndpointResolver  # type: ignore[import-untyped]
 
     return EndpointResolver(create_loader().load_data("endpoints"))
 
@@ -97,6 +97,47 @@ def _check_host_label(bucket: str) -> None:
     problem = bucket_name_problem("s3", bucket)
     if problem is not None:
         raise ManifestError(f"'{bucket[:80]!s}' is not a valid name: {problem}", field="bucket")
+
+
+class HookCredentials:
+    """An ``aws`` connection's credentials, from one boto3 session of its hook.
+
+    The session is made once: botocore renews temporary credentials (an assumed ``role_arn``, web
+    identity, SSO) shortly before they expire, so asking again costs nothing and a poller that keeps
+    its store makes one STS call per credentials' lifetime, not one per poll.  After the store refused
+    them (:meth:`forget`), the next call makes a new session.
+    """
+
+    def __init__(self, hook: S3Hook) -> None:
+        self._hook = hook
+        self._source: Any = None  # botocore's (refreshable) credentials
+        self._masked: str | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Credentials:
+        from airflow.sdk.log import mask_secret
+
+        with self._lock:
+            if self._source is None:
+                self._source = self._hook.get_session().get_credentials()
+                if self._source is None:
+                    from airflow_wmltrain.errors import CredentialsError
+
+                    raise CredentialsError(
+                        f"the Airflow connection '{self._hook.aws_conn_id}' gives no AWS credentials; "
+                        "set its login and password, a role_arn, or the workers' AWS environment"
+                    )
+            frozen = self._source.get_frozen_credentials()
+            if frozen.secret_key != self._masked:  # new credentials: hide them from the task log
+                mask_secret(frozen.secret_key)
+                if frozen.token:
+                    mask_secret(frozen.token)
+                self._masked = frozen.secret_key
+        return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+    def forget(self) -> None:
+        with self._lock:
+            self._source = None
 
 
 class S3Store(ObjectStore):
@@ -154,7 +195,9 @@ class S3Store(ObjectStore):
                 raise CredentialsError(f"{err}: check the region name, or give an endpoint_url") from None
         parts = urlsplit(self._endpoint)
         style = self._addressing_style
-        virtual = style == "virtual" or (style == "auto" and not self._custom_endpoint and "." not in self.bucket)
+        virtual = style == "virtual" or (
+            style == "auto" and not self._custom_endpoint and "." not in self.bucket
+        )
         if virtual:
             _check_host_label(self.bucket)
             self._host = f"{self.bucket}.{parts.netloc}"
@@ -184,10 +227,6 @@ class S3Store(ObjectStore):
     ) -> S3Store:
         """A store on an Airflow ``aws`` connection, through the amazon provider's S3 hook."""
 
-        def credentials() -> Credentials:
-            frozen = hook.get_credentials()
-            return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
-
         config = hook.conn_config
         botocore_config = config.botocore_config
         s3_options = (getattr(botocore_config, "s3", None) or {}) if botocore_config is not None else {}
@@ -202,7 +241,7 @@ class S3Store(ObjectStore):
         )
         return cls(
             bucket,
-            credentials=credentials,
+            credentials=HookCredentials(hook),
             endpoint_url=config.get_service_endpoint_url("s3"),
             # The connection's own region; ``hook.conn_region_name`` builds a whole boto3 client (about
             # 0.3 s a store, measured in benchmarks/overhead.py) and is asked only when none is set.
@@ -227,6 +266,8 @@ class S3Store(ObjectStore):
     def refresh_credentials(self) -> None:
         with self._lock:
             self._credentials = None
+            if isinstance(self._get_credentials, HookCredentials):
+                self._get_credentials.forget()
 
     def sign(self, method: str, key: str, *, query: Fields = None, headers: Fields = None) -> SignedRequest:
         path = f"{self._base_path}/{quote_path(key)}" if key else (self._base_path or "/")

@@ -174,7 +174,7 @@ class Reach:
         """
         proxies = urllib.request.getproxies_environment() if self.proxies is None else self.proxies
         url = proxies.get(scheme)
-        if not url or urllib.request.proxy_bypass_environment(host, proxies):
+        if not url or urllib.request.proxy_bypass_environment(host, proxies):  # type: ignore[attr-defined]
             return None
         parts = urlsplit(url if "://" in url else f"http://{url}")
         netloc = parts.hostname or ""
@@ -238,7 +238,9 @@ class HttpClient:
         proxy_netloc, authorization = proxy
         if scheme == "https":  # a CONNECT tunnel, TLS end to end with the store
             tunnel = http.client.HTTPSConnection(proxy_netloc, timeout=self.timeout, context=self.ssl_context)
-            tunnel.set_tunnel(netloc, headers={"Proxy-Authorization": authorization} if authorization else None)
+            tunnel.set_tunnel(
+                netloc, headers={"Proxy-Authorization": authorization} if authorization else None
+            )
             return tunnel
         return http.client.HTTPConnection(proxy_netloc, timeout=self.timeout)
 
@@ -353,7 +355,9 @@ def _status_error(
         return error(f"access denied ({status}{f' {code}' if code else ''})", False)
     if status in (301, 307) or code in ("PermanentRedirect", "AuthorizationHeaderMalformed"):
         elsewhere = f"the bucket is in region {region}" if region else "another region or endpoint"
-        return error(f"HTTP {status} {code or response.reason}: {elsewhere}; set the connection's region", False)
+        return error(
+            f"HTTP {status} {code or response.reason}: {elsewhere}; set the connection's region", False
+        )
     # 422 (Swift) and BadDigest (S3): the body arrived damaged, sending it again may work.
     transient = status >= 500 or status in (408, 409, 422, 429) or code in _TRANSIENT_CODES
     return error(f"HTTP {status} {code or response.reason}", transient)

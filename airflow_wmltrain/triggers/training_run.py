@@ -29,9 +29,9 @@ from airflow_wmltrain.errors import WmlTrainError
 from airflow_wmltrain.hooks.docker import LogCursor, TrainingDockerHook
 from airflow_wmltrain.lifecycle import STATUS_FILE, STATUS_XCOM_KEY, RunState, results_location
 from airflow_wmltrain.metrics import JSONL_FILE, MetricsCollector, MetricSeries, check_metrics_pattern
-from airflow_wmltrain.runtime.run import TrainingRun, read_status_at
+from airflow_wmltrain.runtime.run import TrainingRun, read_status
 from airflow_wmltrain.runtime.workspace import CONTAINER_DIRS
-from airflow_wmltrain.storage import results_reference
+from airflow_wmltrain.storage import ObjectStore, open_store, results_reference
 from airflow_wmltrain.triggers.base import LookFailed, PollingTrigger
 
 __all__ = ["TrainingRunTrigger", "TrainingStatusTrigger", "seal_halt"]
@@ -371,15 +371,32 @@ class TrainingStatusTrigger(PollingTrigger):
     def error_payload(self, message: str) -> dict[str, Any]:
         return {"status": "error", "training_id": self.training_id, "message": message}
 
-    def look(self) -> dict[str, Any] | str:
+    @cached_property
+    def store(self) -> ObjectStore:
+        """The results store, kept from one look to the next: its connections and its credentials (one
+        STS call per assumed role's lifetime, not one per poll) until a look fails."""
         try:
             reference = results_reference(
                 self.results["type"], self.results["bucket"], self.results["conn_id"]
             )
         except (KeyError, ValueError) as exc:
             raise LookFailed(f"bad results store {self.results!r}: {exc}", retry=False) from None
+        return open_store(reference)
+
+    def after_failure(self) -> None:
+        self._drop_store()
+
+    def _drop_store(self) -> None:
+        store = self.__dict__.pop("store", None)
+        if store is not None:
+            store.close()
+
+    async def cleanup(self) -> None:
+        self._drop_store()
+
+    def look(self) -> dict[str, Any] | str:
         try:
-            status = read_status_at(reference, self.training_id)
+            status = read_status(self.store, self.training_id)
         except WmlTrainError as exc:
             raise LookFailed(
                 f"cannot read the status of {self.training_id}: {exc}", retry=exc.retryable

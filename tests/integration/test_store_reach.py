@@ -191,15 +191,19 @@ def test_without_the_ca_the_store_fails_at_once_naming_the_endpoint_and_where_to
     monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
     connection = _aws_connection(monkeypatch, store_credentials, endpoint_url=tls_endpoint["url"])
     before = _accepted(tls_endpoint["log"])
-    with open_store(
-        StoreReference(type="s3", bucket=tls_bucket, connection=connection), retry=RetryPolicy(attempts=5)
-    ) as store:
-        with pytest.raises(TransferError) as caught:
-            store.check_bucket()
+    with (
+        open_store(
+            StoreReference(type="s3", bucket=tls_bucket, connection=connection), retry=RetryPolicy(attempts=5)
+        ) as store,
+        pytest.raises(TransferError) as caught,
+    ):
+        store.check_bucket()
     message = str(caught.value)
     host = tls_endpoint["url"].split("://", 1)[1]
     assert f"TLS certificate of {host} is not trusted" in message
-    assert "verify" in message and "AWS_CA_BUNDLE" in message and "ca_certificate" in message
+    assert "verify" in message
+    assert "AWS_CA_BUNDLE" in message
+    assert "ca_certificate" in message
     assert caught.value.transient is False
     time.sleep(0.5)  # stunnel writes its log line after the handshake failed
     assert _accepted(tls_endpoint["log"]) - before == 1, "a certificate failure must not be retried"
@@ -240,7 +244,9 @@ def test_plain_http_goes_through_the_proxy_named_by_the_connection(
         endpoint_url=endpoint, config_kwargs={"proxies": {"http": http_proxy["url"]}},
     )  # fmt: skip
     _round_trip(StoreReference(type="s3", bucket=tls_bucket, connection=connection))
-    forwarded = [line for line in http_proxy["log"].read_text().splitlines() if f"{endpoint}/{tls_bucket}" in line]
+    forwarded = [
+        line for line in http_proxy["log"].read_text().splitlines() if f"{endpoint}/{tls_bucket}" in line
+    ]
     assert forwarded, "the proxy forwarded no request of the store"
 
 
