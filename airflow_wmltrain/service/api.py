@@ -35,6 +35,10 @@ DEFAULT_TRIES = 4
 #: The delays between the tries of one call.
 RETRY_BACKOFF = Backoff(interval=1.0, max_interval=10.0, factor=2.0)
 PAGE_SIZE = 100
+#: Airflow's public REST API.
+PUBLIC_API = "/api/v2"
+#: This provider's endpoint on the same API server (:mod:`airflow_wmltrain.service.runs_api`).
+PLUGIN_API = "/wmltrain"
 #: Methods whose repetition changes nothing more than their first success.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
@@ -221,8 +225,11 @@ class AirflowApi:
         params: Mapping[str, Any] | None = None,
         body: Any = None,
         idempotent: bool | None = None,
+        under: str = PUBLIC_API,
     ) -> Any:
         """One API call (``path`` under ``/api/v2``); its JSON answer, or ``None`` for an empty one.
+
+        :param under: the API the path is in: the public one, or :data:`PLUGIN_API` (this provider's).
 
         :param idempotent: whether sending the call again is safe (default: for ``GET``, ``HEAD``,
             ``PUT``, ``DELETE``); such calls are retried on time-outs, an unreachable server and 5xx.
@@ -241,7 +248,7 @@ class AirflowApi:
             query = "?" + urllib.parse.urlencode(
                 [(k, v) for k, v in params.items() if v is not None], doseq=True
             )
-        full = f"/api/v2{path}{query}"
+        full = f"{under}{path}{query}"
         tries = 0
 
         def once() -> tuple[int, bytes]:

@@ -34,6 +34,7 @@ from airflow_wmltrain.lifecycle import (
     parse_time,
 )
 from airflow_wmltrain.service.api import (
+    PLUGIN_API,
     TRANSIENT_ERRORS,
     AirflowApi,
     ApiConflictError,
@@ -288,6 +289,35 @@ def _records(api: AirflowApi, entries: list[dict[str, Any]]) -> list[TrainingRun
         return [found for found in pool.map(record, entries) if found is not None]
 
 
+def _plugin_records(api: AirflowApi, training_id: str | None = None) -> list[TrainingRunRecord] | None:
+    """The runs (or one training id's) in one call to the provider's endpoint (``GET /wmltrain/runs``,
+    :mod:`~airflow_wmltrain.service.runs_api`); ``None`` when the server has no such endpoint (a
+    provider that predates it: the public API is then asked, one call per run)."""
+    try:
+        page = api.call("GET", "/runs", params={"training_id": training_id}, under=PLUGIN_API)
+    except ApiNotFoundError:
+        return None
+    if not isinstance(page, dict) or not isinstance(page.get("runs"), list):
+        return None  # the UI's page: no plugin there
+    records = []
+    for row in page["runs"]:
+        status = _status_of(row)
+        if status is None:
+            continue
+        records.append(
+            TrainingRunRecord(
+                training_id=status.training_id,
+                dag_id=str(row["dag_id"]),
+                run_id=str(row["run_id"]),
+                task_id=str(row["task_id"]),
+                map_index=int(row.get("map_index", -1)),
+                status=status,
+                **_ti_fields(row),
+            )
+        )
+    return records
+
+
 def _queued_bundled_runs(api: AirflowApi, known: set[str]) -> Iterator[TrainingRunRecord]:
     """Runs of the bundled DAG whose task has not published a status yet."""
     try:
@@ -306,20 +336,22 @@ def list_runs(
 ) -> list[TrainingRunRecord]:
     """Every training run Airflow knows of, newest first.
 
-    Costs one call per run (its document) plus a few: the XCom entries, their task instances in one
-    batch, the bundled DAG's runs (each a page of 100).
+    Costs two calls and a page of the bundled DAG's runs per 100 with the provider's endpoint on the
+    server; without it, one call per run (its document) plus the XCom entries and their task instances.
 
     :param state: only runs in this state (``COMPLETED``, ``FAILED``...; case-insensitive).
     :param limit: at most this many.
     """
-    entries = list(
-        api.paginate(
-            "/dags/~/dagRuns/~/taskInstances/~/xcomEntries",
-            "xcom_entries",
-            params={"xcom_key": STATUS_XCOM_KEY},
+    records = _plugin_records(api)
+    if records is None:
+        entries = list(
+            api.paginate(
+                "/dags/~/dagRuns/~/taskInstances/~/xcomEntries",
+                "xcom_entries",
+                params={"xcom_key": STATUS_XCOM_KEY},
+            )
         )
-    )
-    records = _records(api, entries)
+        records = _records(api, entries)
     records.extend(_queued_bundled_runs(api, {r.training_id for r in records}))
     if state:
         records = [r for r in records if r.state.value == state.upper()]
@@ -332,14 +364,17 @@ def find_run(api: AirflowApi, training_id: str) -> TrainingRunRecord:
 
     :raises ApiNotFoundError: no run has that id.
     """
-    entries = list(
-        api.paginate(
-            "/dags/~/dagRuns/~/taskInstances/~/xcomEntries",
-            "xcom_entries",
-            params={"xcom_key": RUN_XCOM_PREFIX + training_id},
+    found = _plugin_records(api, training_id)
+    if found is None:
+        entries = list(
+            api.paginate(
+                "/dags/~/dagRuns/~/taskInstances/~/xcomEntries",
+                "xcom_entries",
+                params={"xcom_key": RUN_XCOM_PREFIX + training_id},
+            )
         )
-    )
-    records = [r for r in _records(api, entries) if r.training_id == training_id]
+        found = _records(api, entries)
+    records = [r for r in found if r.training_id == training_id]
     if records:
         return max(records, key=lambda r: r.submitted)
     try:

@@ -616,6 +616,19 @@ def test_the_runs_of_a_mapped_grid_dag_are_listed(
     assert re.search(rf"^dag\s+{dag_id} / {re.escape(run_id)} / train\[1\]$", shown, re.MULTILINE), shown
     assert re.search(r"^url\s+\S+/mapped/1$", shown, re.MULTILINE), shown
 
+    # What `list` asked: the provider's endpoint on the API server, all runs in one answer, and only
+    # for a caller Airflow authenticated.
+    endpoint = str(api.base_url.copy_with(path="/wmltrain/runs"))
+    answer = api.get(endpoint, params={"training_id": one})
+    assert answer.status_code == 200, answer.text
+    [row] = answer.json()["runs"]
+    assert (row["dag_id"], row["map_index"], row["state"]) == (dag_id, 1, "success")
+    assert row["value"]["training_id"] == one
+    with httpx.Client(trust_env=False) as anonymous:
+        assert anonymous.get(endpoint).status_code == 401
+        forged = anonymous.get(endpoint, headers={"Authorization": "Bearer not-a-token"})
+        assert forged.status_code in (401, 403)
+
 
 # --- the bundled DAG's form, as the UI uses it --------------------------------------------------------
 

@@ -18,6 +18,7 @@ from airflow_wmltrain.errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_SERVER
 from airflow_wmltrain.lifecycle import STATUS_XCOM_KEY, RunState, RunStatus
 from airflow_wmltrain.service import runs
 from airflow_wmltrain.service.api import (
+    PUBLIC_API,
     AirflowApi,
     ApiConflictError,
     ApiError,
@@ -31,6 +32,7 @@ from airflow_wmltrain.service.runs import (
     SubmissionError,
     TrainingRunRecord,
     WaitOptions,
+    find_run,
     list_runs,
     log_lines,
     request_halt,
@@ -46,9 +48,10 @@ Handler = Callable[[str, str, dict[str, Any], Any], Any]
 class FakeApi(AirflowApi):
     """An ``AirflowApi`` whose calls are answered by ``handler`` (which may raise) and logged."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, *, plugin: bool = False) -> None:
         super().__init__("http://airflow.test", "admin", "pw", sleep=self._sleep)
         self.handler = handler
+        self.plugin = plugin  # whether the server has the provider's endpoint (else 404, as before it)
         self.log: list[tuple[str, str]] = []  # ("call", "GET /path") and ("sleep", "2")
 
     def _sleep(self, seconds: float) -> None:
@@ -62,7 +65,12 @@ class FakeApi(AirflowApi):
         params: Any = None,
         body: Any = None,
         idempotent: bool | None = None,
+        under: str = PUBLIC_API,
     ) -> Any:
+        if under != PUBLIC_API:
+            path = under + path
+            if not self.plugin:
+                raise ApiNotFoundError("HTTP 404: Not Found", status=404)
         self.log.append(("call", f"{method} {path}"))
         return self.handler(method, path, dict(params or {}), body)
 
@@ -791,3 +799,53 @@ def test_moved_connections_are_deleted_for_one_run_and_swept_for_runs_gone() -> 
         "DELETE /connections/wmltrain_training_gone_data",
         "DELETE /connections/wmltrain_training_gone_results",
     ]
+
+
+def test_list_asks_the_providers_endpoint_once_for_every_run() -> None:
+    rows = [
+        {
+            "dag_id": "grid",
+            "run_id": "r1",
+            "task_id": "train",
+            "map_index": i,
+            "value": status(f"training-g{i}", "COMPLETED"),
+            "state": "success",
+            "try_number": 2,
+            "note": "",
+            "end_date": "2026-12-01T10:00:00+00:00",
+        }
+        for i in range(500)
+    ]
+    asked: list[dict[str, Any]] = []
+
+    def handler(method: str, path: str, params: dict[str, Any], body: Any) -> Any:
+        if path == "/wmltrain/runs":
+            asked.append(params)
+            wanted = params.get("training_id")
+            found = [r for r in rows if wanted in (None, r["value"]["training_id"])]
+            return {"runs": found, "total_entries": len(found)}
+        if path == RUNS:
+            return {"dag_runs": [], "total_entries": 0}
+        raise AssertionError(f"unexpected call {method} {path}")
+
+    api = FakeApi(handler, plugin=True)
+    records = list_runs(api)
+    assert len(records) == 500 and {r.try_number for r in records} == {2}
+    assert api.calls == ["GET /wmltrain/runs", f"GET {RUNS}"]
+    assert find_run(api, "training-g7").map_index == 7
+    assert asked[-1] == {"training_id": "training-g7"}
+
+
+def test_a_server_without_the_endpoint_answers_the_ui_page_and_the_public_api_is_asked() -> None:
+    def handler(method: str, path: str, params: dict[str, Any], body: Any) -> Any:
+        if path == "/wmltrain/runs":
+            return "<!doctype html><html>Airflow</html>"  # the UI's catch-all route
+        if path.endswith("/taskInstances/~/xcomEntries"):
+            return {"xcom_entries": [], "total_entries": 0}
+        if path == RUNS:
+            return {"dag_runs": [], "total_entries": 0}
+        raise AssertionError(f"unexpected call {method} {path}")
+
+    api = FakeApi(handler, plugin=True)
+    assert list_runs(api) == []
+    assert "GET /dags/~/dagRuns/~/taskInstances/~/xcomEntries" in api.calls
