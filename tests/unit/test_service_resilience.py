@@ -830,7 +830,8 @@ def test_list_asks_the_providers_endpoint_once_for_every_run() -> None:
 
     api = FakeApi(handler, plugin=True)
     records = list_runs(api)
-    assert len(records) == 500 and {r.try_number for r in records} == {2}
+    assert len(records) == 500
+    assert {r.try_number for r in records} == {2}
     assert api.calls == ["GET /wmltrain/runs", f"GET {RUNS}"]
     assert find_run(api, "training-g7").map_index == 7
     assert asked[-1] == {"training_id": "training-g7"}
