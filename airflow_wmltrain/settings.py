@@ -152,24 +152,7 @@ class Settings:
         ``_cmd``/``_secret`` forms and secrets backends are not read here; nothing the command line
         needs is a secret.
         """
-        import configparser
-        import os
-
-        env = os.environ if environ is None else environ
-        home = env.get("AIRFLOW_HOME") or os.path.join(os.path.expanduser("~"), "airflow")
-        parser = configparser.ConfigParser(interpolation=None)
-        try:
-            parser.read(env.get("AIRFLOW_CONFIG") or os.path.join(home, "airflow.cfg"), encoding="utf-8")
-        except (configparser.Error, UnicodeDecodeError) as err:
-            raise ConfigurationError(f"cannot be read: {err}", field="airflow.cfg") from None
-
-        def lookup(option: str, fallback: Any) -> Any:
-            variable = f"AIRFLOW__{SECTION.upper()}__{option.upper()}"
-            if variable in env:
-                return env[variable]
-            return parser.get(SECTION, option, fallback=fallback)
-
-        return cls.from_lookup(lookup)
+        return cls.from_lookup(local_config_lookup(SECTION, environ))
 
     @classmethod
     def from_lookup(cls, lookup: Callable[[str, Any], Any]) -> Settings:
@@ -287,3 +270,30 @@ class Settings:
             submission_connections=parse_patterns(get("submission_connections") or ""),
             **hardening_settings(),
         )
+
+
+def local_config_lookup(section: str, environ: Mapping[str, str] | None = None) -> Callable[[str, Any], Any]:
+    """``lookup(option, fallback)`` of one section of this machine's Airflow configuration, without
+    importing Airflow: an ``AIRFLOW__<SECTION>__<OPTION>`` variable, else ``$AIRFLOW_HOME/airflow.cfg``
+    (``$AIRFLOW_CONFIG``; ``~/airflow``), else ``fallback``.
+
+    :raises ConfigurationError: the file cannot be read.
+    """
+    import configparser
+    import os
+
+    env = os.environ if environ is None else environ
+    home = env.get("AIRFLOW_HOME") or os.path.join(os.path.expanduser("~"), "airflow")
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(env.get("AIRFLOW_CONFIG") or os.path.join(home, "airflow.cfg"), encoding="utf-8")
+    except (configparser.Error, UnicodeDecodeError) as err:
+        raise ConfigurationError(f"cannot be read: {err}", field="airflow.cfg") from None
+
+    def lookup(option: str, fallback: Any) -> Any:
+        variable = f"AIRFLOW__{section.upper()}__{option.upper()}"
+        if variable in env:
+            return env[variable]
+        return parser.get(section, option, fallback=fallback)
+
+    return lookup

@@ -9,18 +9,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from typing import Any
 
 from airflow_wmltrain.cli.arguments import MANIFEST, Positional, add_command
 from airflow_wmltrain.cli.output import log_to_stderr
 from airflow_wmltrain.errors import EXIT_OK
 from airflow_wmltrain.manifest import load_manifest
-from airflow_wmltrain.settings import Settings
+from airflow_wmltrain.settings import Settings, local_config_lookup
 from airflow_wmltrain.storage import open_store
 from airflow_wmltrain.storage.cache import ObjectCache
 from airflow_wmltrain.storage.staging import stage
 
 DEST_DIR = Positional("dest", "DEST_DIR", "the directory to fill (created if missing)")
+#: Loggers whose INFO lines are noise beside staging's own (the amazon provider says, for every store,
+#: where an aws connection's credentials came from): the ``[logging] namespace_levels`` this command
+#: uses when the machine sets none, as the shipped deployments do (README, "Configuration").
+QUIET_NAMESPACES = "airflow.providers.amazon.aws.utils.connection_wrapper=warning"
 
 
 def register(commands: Any) -> None:
@@ -39,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     Stage every object of the manifest's data bucket (or prefix) into DEST_DIR through the host's
     staging cache, with progress on stderr and a summary line on stdout.
     """
+    if local_config_lookup("logging")("namespace_levels", None) is None:
+        os.environ["AIRFLOW__LOGGING__NAMESPACE_LEVELS"] = QUIET_NAMESPACES  # read as Airflow is imported
     settings = Settings.from_airflow_config()  # imports Airflow, which may set up logging to stdout
     manifest = load_manifest(args.manifest, settings=settings)
     log = log_to_stderr("airflow_wmltrain.stage")

@@ -610,6 +610,11 @@ def test_the_runs_of_a_mapped_grid_dag_are_listed(
         assert "COMPLETED" in row, row
 
     one = records[1]["training_id"]
+    # A run's task log has no error and no line per store about the connection's credentials (issue 13
+    # item 11): what the services' [logging] namespace_levels does, as the shipped deployments do.
+    task_log = cli.ok("logs", one).stdout
+    assert "credentials retrieved" not in task_log, task_log
+    assert "XCom not found" not in task_log, task_log
     document = cli.show(one)
     assert (document["state"], document["map_index"], document["dag_id"]) == ("COMPLETED", 1, dag_id)
     shown = cli.ok("show", one).stdout

@@ -705,3 +705,19 @@ def test_an_object_changed_after_the_listing_is_refused(
         with pytest.raises(DataLoadError, match="changed while it was staged"):
             stage(store, tmp_path / "dest", cache=None, workers=2)
     assert not (tmp_path / "dest" / "data.bin").exists()
+
+
+def test_cli_stage_through_an_airflow_connection_prints_only_its_own_lines(
+    bucket: str, s3_client: Any, creds: dict[str, str], tmp_path: Path
+) -> None:
+    """No INFO line of the amazon provider about where the connection's credentials came from (issue 13
+    item 11): only staging's own progress and summary."""
+    put_objects(s3_client, bucket, {"a.txt": b"a"})
+    manifest = write_manifest(
+        tmp_path / "manifest.yml", manifest_document("s3", bucket, {"conn_id": "stage_quiet"})
+    )
+    env = {"AIRFLOW_CONN_STAGE_QUIET": airflow_connection_json("s3", creds)}
+    done = run_cli(["stage", str(manifest), str(tmp_path / "dest"), "--no-cache"], tmp_path / "home", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "credentials retrieved" not in done.stderr, done.stderr
+    assert all(line.startswith("Staging") for line in _stderr_lines(done)), done.stderr
