@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from airflow_wmltrain.errors import ConfigurationError
-from airflow_wmltrain.service.api import DEFAULT_TIMEOUT, AirflowApi
+from airflow_wmltrain.service.api import DEFAULT_TIMEOUT, AirflowApi, TokenCache
 from airflow_wmltrain.service.runs import DEFAULT_MAX_OUTAGE, WaitOptions
 
 DEFAULT_URL = "http://localhost:8080"
@@ -167,4 +167,14 @@ def api_from_args(args: argparse.Namespace) -> AirflowApi:
             field="--user/--password-file",
         )
     timeout = getattr(args, "api_timeout", None) or DEFAULT_TIMEOUT
-    return AirflowApi(url, user, password, timeout=timeout)
+    return AirflowApi(url, user, password, timeout=timeout, token_cache=token_cache())
+
+
+def token_cache() -> TokenCache | None:
+    """Where the commands keep their tokens: ``WMLTRAIN_TOKEN_CACHE`` (empty: nowhere), else
+    ``$XDG_CACHE_HOME/wmltrain`` (``~/.cache/wmltrain``)."""
+    chosen = os.environ.get("WMLTRAIN_TOKEN_CACHE")
+    if chosen is not None:
+        return TokenCache(Path(chosen).expanduser()) if chosen else None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return TokenCache(Path(base) / "wmltrain")

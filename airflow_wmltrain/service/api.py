@@ -14,15 +14,21 @@ repeat (``service.runs.submit_run``: the run id is chosen by the client, a ``409
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import http.client
 import json
+import os
 import socket
+import stat
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from airflow_wmltrain.errors import EXIT_BAD_INPUT, WmlTrainError
@@ -106,6 +112,79 @@ class _Answer:
     value: Any
 
 
+#: A cached token is used only while it has at least this many seconds left.
+TOKEN_MARGIN_S = 60
+
+
+@dataclass(frozen=True)
+class TokenCache:
+    """Bearer tokens kept between commands until they expire (one ``POST /auth/token`` per token's
+    lifetime, not per command): a file per API server, user and password (another password is checked
+    by the server, not answered from the cache), mode 0600, in a directory of the user's own that nobody
+    else may write (any other directory is not used).  A token is a credential: it is never printed,
+    and a refused one is dropped.
+
+    :param directory: where the files go (``~/.cache/wmltrain``).
+    """
+
+    directory: Path
+
+    def _path(self, url: str, user: str, password: str) -> Path:
+        key = hashlib.sha256(f"{url}\0{user}\0{password}".encode()).hexdigest()[:32]
+        return self.directory / f"token-{key}"
+
+    def _usable(self) -> bool:
+        try:
+            info = self.directory.stat()
+        except OSError:
+            return False
+        return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+    def get(self, url: str, user: str, password: str) -> str | None:
+        """The cached token, when there is one with more than :data:`TOKEN_MARGIN_S` seconds left."""
+        if not self._usable():
+            return None
+        try:
+            fd = os.open(self._path(url, user, password), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as file:
+            if os.fstat(file.fileno()).st_uid != os.getuid():
+                return None
+            token = file.read(16384).decode("ascii", "replace").strip()
+        expires = _token_expiry(token)
+        return token if expires is not None and expires - time.time() > TOKEN_MARGIN_S else None
+
+    def put(self, url: str, user: str, password: str, token: str) -> None:
+        """Keep ``token`` (best effort: a cache that cannot be written is not an error)."""
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self._usable():
+                return
+            target = self._path(url, user, password)
+            draft = target.with_name(f"{target.name}.{os.getpid()}")
+            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as file:
+                file.write(token)
+            os.replace(draft, target)
+        except OSError:
+            return
+
+    def drop(self, url: str, user: str, password: str) -> None:
+        with contextlib.suppress(OSError):
+            self._path(url, user, password).unlink()
+
+
+def _token_expiry(token: str) -> float | None:
+    """The ``exp`` of a JWT (its signature is the server's to check), ``None`` when it has none."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["exp"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
+
+
 @dataclass
 class AirflowApi:
     """The REST API of one Airflow deployment.
@@ -117,6 +196,7 @@ class AirflowApi:
     :param tries: how many times a call that is safe to repeat is sent at most (``1``: no retry).
     :param backoff: the delays between those tries.
     :param sleep: how to wait between tries (tests pass a fake).
+    :param token_cache: where tokens are kept between commands (none: a token per client).
     """
 
     url: str
@@ -126,6 +206,7 @@ class AirflowApi:
     tries: int = DEFAULT_TRIES
     backoff: Backoff = RETRY_BACKOFF
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+    token_cache: TokenCache | None = None
     _token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -177,7 +258,9 @@ class AirflowApi:
         return answer.value
 
     def token(self) -> str:
-        """A bearer token (``POST /auth/token``, safe to repeat), fetched once."""
+        """A bearer token: the cached one, else from ``POST /auth/token`` (safe to repeat), fetched once."""
+        if self._token is None and self.token_cache is not None:
+            self._token = self.token_cache.get(self.url, self.username, self.password)
         if self._token is None:
             status, body = self._retrying(
                 "a token",
@@ -207,7 +290,15 @@ class AirflowApi:
                 self._token = str(json.loads(body)["access_token"])
             except (ValueError, KeyError, TypeError):
                 raise ApiError(f"{self.url}/auth/token did not answer with a token") from None
+            if self.token_cache is not None:
+                self.token_cache.put(self.url, self.username, self.password, self._token)
         return self._token
+
+    def forget_token(self) -> None:
+        """Drop the token the server refused (an expired one), here and in the cache."""
+        self._token = None
+        if self.token_cache is not None:
+            self.token_cache.drop(self.url, self.username, self.password)
 
     @staticmethod
     def _checked(method: str, path: str, answer: tuple[int, bytes]) -> tuple[int, bytes]:
@@ -256,7 +347,7 @@ class AirflowApi:
             tries += 1
             status, data = self._send(method, full, body=body, token=self.token())
             if status == 401:  # an expired token: get a new one, once
-                self._token = None
+                self.forget_token()
                 status, data = self._send(method, full, body=body, token=self.token())
             return self._checked(method, path, (status, data))
 
