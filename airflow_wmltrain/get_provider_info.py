@@ -54,6 +54,19 @@ _SWIFT_FIELDS: dict[str, tuple[str, str] | tuple[str, str, str]] = {
         "Endpoint interface",
         "Keystone catalog interface: public (default), internal or admin.",
     ),
+    "auth_type": (
+        "Keystone method",
+        "Keystone v3: password (default; the user and password), v3applicationcredential (the password is "
+        "the application credential's secret) or token (the password is a Keystone token).",
+    ),
+    "application_credential_id": (
+        "Application credential id",
+        "With auth_type v3applicationcredential: the credential's id (its project is the credential's own).",
+    ),
+    "application_credential_name": (
+        "Application credential name",
+        "With auth_type v3applicationcredential and no id: the credential's name (the user is the login).",
+    ),
     "insecure": (
         "Skip TLS verification",
         "Do not verify the TLS certificates of the auth and storage URLs.",

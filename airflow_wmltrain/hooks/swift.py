@@ -29,9 +29,16 @@ Auth version, when not given: the URL's path decides (:func:`detect_auth_version
 ``.../v1.0`` or ``.../auth/v1`` is v1; ``.../v3`` is Keystone v3; ``.../v2.0`` is Keystone v2.0; any
 other URL is taken as a bare Keystone URL and gets ``/v3`` appended (what python-swiftclient does too).
 
-Keystone is spoken by :class:`KeystoneSession` (plain HTTP, standard library): python-swiftclient needs
-python-keystoneclient for Keystone, which this package does not depend on; the session is handed to
-``swiftclient.client.Connection(session=...)``, which then asks it for the endpoint and the token.
+Keystone is spoken by keystoneauth1 (:func:`keystone_session`), whose session is handed to
+``swiftclient.client.Connection(session=...)``: it renews the token before it expires (once for all
+threads), and python-swiftclient asks it for the endpoint and the token.  The extra ``auth_type``
+chooses the Keystone v3 method:
+
+- ``password`` (default): ``login`` and ``password``, scoped to the project;
+- ``v3applicationcredential``: the application credential's secret as ``password``, its id as extra
+  ``application_credential_id`` (or its name as ``application_credential_name`` and the user as
+  ``login``); the project is the credential's own;
+- ``token``: an existing Keystone token as ``password``, scoped to the project.
 
 Secrets: the password and tokens never appear in ``repr(hook)``, in a log line or in an error message,
 and are registered with Airflow's secrets masker.  python-swiftclient's own request logging would show
@@ -42,14 +49,11 @@ the first 16 characters of tokens (and of ``X-Auth-Key``); importing this module
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -75,6 +79,11 @@ swiftclient.client.logger_settings["reveal_sensitive_prefix"] = 0
 AUTH_V1 = "1.0"
 AUTH_V2 = "2.0"
 AUTH_V3 = "3"
+#: Keystone v3 methods (the extra ``auth_type``).
+AUTH_PASSWORD = "password"  # noqa: S105 - a method's name
+AUTH_APPLICATION_CREDENTIAL = "v3applicationcredential"
+AUTH_TOKEN = "token"  # noqa: S105 - a method's name
+AUTH_TYPES = (AUTH_PASSWORD, AUTH_APPLICATION_CREDENTIAL, AUTH_TOKEN)
 #: Accepted spellings of ``auth_version`` → the value given to python-swiftclient.
 AUTH_VERSIONS: Mapping[str, str] = {
     "1": AUTH_V1,
@@ -100,6 +109,9 @@ EXTRA_KEYS = frozenset(
         "insecure",
         "cacert",
         "ca_certificate",
+        "auth_type",
+        "application_credential_id",
+        "application_credential_name",
     }
 )
 _TRUE = frozenset({"true", "1", "yes", "on"})
@@ -196,6 +208,9 @@ class SwiftAuthConfig:
     insecure: bool = False
     cacert: str | None = None
     ca_certificate: str | None = field(default=None, repr=False)
+    auth_type: str = AUTH_PASSWORD
+    application_credential_id: str | None = None
+    application_credential_name: str | None = None
 
     @property
     def display_url(self) -> str:
@@ -232,183 +247,114 @@ def _failure_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-class KeystoneSession:
-    """Password authentication against Keystone v3 or v2.0, as a session for python-swiftclient.
+def keystone_session(config: SwiftAuthConfig, *, timeout: float, verify: bool | str) -> Any:
+    """A keystoneauth1 session for python-swiftclient (``Connection(session=...)``), on Keystone v3
+    (``password``, ``v3applicationcredential`` or ``token``) or v2.0 (password).
 
-    It implements what ``swiftclient.client.Connection(session=...)`` calls: :meth:`get_endpoint`,
-    :meth:`get_token` and :meth:`invalidate` (after a 401, so that the next call gets a new token).
+    keystoneauth authenticates on first use, renews the token shortly before it expires (once, for every
+    thread: its plugin holds a lock) and after :meth:`invalidate` (a 401 of the store), and finds the
+    object-store endpoint in the token's catalog.
 
-    :param config: the credentials (``config.auth_url`` ends with ``/v3`` or ``/v2.0``).
-    :param timeout: seconds for each HTTP request.
-    :param reach: the CAs trusted (the hook's :attr:`SwiftHook.reach`; the system's when ``None``).
+    :param verify: requests' ``verify``: ``False``, a CA bundle path, or ``True`` (the system's CAs).
+    :raises CredentialsError: (C103) the credentials cannot make a Keystone request (no project...).
     """
+    from keystoneauth1 import session as ksa_session
+    from keystoneauth1.identity import v2, v3
 
-    def __init__(self, config: SwiftAuthConfig, *, timeout: float, reach: Reach | None = None) -> None:
-        from airflow_wmltrain.storage.transfer import Reach
-
-        self._config = config
-        self._timeout = timeout
-        self._reach = reach or Reach(hint=CA_HINT)
-        self._token: str | None = None
-        self._catalog: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return f"KeystoneSession({self._config.display_url}, user={self._config.user!r})"
-
-    def invalidate(self) -> bool:
-        """Forget the token; the next call authenticates again.  Always ``True`` (swiftclient retries)."""
-        with self._lock:
-            self._token = None
-            self._catalog = []
-        return True
-
-    def get_token(self) -> str:
-        """The current token, authenticating when there is none."""
-        with self._lock:
-            if self._token is None:
-                self._authenticate()
-            assert self._token is not None
-            return self._token
-
-    def get_endpoint(
-        self,
-        service_type: str = "object-store",
-        interface: str | None = "public",
-        region_name: str | None = None,
-        **_: Any,
-    ) -> str:
-        """The catalog URL of ``service_type`` for ``interface`` in ``region_name`` (any region when None).
-
-        :raises CredentialsError: (C103) the catalog has no such endpoint (naming what it has).
-        """
-        wanted = (interface or "public").lower().removesuffix("url")
-        with self._lock:
-            if self._token is None:
-                self._authenticate()
-            catalog = self._catalog
-        found: list[tuple[str | None, str]] = []
-        for service in catalog:
-            if service.get("type") != service_type:
-                continue
-            for endpoint in service.get("endpoints") or []:
-                if self._config.auth_version == AUTH_V3:
-                    if str(endpoint.get("interface", "")).lower() != wanted:
-                        continue
-                    url = endpoint.get("url")
-                    regions = {endpoint.get("region"), endpoint.get("region_id")}
-                else:
-                    url = endpoint.get(f"{wanted}URL")
-                    regions = {endpoint.get("region")}
-                if not url:
-                    continue
-                region = next((r for r in regions if r), None)
-                if region_name is None or region_name in regions:
-                    return str(url)
-                found.append((region, str(url)))
-        where = f" in region '{region_name}'" if region_name else ""
-        if found:
-            have = ", ".join(sorted({r or "(no region)" for r, _ in found}))
-            hint = f"; the catalog has it in: {have} (set region_name to one of them)"
-        else:
-            hint = "; check the project (a token scoped to another project has another catalog)"
-        raise CredentialsError(
-            f"Keystone at {self._config.display_url} gave user '{self._config.user}' no {wanted} "
-            f"'{service_type}' endpoint{where}{hint}"
-        )
-
-    # --- the token APIs ---------------------------------------------------------------------------
-
-    def _authenticate(self) -> None:
-        config = self._config
-        if not (config.project_id or config.project_name):
+    url = config.auth_url
+    auth: Any
+    if config.auth_type == AUTH_APPLICATION_CREDENTIAL:
+        if not (config.application_credential_id or (config.application_credential_name and config.user)):
             raise CredentialsError(
-                f"Keystone v{config.auth_version} at {config.display_url} needs a project to give a Swift "
-                f"endpoint: set project_id or project_name ({config.source}); for a v1 (tempauth, swauth) "
-                "endpoint, end the auth URL with /auth/v1.0 or set auth_version 1"
+                f"an application credential needs its id (extra application_credential_id), or its name "
+                f"(extra application_credential_name) and the user's name as login ({config.source})"
             )
-        if config.auth_version == AUTH_V3:
-            body, headers = self._post(f"{config.auth_url.rstrip('/')}/auth/tokens", self._v3_request())
-            token = headers.get("X-Subject-Token")
-            catalog = (body.get("token") or {}).get("catalog")
-        else:
-            body, _ = self._post(f"{config.auth_url.rstrip('/')}/tokens", self._v2_request())
-            access = body.get("access") or {}
-            token = (access.get("token") or {}).get("id")
-            catalog = access.get("serviceCatalog")
-        if not token or not isinstance(catalog, list):
-            raise CredentialsError(
-                f"{config.display_url} answered without a token and catalog: not a Keystone "
-                f"v{config.auth_version} endpoint? Check the auth URL and auth_version"
-            )
-        mask_secret(token)
-        self._token = str(token)
-        self._catalog = [service for service in catalog if isinstance(service, dict)]
-
-    def _v3_request(self) -> dict[str, Any]:
-        config = self._config
-        user = {
-            "name": config.user,
-            "domain": {"name": config.user_domain_name or "Default"},
-            "password": config.password,
-        }
-        project: dict[str, Any]
-        if config.project_id:
-            project = {"id": config.project_id}
-        else:
-            project = {
-                "name": config.project_name,
-                "domain": {"name": config.project_domain_name or "Default"},
-            }
-        return {
-            "auth": {
-                "identity": {"methods": ["password"], "password": {"user": user}},
-                "scope": {"project": project},
-            }
-        }
-
-    def _v2_request(self) -> dict[str, Any]:
-        config = self._config
-        auth: dict[str, Any] = {"passwordCredentials": {"username": config.user, "password": config.password}}
-        if config.project_id:
-            auth["tenantId"] = config.project_id
-        else:
-            auth["tenantName"] = config.project_name
-        return {"auth": auth}
-
-    def _post(self, url: str, payload: Mapping[str, Any]) -> tuple[dict[str, Any], Mapping[str, str]]:
-        config = self._config
-        if urlsplit(url).scheme not in ("http", "https"):
-            raise CredentialsError(
-                f"the auth URL {config.display_url} is not an http(s) URL ({config.source})"
-            )
-        request = urllib.request.Request(  # noqa: S310 (the scheme was checked above)
+        auth = v3.ApplicationCredential(
             url,
-            data=json.dumps(payload).encode(),
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
-            method="POST",
+            application_credential_secret=config.password,
+            application_credential_id=config.application_credential_id,
+            application_credential_name=config.application_credential_name,
+            username=config.user or None,
+            user_domain_name=(config.user_domain_name or "Default") if config.user else None,
         )
-        context = self._reach.ssl_context() if url.startswith("https:") else None
-        try:
-            with urllib.request.urlopen(request, timeout=self._timeout, context=context) as response:  # noqa: S310
-                raw = response.read()
-                headers = response.headers
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            raise _refusal(config, exc.code, str(exc.reason or "")) from None
-        except urllib.error.URLError as exc:
-            raise _unreachable(config, exc.reason if isinstance(exc.reason, BaseException) else exc) from None
-        except OSError as exc:  # timeouts, resets while reading
-            raise _unreachable(config, exc) from None
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise CredentialsError(
-                f"{config.display_url} did not answer with JSON: not a Keystone endpoint? Check the auth URL"
-            )
-        return body, headers
+        return ksa_session.Session(auth=auth, verify=verify, timeout=timeout)
+    if not (config.project_id or config.project_name):
+        raise CredentialsError(
+            f"Keystone v{config.auth_version} at {config.display_url} needs a project to give a Swift "
+            f"endpoint: set project_id or project_name ({config.source}); for a v1 (tempauth, swauth) "
+            "endpoint, end the auth URL with /auth/v1.0 or set auth_version 1"
+        )
+    project: dict[str, Any] = (
+        {"project_id": config.project_id}
+        if config.project_id
+        else {
+            "project_name": config.project_name,
+            "project_domain_name": config.project_domain_name or "Default",
+        }
+    )
+    if config.auth_version != AUTH_V3:
+        auth = v2.Password(
+            url,
+            username=config.user,
+            password=config.password,
+            tenant_id=config.project_id,
+            tenant_name=None if config.project_id else config.project_name,
+        )
+    elif config.auth_type == AUTH_TOKEN:
+        auth = v3.Token(url, token=config.password, **project)
+    else:
+        auth = v3.Password(
+            url,
+            username=config.user,
+            password=config.password,
+            user_domain_name=config.user_domain_name or "Default",
+            **project,
+        )
+    return ksa_session.Session(auth=auth, verify=verify, timeout=timeout)
+
+
+def _keystone_failure(config: SwiftAuthConfig, exc: Exception, scrub: Any) -> WmlTrainError:
+    """The error of a keystoneauth failure: refused (C103), unreachable or failing (S302), or not Keystone."""
+    from keystoneauth1 import exceptions as ksa
+
+    if isinstance(exc, ksa.HttpError):
+        return _refusal(config, int(exc.http_status or 0), str(exc.message or "").split(" (HTTP")[0])
+    if isinstance(exc, ksa.ConnectionError):  # refused, timed out, TLS
+        return _unreachable(config, exc)
+    if isinstance(exc, ksa.InvalidResponse):
+        return CredentialsError(
+            f"{config.display_url} did not answer with JSON: not a Keystone endpoint? Check the auth URL"
+        )
+    return CredentialsError(
+        f"{config.display_url} answered without a token and catalog: not a Keystone "
+        f"v{config.auth_version} endpoint? Check the auth URL and auth_version ({scrub(str(exc))[:200]})"
+    )
+
+
+def _no_endpoint(config: SwiftAuthConfig, session: Any) -> CredentialsError:
+    """The error of a catalog without the object-store endpoint asked for, naming the regions it has."""
+    wanted = (config.endpoint_type or "public").lower().removesuffix("url")
+    try:
+        endpoints = session.auth.get_access(session).service_catalog.get_endpoints(
+            service_type="object-store", interface=wanted
+        )
+        regions = sorted(
+            {
+                e.get("region_id") or e.get("region") or "(no region)"
+                for e in endpoints.get("object-store", [])
+            }
+        )
+    except Exception:  # the catalog itself cannot be read: say what is known
+        regions = []
+    where = f" in region '{config.region_name}'" if config.region_name else ""
+    if regions:
+        hint = f"; the catalog has it in: {', '.join(regions)} (set region_name to one of them)"
+    else:
+        hint = "; check the project (a token scoped to another project has another catalog)"
+    return CredentialsError(
+        f"Keystone at {config.display_url} gave user '{config.user}' no {wanted} 'object-store' "
+        f"endpoint{where}{hint}"
+    )
 
 
 def _refusal(config: SwiftAuthConfig, status: int, reason: str) -> WmlTrainError:
@@ -523,20 +469,37 @@ class SwiftHook(BaseHook):
 
         auth_url = _connection_url(conn.host, conn.port, conn.schema, source)
         _check_no_user_info(auth_url, source)
-        if not conn.login:
+        auth_type = (text("auth_type") or AUTH_PASSWORD).lower()
+        if auth_type not in AUTH_TYPES:
+            raise CredentialsError(
+                f"'{auth_type}' is not a Keystone method; use {', '.join(AUTH_TYPES)}",
+                field=f"{source} extra auth_type",
+            )
+        if not conn.login and auth_type == AUTH_PASSWORD:
             raise CredentialsError(f"{source} has no login: set it to the Swift user name")
         if not conn.password:
-            raise CredentialsError(f"{source} has no password: set it to the password or API key")
+            what = {
+                AUTH_APPLICATION_CREDENTIAL: "the application credential's secret",
+                AUTH_TOKEN: "the token",
+            }
+            raise CredentialsError(
+                f"{source} has no password: set it to {what.get(auth_type, 'the password or API key')}"
+            )
         auth_version = extra.get("auth_version")
         try:
             version, url = detect_auth_version(auth_url, auth_version)
         except CredentialsError as exc:
             raise CredentialsError(exc.message, field=f"{source} extra auth_version") from None
         domain = text("domain_name")
+        if auth_type != AUTH_PASSWORD and version != AUTH_V3:
+            raise CredentialsError(
+                f"auth_type {auth_type} needs Keystone v3 (auth_version 3, an auth URL ending in /v3)",
+                field=f"{source} extra auth_type",
+            )
         return SwiftAuthConfig(
             auth_url=url,
             auth_version=version,
-            user=conn.login,
+            user=conn.login or "",
             password=conn.password,
             source=source,
             project_id=text("project_id"),
@@ -548,6 +511,9 @@ class SwiftHook(BaseHook):
             insecure=_boolean(extra.get("insecure", False), f"{source} extra insecure"),
             cacert=text("cacert"),
             ca_certificate=text("ca_certificate"),
+            auth_type=auth_type,
+            application_credential_id=text("application_credential_id"),
+            application_credential_name=text("application_credential_name"),
         )
 
     # --- the client -------------------------------------------------------------------------------
@@ -564,10 +530,11 @@ class SwiftHook(BaseHook):
             "retries": self.retries,
             "timeout": self.timeout,
             "insecure": config.insecure,
-            "cacert": self._cacert_file(),
+            "cacert": self._ca_bundle if config.ca_certificate else config.cacert,
         }
         if config.keystone:
-            kwargs["session"] = KeystoneSession(config, timeout=self.timeout, reach=self.reach)
+            verify: bool | str = False if config.insecure else (self._ca_bundle or True)
+            kwargs["session"] = keystone_session(config, timeout=self.timeout, verify=verify)
         return kwargs
 
     @cached_property
@@ -580,18 +547,21 @@ class SwiftHook(BaseHook):
         verify: bool | str = False if config.insecure else (config.cacert or True)
         return Reach(verify=verify, ca_pem=config.ca_certificate, hint=CA_HINT)
 
-    def _cacert_file(self) -> str | None:
-        """python-swiftclient's ``cacert`` (a v1 authentication): the connection's file, or its PEM text
-        written to a private file of this process (python-swiftclient reads files only)."""
+    @cached_property
+    def _ca_bundle(self) -> str | None:
+        """The CA bundle file of the requests-based clients (python-swiftclient's v1 authentication,
+        keystoneauth), which read files only: the connection's ``cacert``, or, with ``ca_certificate``,
+        a private file of this process holding the system's CAs (or ``cacert``'s) and those."""
         config = self.auth_config
-        if not config.ca_certificate or config.keystone:
+        if not config.ca_certificate:
             return config.cacert
         import atexit
         import tempfile
 
+        base = config.cacert or ssl.get_default_verify_paths().cafile
         with tempfile.NamedTemporaryFile("w", prefix="wmltrain-ca-", suffix=".pem", delete=False) as pem:
-            if config.cacert:
-                with open(config.cacert, encoding="utf-8") as bundle:
+            if base and os.path.isfile(base):
+                with open(base, encoding="utf-8") as bundle:
                     pem.write(bundle.read() + "\n")
             pem.write(config.ca_certificate)
         atexit.register(_remove_quietly, pem.name)
@@ -616,6 +586,17 @@ class SwiftHook(BaseHook):
         """
         with self._auth_lock:
             conn = self.conn
+            if conn.url and conn.token and conn.session is not None:
+                # Keystone: the session's token, renewed by keystoneauth before it expires
+                try:
+                    token = conn.session.get_token()
+                except Exception as exc:
+                    conn.url = conn.token = None
+                    raise self._failure(exc) from None
+                if token != conn.token:
+                    mask_secret(token)
+                    conn.token = token
+                return str(conn.url), str(token)
             if conn.url and conn.token:
                 return str(conn.url), str(conn.token)
             return self._authenticate()
@@ -665,12 +646,11 @@ class SwiftHook(BaseHook):
         conn = self.conn
         try:
             url, token = conn.get_auth()
-        except ClientException as exc:
-            raise self._client_exception(exc) from None
-        except WmlTrainError:  # from KeystoneSession: already clear
-            raise
-        except OSError as exc:  # requests' exceptions (ConnectionError, Timeout, SSLError) are OSErrors
-            raise _unreachable(config, exc) from None
+        except Exception as exc:
+            raise self._failure(exc) from None
+        if not url and token and conn.session is not None:  # the catalog has no such endpoint
+            conn.url = conn.token = None
+            raise _no_endpoint(config, conn.session)
         if not url or not token:
             conn.url = conn.token = None
             raise CredentialsError(
@@ -678,6 +658,25 @@ class SwiftHook(BaseHook):
                 f"v{config.auth_version} endpoint? Check the auth URL ({config.source})"
             )
         return str(url), str(token)
+
+    def _failure(self, exc: Exception) -> WmlTrainError:
+        """The error of a failed authentication, whichever client failed."""
+        from keystoneauth1 import exceptions as ksa
+
+        config = self.auth_config
+        if isinstance(exc, WmlTrainError):  # already clear
+            return exc
+        if isinstance(exc, ClientException):
+            return self._client_exception(exc)
+        if isinstance(exc, ksa.EndpointNotFound):
+            return _no_endpoint(config, self.conn.session)
+        if isinstance(exc, ksa.ClientException) or (
+            config.keystone and isinstance(exc, LookupError | TypeError)
+        ):
+            return _keystone_failure(config, exc, self.scrub)  # (a body without the token's fields)
+        if isinstance(exc, OSError):  # requests' exceptions (ConnectionError, Timeout, SSLError) are OSErrors
+            return _unreachable(config, exc)
+        raise exc
 
     def _client_exception(self, exc: ClientException) -> WmlTrainError:
         config = self.auth_config

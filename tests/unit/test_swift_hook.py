@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 import swiftclient.client
+from keystoneauth1.identity import v3
+from keystoneauth1.session import Session
 from pydantic import SecretStr
 
 from airflow_wmltrain.errors import CredentialsError, DataLoadError
 from airflow_wmltrain.get_provider_info import get_provider_info
 from airflow_wmltrain.hooks.swift import (
-    KeystoneSession,
     SwiftAuthConfig,
     SwiftHook,
     detect_auth_version,
@@ -116,6 +117,9 @@ def v3_catalog(*endpoints: tuple[str, str, str]) -> list[dict[str, Any]]:
     ]
 
 
+EXPIRES = "2099-01-01T00:00:00.000000Z"
+
+
 def keystone_v3(catalog: list[dict[str, Any]], tokens: list[str] | None = None) -> Callable[[Seen], Answer]:
     """A Keystone v3 that accepts PASSWORD and hands out ``tokens`` in turn."""
     issued = iter(tokens or [KEYSTONE_TOKEN] * 100)
@@ -125,7 +129,8 @@ def keystone_v3(catalog: list[dict[str, Any]], tokens: list[str] | None = None) 
             return Answer(404, {"error": {"code": 404}})
         if seen.body["auth"]["identity"]["password"]["user"]["password"] != PASSWORD:
             return Answer(401, {"error": {"code": 401, "message": "The request requires authentication."}})
-        return Answer(201, {"token": {"catalog": catalog}}, {"X-Subject-Token": next(issued)})
+        token = {"catalog": catalog, "expires_at": EXPIRES}
+        return Answer(201, {"token": token}, {"X-Subject-Token": next(issued)})
 
     return answer
 
@@ -238,7 +243,8 @@ def test_inline_keystone_credentials_map_the_manifest_names(captured: list[dict[
     SwiftHook(credentials=credentials).get_conn()
     (kwargs,) = captured
     session = kwargs.pop("session")
-    assert isinstance(session, KeystoneSession)
+    assert isinstance(session, Session)
+    assert isinstance(session.auth, v3.Password)
     assert kwargs == {
         "authurl": "https://identity.open.softlayer.com/v3",
         "user": "admin_1234",
@@ -278,7 +284,9 @@ def test_airflow_connection_maps_to_a_v3_connection(
     )
     SwiftHook("swift_unit").get_conn()
     (kwargs,) = captured
-    assert isinstance(kwargs.pop("session"), KeystoneSession)
+    session = kwargs.pop("session")
+    assert isinstance(session, Session)
+    assert session.verify is False  # insecure: not the cacert
     assert kwargs == {
         "authurl": "https://keystone.example.com/v3",
         "user": "u",
@@ -443,11 +451,18 @@ def test_repr_never_shows_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
     assert PASSWORD not in repr(hook)
     assert "test:tester" in repr(hook)
     assert PASSWORD not in repr(hook.auth_config)
-    set_connection(monkeypatch, "swift_unit", host="https://ks.example.com/v3", login="u", password=PASSWORD)
+    set_connection(
+        monkeypatch,
+        "swift_unit",
+        host="https://ks.example.com/v3",
+        login="u",
+        password=PASSWORD,
+        extra={"project_id": "p"},
+    )
     hook = SwiftHook("swift_unit")
     _ = hook.auth_config
     assert repr(hook) == "SwiftHook(swift_conn_id='swift_unit')"
-    assert PASSWORD not in repr(KeystoneSession(hook.auth_config, timeout=1))
+    assert PASSWORD not in repr(hook.get_conn().session.auth)
 
 
 def test_swiftclient_logging_reveals_no_prefix_of_secrets() -> None:
@@ -642,7 +657,8 @@ def test_keystone_v2_tenant(monkeypatch: pytest.MonkeyPatch, server: ScriptedSer
     def answer(seen: Seen) -> Answer:
         assert seen.path == "/identity/v2.0/tokens"
         access = {
-            "token": {"id": "v2-token"},
+            "token": {"id": "v2-token", "expires": EXPIRES},
+            "user": {"id": "u-1", "name": "alice"},
             "serviceCatalog": [
                 {
                     "type": "object-store",
@@ -703,12 +719,11 @@ def test_keystone_unreachable_is_s302(monkeypatch: pytest.MonkeyPatch, server: S
     assert str(info.value) == f"cannot reach {url}/v3: [Errno 111] Connection refused"
 
 
-def test_keystone_session_config_repr_hides_the_password() -> None:
+def test_keystone_config_repr_hides_the_password() -> None:
     config = SwiftAuthConfig(
         auth_url="https://k/v3", auth_version="3", user="u", password=PASSWORD, source="s"
     )
     assert PASSWORD not in repr(config)
-    assert PASSWORD not in repr(KeystoneSession(config, timeout=1))
 
 
 # --- provider metadata ------------------------------------------------------------------------------
