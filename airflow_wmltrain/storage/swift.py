@@ -27,23 +27,25 @@ SEGMENTS_SUFFIX = "_segments"
 class SwiftAuth:
     """The storage URL and token of one Swift account, shared by the stores on its containers.
 
+    Asked for every request: the hook answers from its connection (v1: the token until the store
+    refuses it; Keystone: keystoneauth's token, renewed before it expires).
+
     :param hook: the hook that authenticates.
     """
 
     def __init__(self, hook: SwiftHook) -> None:
         self.hook = hook
-        self._auth: tuple[str, str] | None = None
-        self._lock = threading.Lock()
+        self._used = threading.local()  # the token of the calling thread's last request
 
     def get(self) -> tuple[str, str]:
-        with self._lock:
-            if self._auth is None:
-                self._auth = self.hook.get_auth()
-            return self._auth
+        url, token = self.hook.get_auth()
+        self._used.token = token
+        return url, token
 
     def refresh(self) -> None:
-        with self._lock:
-            self._auth = self.hook.refresh_auth()
+        """Authenticate again after a 401: once for all the threads that met the same refused token
+        (the others get the new one)."""
+        self.hook.refresh_auth(getattr(self._used, "token", None))
 
 
 class SwiftStore(ObjectStore):

@@ -1,7 +1,6 @@
 """SwiftHook against the real Swift all-in-one (tempauth, auth v1) of scripts/services.
 
-No Keystone runs locally: the Keystone path is checked end to end with a stand-in Keystone (a small
-HTTP server) whose catalog points at the real Swift and whose tokens are real tempauth tokens.
+Keystone (a real one, from Debian's package) is tested end to end in tests/integration/test_keystone.py.
 """
 
 from __future__ import annotations
@@ -9,12 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import quote
 
@@ -209,92 +205,3 @@ def test_test_connection(inline_credentials: SwiftConnection, airflow_conn_id: s
     ok, text = SwiftHook(airflow_conn_id).test_connection()
     assert ok, text
     assert inline_credentials.password.get_secret_value() not in text
-
-
-# --- Keystone v3, with a stand-in Keystone in front of the real Swift ------------------------------
-
-
-class StandInKeystone:
-    """Keystone v3 that hands out ``tokens`` in turn, with the real Swift as the object-store endpoint."""
-
-    def __init__(self, storage_url: str, tokens: list[str], password: str) -> None:
-        self.requests: list[dict[str, Any]] = []
-        issued = iter(tokens)
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(body)
-                user = body["auth"]["identity"]["password"]["user"]
-                if self.path != "/v3/auth/tokens" or user["password"] != password:
-                    self.send_response(401)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                catalog = [
-                    {
-                        "type": "object-store",
-                        "endpoints": [{"interface": "public", "region": "local", "url": storage_url}],
-                    }
-                ]
-                data = json.dumps({"token": {"catalog": catalog}}).encode()
-                self.send_response(201)
-                self.send_header("X-Subject-Token", next(issued))
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-@pytest.fixture
-def keystone(
-    swift_connection: swiftclient.Connection, store_credentials: dict[str, str]
-) -> Iterator[StandInKeystone]:
-    storage_url, token = swift_connection.get_auth()
-    # the first token is refused by Swift: swiftclient must invalidate the session and authenticate again
-    server = StandInKeystone(storage_url, ["AUTH_tk-expired-token", token], store_credentials["key"])
-    yield server
-    server.close()
-
-
-def test_keystone_v3_session_reaches_the_real_swift(
-    keystone: StandInKeystone,
-    store_credentials: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
-    bucket: str,
-    swift_connection: swiftclient.Connection,
-) -> None:
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_WMLTRAIN_IT_KEYSTONE",
-        json.dumps(
-            {
-                "conn_type": "swift",
-                "host": keystone.url,  # bare: /v3 is appended
-                "login": "alice",
-                "password": store_credentials["key"],
-                "extra": {"project_id": "p-1", "domain_name": "Default", "region_name": "local"},
-            }
-        ),
-    )
-    hook = SwiftHook("wmltrain_it_keystone")
-    assert hook.get_auth()[1] == "AUTH_tk-expired-token"
-    # swiftclient gets 401 with the first token, invalidates the session and retries with a new one
-    names = [c["name"] for c in hook.get_conn().get_account(full_listing=True)[1]]
-    assert bucket in names
-    assert len(keystone.requests) == 2
-    storage_url, token = hook.get_auth()
-    assert token != "AUTH_tk-expired-token"
-    check_token_works(storage_url, token, bucket, swift_connection)
-    assert keystone.requests[0]["auth"]["scope"] == {"project": {"id": "p-1"}}
