@@ -853,3 +853,41 @@ def test_the_services_env_is_all_the_cli_needs(services: dict[str, str], tmp_pat
     )
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr.strip()}"
     assert "no Airflow credentials" not in done.stderr
+
+
+# --- a framework added while the deployment runs ------------------------------------------------------
+
+
+def test_a_framework_added_to_the_registry_file_is_used_without_a_restart(
+    cli: Cli, model: Path, work: Path, buckets: tuple[str, str], services: dict[str, str]
+) -> None:
+    """The deployment appends a framework to its ``[wmltrain] frameworks_file``: the bundled DAG
+    publishes it at its next parse, ``wmltrain train`` accepts it, and the run uses its image."""
+    registry = Path(services["WMLTRAIN_AIRFLOW_HOME"]) / "frameworks.yaml"
+    before = registry.read_text()
+    name = f"added-{uuid.uuid4().hex[:6]}"
+    data, results = buckets
+    path = write_manifest(work, "it-added", "sh train.sh --epochs 1", data, results)
+    document = yaml.safe_load(path.read_text())
+    document["model_definition"]["framework"] = {"name": name, "version": "1"}
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    refused = cli.run("train", str(model), str(path))
+    assert refused.code == 2, refused.describe()
+    assert f"'{name}'" in refused.stderr, refused.describe()
+    try:
+        registry.write_text(
+            before + f"\n{name}:\n  '1': {{image: {json.dumps(services['WMLTRAIN_TEST_IMAGE'])}}}\n"
+        )
+        deadline = time.monotonic() + PARSE_TIMEOUT_S
+        while True:  # the dag-processor parses the bundled DAG again every few seconds
+            attempt = cli.run("train", str(model), str(path))
+            if attempt.code == 0:
+                break
+            assert time.monotonic() < deadline, f"{name} was never published: {attempt.describe()}"
+            time.sleep(3)
+        training_id = training_id_of(attempt.stdout)
+        ended = cli.wait_until_state(training_id, ENDED, RUN_TIMEOUT_S)
+        assert ended["state"] == "COMPLETED", ended
+        assert ended["image"] == services["WMLTRAIN_TEST_IMAGE"], ended
+    finally:
+        registry.write_text(before)
