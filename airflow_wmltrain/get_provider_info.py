@@ -134,6 +134,13 @@ _OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "53687091200",
     ),
     "transfer_workers": ("Concurrent transfers of one staging or upload.", "integer", "32", "16"),
+    "verify": (
+        "What staging checks of each object: md5 (its size, and its content's MD5 against the ETag when the "
+        "ETag is one) or size (its size only: no hashing, less CPU on large objects).",
+        "string",
+        "size",
+        "md5",
+    ),
     "part_size": (
         "Size of the parts of a multipart upload (S3 parts, Swift segments) and of the byte ranges in which "
         "objects larger than twice this are fetched, in bytes.",

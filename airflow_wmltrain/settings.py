@@ -18,6 +18,8 @@ from airflow_wmltrain.metrics import check_metrics_pattern
 from airflow_wmltrain.runtime.hardening import parse_capabilities, parse_memory
 
 SECTION = "wmltrain"
+#: What staging may check of each object (``[wmltrain] verify``).
+VERIFY_MODES = ("md5", "size")
 
 
 def _defaults() -> dict[str, Any]:
@@ -66,6 +68,8 @@ class Settings:
     :param staging_dir: root of the runs' data directories and of the staging cache.
     :param cache_max_bytes: size cap of the staging cache.
     :param transfer_workers: concurrent transfers of a staging or an upload.
+    :param verify: what staging checks of each object: ``md5`` (its size, and its content against the
+        ETag when that is an MD5) or ``size`` (its size only: less CPU on large objects).
     :param part_size: multipart upload part size.
     :param multipart_threshold: files of at least this size are uploaded in parts.
     :param gpu_ids: the GPUs runs may use on the Docker host, or ``auto`` (detected).
@@ -102,6 +106,7 @@ class Settings:
     staging_dir: str = _DEFAULTS["staging_dir"]
     cache_max_bytes: int = int(_DEFAULTS["cache_max_bytes"])
     transfer_workers: int = int(_DEFAULTS["transfer_workers"])
+    verify: str = _DEFAULTS["verify"]
     part_size: int = int(_DEFAULTS["part_size"])
     multipart_threshold: int = int(_DEFAULTS["multipart_threshold"])
     gpu_ids: str = _DEFAULTS["gpu_ids"]
@@ -253,6 +258,7 @@ class Settings:
             staging_dir=get("staging_dir") or _DEFAULTS["staging_dir"],
             cache_max_bytes=get_int("cache_max_bytes"),
             transfer_workers=get_int("transfer_workers"),
+            verify=get_choice("verify", VERIFY_MODES),
             part_size=get_int("part_size"),
             multipart_threshold=get_int("multipart_threshold"),
             gpu_ids=get_gpu_ids(),

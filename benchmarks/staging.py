@@ -64,6 +64,7 @@ PART_SIZE = 8 * MiB  # shape b2: multipart part size (aws-cli's default chunk si
 CACHE_MAX_BYTES = 8 * 1024 * MiB
 MEMCACHE_RECOVERY_S = 65  # Swift's memcache client error-limits a server for error_suppression_interval=60 s
 OURS_S3 = "ours"
+OURS_S3_SIZE = "ours, size only"  # [wmltrain] verify = size: no MD5 of the content
 OURS_SWIFT = "ours via Swift API"
 
 
@@ -847,7 +848,12 @@ def worker_main() -> int:
                     else None
                 )
                 result = api["stage"](
-                    store, Path(spec["dest"]), prefix="", cache=cache, workers=spec["workers"]
+                    store,
+                    Path(spec["dest"]),
+                    prefix="",
+                    cache=cache,
+                    workers=spec["workers"],
+                    verify=spec.get("verify", "md5"),
                 )
             else:
                 result = api["upload_tree"](store, Path(spec["src"]), spec["prefix"], workers=spec["workers"])
@@ -955,8 +961,10 @@ class Bench:
         self.cpu_window: dict[str, float] = {}
         self.window_started = time.perf_counter()
         self.ours_apis: list[tuple[str, str]] = []
+        self.verify_of = {OURS_S3_SIZE: "size"}  # the others verify MD5s (the default)
         if not args.skip_ours:
             self.ours_apis.append((OURS_S3, "s3"))
+            self.ours_apis.append((OURS_S3_SIZE, "s3"))
             if not args.skip_swift:
                 self.ours_apis.append((OURS_SWIFT, "swift"))
 
@@ -1059,7 +1067,14 @@ class Bench:
             dest = self.fresh_dir(f"{shape}-{api}-{kind}")
             dest.rmdir()  # let stage create it
             mark = self.begin()
-            spec = self.spec(api, "stage", dataset.bucket, dest=str(dest), cache=str(cache))
+            spec = self.spec(
+                api,
+                "stage",
+                dataset.bucket,
+                dest=str(dest),
+                cache=str(cache),
+                verify=self.verify_of.get(tool, "md5"),
+            )
             report = run_ours([spec], self.args.timeout)[0]
             m = Measurement(shape, tool, kind, repeat, report.get("seconds"), error=report.get("error", ""))
             m.extra = {**report.get("result", {}), "first_open_s": report.get("first_open_s")}
@@ -1114,6 +1129,8 @@ class Bench:
                 m.traffic = self.end(mark, [UPLOAD_BUCKET])
                 self.upload_done(m, prefix, layout)
             for tool, api in self.ours_apis:
+                if tool in self.verify_of:  # an upload does not verify what it reads: one row is enough
+                    continue
                 prefix = f"ours-{api}-{repeat}-{uuid.uuid4().hex[:6]}/"
                 mark = self.begin()
                 report = run_ours(
@@ -1349,7 +1366,7 @@ def summarize(measurements: Sequence[Measurement]) -> list[Row]:
             row.best_peer = row is best
     order = {s: i for i, s in enumerate(ALL_SHAPES)}
     kinds = {"cold": 0, "warm": 1, "upload": 2, "single": 3, "concurrent": 4}
-    tools = {t: i for i, t in enumerate([*PEER_TOOLS, OURS_S3, OURS_SWIFT])}
+    tools = {t: i for i, t in enumerate([*PEER_TOOLS, OURS_S3, OURS_S3_SIZE, OURS_SWIFT])}
     rows.sort(key=lambda r: (order.get(r.shape, 9), kinds.get(r.kind, 9), tools.get(r.tool, 9)))
     return rows
 

@@ -1,5 +1,9 @@
 """``make demo``: the example training run end to end through Airflow, on embedded defaults.
 
+``scripts/demo.py --prepare`` does steps 1-3 only (the image on both of the services' Docker daemons):
+then ``wmltrain train build/mnist-model.zip examples/mnist/manifest.yaml`` runs the example on the
+services' Airflow (the README's CLI quick start).
+
 1. start the local services (Docker Engine, Swift + S3 all-in-one) with ``scripts/services up``;
 2. build the PyTorch CPU training image offline (``images/build``);
 3. upload the example's MNIST-format digits into the data bucket, create the results bucket;
@@ -54,13 +58,17 @@ def services_env() -> dict[str, str]:
 
 
 def main() -> int:
+    prepare_only = sys.argv[1:] == ["--prepare"]
+    if sys.argv[1:] and not prepare_only:
+        sys.exit("usage: scripts/demo.py [--prepare]")
     step("Starting the local services (Docker Engine, Swift + S3 all-in-one)")
     services = services_env()
     os.environ.update(services)
     print(f"S3 endpoint {services['WMLTRAIN_S3_ENDPOINT']}, Docker {services['DOCKER_HOST']}")
 
     step("Building the training image airflow-wmltrain/pytorch:2.13-cpu (offline)")
-    run([str(ROOT / "images" / "build")])
+    # also on the stand-in GPU host, where the services' Airflow sends runs (wmltrain train)
+    run([str(ROOT / "images" / "build"), "--to", services["WMLTRAIN_GPU_DOCKER_HOST"]])
 
     airflow_home = os.environ.get("AIRFLOW_HOME", str(ROOT / ".airflow"))
     env = {
@@ -88,6 +96,9 @@ def main() -> int:
     from airflow_wmltrain.runtime import gpus
 
     prepare_buckets()
+    if prepare_only:  # the README's CLI quick start on the services: wmltrain train does the rest
+        print("\nReady: wmltrain train build/mnist-model.zip examples/mnist/manifest.yaml --wait")
+        return 0
     cli = TrainingDockerHook(docker_url=services["DOCKER_HOST"]).api_client
     if gpus.has_nvidia_runtime(cli, "airflow-wmltrain/pytorch:2.13-cpu"):
         print(f"The Docker host {services['DOCKER_HOST']} has an NVIDIA runtime: the run gets a GPU.")

@@ -34,6 +34,9 @@ def register(commands: Any) -> None:
     cache = parser.add_mutually_exclusive_group()
     cache.add_argument("--cache-dir", help="the staging cache (default: <[wmltrain] staging_dir>/cache)")
     cache.add_argument("--no-cache", action="store_true", help="fetch straight into DEST_DIR")
+    parser.add_argument(
+        "--verify", choices=("md5", "size"), help="what is checked of each object ([wmltrain] verify)"
+    )
     parser.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             log=log,
             progress_interval=args.progress_interval,
             range_size=settings.part_size,
+            verify=args.verify or settings.verify,
         )
     print(json.dumps(dataclasses.asdict(result)) if args.json else result.summary())
     return EXIT_OK

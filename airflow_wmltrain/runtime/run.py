@@ -357,6 +357,7 @@ class TrainingRun:
                     workers=self.settings.transfer_workers,
                     log=log,
                     range_size=self.settings.part_size,
+                    verify=self.settings.verify,
                 )
         if not self.workspace.model.exists():  # extraction is atomic: a resumed run keeps the earlier one
             model_definition.extract(self.workspace.model)

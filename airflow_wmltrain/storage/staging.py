@@ -175,6 +175,7 @@ class _Stager:
     progress: Progress
     log: logging.Logger
     range_size: int | None = None
+    verify_md5: bool = True
     principal: str = ""
     fetched_files: int = field(default=0, init=False)
     fetched_bytes: int = field(default=0, init=False)
@@ -287,7 +288,7 @@ class _Stager:
         ranges = [(offset, min(size, info.size - offset)) for offset in range(0, info.size, size)]
         # Reserve the blocks first: a full disk is then ENOSPC here, not SIGBUS while writing the mapping.
         os.posix_fallocate(fd, 0, info.size)
-        digest = hashlib.md5(usedforsecurity=False) if info.md5 else None
+        digest = hashlib.md5(usedforsecurity=False) if info.md5 and self.verify_md5 else None
         md5_etag = [True]
         with mmap.mmap(fd, info.size) as mapped, memoryview(mapped) as whole:
 
@@ -347,7 +348,7 @@ class _Stager:
                         info.key,
                         fd,
                         size=info.size,
-                        md5=info.md5,
+                        md5=info.md5 if self.verify_md5 else None,
                         etag=info.etag,
                     )
             finally:
@@ -404,6 +405,7 @@ def stage(
     log: logging.Logger | None = None,
     progress_interval: float = DEFAULT_INTERVAL,
     range_size: int | None = DEFAULT_RANGE_SIZE,
+    verify: str = "md5",
 ) -> StagingResult:
     """Copy every object under ``prefix`` into ``dest`` (created if missing), through the cache.
 
@@ -416,6 +418,8 @@ def stage(
     :param progress_interval: seconds between progress lines.
     :param range_size: objects larger than twice this are fetched as concurrent ranges of this size;
         ``None`` fetches every object with one streamed GET.
+    :param verify: ``md5``: each object's size, and its content against its ETag when that is an MD5
+        (hashed as the bytes arrive); ``size``: its size only (``[wmltrain] verify``).
     :raises CredentialsError: (C103) the store refused the credentials.
     :raises BucketNotFoundError: (C101) the bucket does not exist.
     :raises DataLoadError: (S302) an object could not be listed, fetched or verified.
@@ -462,6 +466,7 @@ def stage(
                 progress=progress,
                 log=log,
                 range_size=range_size,
+                verify_md5=verify == "md5",
                 principal=principal,
             )
             target.mkdir(parents=True, exist_ok=True)

@@ -281,6 +281,14 @@ def test_corrupted_object_fetched_in_ranges_is_refused(
     statuses = [r.status for r in proxy_log.requests(bucket) if r.method == "GET" and r.key == "victim.bin"]
     assert statuses == [206] * 8  # 2 tries of 4 ranges (64 + 64 + 64 + 8 KiB)
 
+    # [wmltrain] verify = size: the size only, no hashing: the damage goes through (the trade-off named
+    # in the README), which shows that the MD5 check above is what refused it.
+    sized = stage(store, tmp_path / "sized", cache=None, range_size=64 * KiB, verify="size")
+    assert sized.fetched_files == 1
+    staged = (tmp_path / "sized" / "victim.bin").read_bytes()
+    assert len(staged) == len(victim)
+    assert staged != victim
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_large_objects_fetched_in_ranges(
