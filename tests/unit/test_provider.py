@@ -52,6 +52,7 @@ def test_provider_info_declares_every_setting_with_a_description() -> None:
         "staging_dir",
         "cache_max_bytes",
         "transfer_workers",
+        "verify",
         "part_size",
         "multipart_threshold",
         "gpu_ids",
