@@ -27,7 +27,6 @@ import re
 import ssl
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -172,6 +171,8 @@ class Reach:
         """The proxy for a request to ``host`` (``host:port``): ``(proxy host:port, Proxy-Authorization)``,
         or ``None`` to go directly.  Only HTTP proxies are spoken (an HTTPS endpoint through ``CONNECT``).
         """
+        import urllib.request  # once per host and client: not at import (the CLI starts without it)
+
         proxies = urllib.request.getproxies_environment() if self.proxies is None else self.proxies
         url = proxies.get(scheme)
         if not url or urllib.request.proxy_bypass_environment(host, proxies):  # type: ignore[attr-defined]

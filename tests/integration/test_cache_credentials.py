@@ -20,7 +20,6 @@ from __future__ import annotations
 import configparser
 import hashlib
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -37,17 +36,12 @@ from airflow_wmltrain.storage import open_store
 from airflow_wmltrain.storage.cache import ObjectCache
 from airflow_wmltrain.storage.staging import stage
 from airflow_wmltrain.storage.transfer import RetryPolicy, TransferError
+from tests.integration.service_helpers import free_port
 from tests.integration.storage_helpers import KINDS, MiB, data_reference
 
 READER = "test:reader"
 READER_KEY = f"reader-{uuid.uuid4().hex[:12]}"
 BIG_CACHE = 1 << 40
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +51,7 @@ def private_proxy(services: dict[str, str], tmp_path_factory: pytest.TempPathFac
     config = configparser.RawConfigParser(strict=False)
     config.optionxform = str  # type: ignore[assignment,method-assign]
     config.read(state / "swift" / "etc" / "proxy-server.conf")
-    port = _free_port()
+    port = free_port()
     config["DEFAULT"]["bind_port"] = str(port)
     config["DEFAULT"]["workers"] = "1"
     config["filter:tempauth"][f"user_test_{READER.split(':')[1]}"] = READER_KEY  # no .admin: ACLs only

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -27,6 +26,7 @@ from airflow_wmltrain.errors import CredentialsError
 from airflow_wmltrain.manifest import ConnectionId, StoreReference
 from airflow_wmltrain.storage import open_store
 from airflow_wmltrain.storage.transfer import RetryPolicy
+from tests.integration.service_helpers import free_port, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -35,12 +35,6 @@ TOKEN_LIFE_S = 125
 ADMIN_PASSWORD = "keystone-admin-" + uuid.uuid4().hex[:8]
 ALICE_PASSWORD = "alice-" + uuid.uuid4().hex[:12]
 SWIFT_PASSWORD = "swift-" + uuid.uuid4().hex[:12]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
@@ -59,15 +53,6 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: f
         except OSError:
             time.sleep(0.2)
     pytest.fail(f"{url} does not answer: {log.read_text(errors='replace')[-3000:]}", pytrace=False)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 class Keystone:
@@ -116,7 +101,7 @@ def keystone_swift(
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not installed: run scripts/services up", pytrace=False)
     home = tmp_path_factory.mktemp("keystone")
-    kport, sport = _free_port(), _free_port()
+    kport, sport = free_port(), free_port()
     kurl = f"http://127.0.0.1:{kport}"
     conf = home / "keystone.conf"
     conf.write_text(
@@ -287,8 +272,8 @@ use = egg:swift#dlo
         }
     finally:
         if proxy_process is not None:
-            _stop(proxy_process)
-        _stop(keystone_process)
+            stop_process(proxy_process)
+        stop_process(keystone_process)
 
 
 def _connection(monkeypatch: pytest.MonkeyPatch, **fields: Any) -> ConnectionId:

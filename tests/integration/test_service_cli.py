@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from tests.integration.service_helpers import (
     Cli,
     api_client,
     drop_buckets,
+    free_port,
     iso_utc,
     keys,
     leaks,
@@ -276,12 +276,6 @@ def one_line_error(result: Any) -> str:
     assert len(lines) == 1, result.describe()
     assert "Traceback" not in result.stderr, result.describe()
     return str(lines[0])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- error paths (fast) -------------------------------------------------------------------------------

@@ -26,14 +26,9 @@ import pytest
 from airflow_wmltrain.manifest import ConnectionId, S3Connection, StoreReference
 from airflow_wmltrain.storage import open_store
 from airflow_wmltrain.storage.transfer import RetryPolicy, TransferError
+from tests.integration.service_helpers import free_port, stop_process
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -46,15 +41,6 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> No
                 return
         time.sleep(0.05)
     pytest.fail(f"{process.args[0]} does not listen on {port}", pytrace=False)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +69,7 @@ def tls_endpoint(
     if shutil.which("stunnel4") is None:
         pytest.fail("stunnel4 is not installed: run scripts/services up", pytrace=False)
     where = tmp_path_factory.mktemp("stunnel")
-    port = _free_port()
+    port = free_port()
     backend = store_credentials["s3_endpoint"].split("://", 1)[1].rstrip("/")
     log = where / "stunnel.log"
     config = where / "stunnel.conf"
@@ -95,7 +81,7 @@ def tls_endpoint(
     process = subprocess.Popen(["stunnel4", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     _wait_for_port(port, process, log)
     yield {"url": f"https://127.0.0.1:{port}", "log": log}
-    _stop(process)
+    stop_process(process)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +90,7 @@ def http_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     if shutil.which("tinyproxy") is None:
         pytest.fail("tinyproxy is not installed: run scripts/services up", pytrace=False)
     where = tmp_path_factory.mktemp("tinyproxy")
-    port = _free_port()
+    port = free_port()
     log = where / "tinyproxy.log"
     config = where / "tinyproxy.conf"
     config.write_text(
@@ -115,7 +101,7 @@ def http_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
                                stderr=subprocess.STDOUT)  # fmt: skip
     _wait_for_port(port, process, log)
     yield {"url": f"http://127.0.0.1:{port}", "log": log}
-    _stop(process)
+    stop_process(process)
 
 
 @pytest.fixture
