@@ -242,9 +242,14 @@ def _failure_reason(exc: BaseException) -> str:
         return match.group(0).strip().rstrip(",")
     if isinstance(exc, TimeoutError) or "timed out" in text.lower():
         return "timed out"
-    if isinstance(exc, ssl.SSLError) or "certificate" in text.lower():
+    if _certificate_failure(exc):
         return f"TLS certificate verification failed ({CA_HINT})"
     return type(exc).__name__
+
+
+def _certificate_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a TLS certificate that is not trusted (requests and keystoneauth wrap ssl's)."""
+    return isinstance(exc, ssl.SSLError) or "certificate" in str(exc).lower()
 
 
 def keystone_session(config: SwiftAuthConfig, *, timeout: float, verify: bool | str) -> Any:
@@ -373,8 +378,11 @@ def _refusal(config: SwiftAuthConfig, status: int, reason: str) -> WmlTrainError
     )
 
 
-def _unreachable(config: SwiftAuthConfig, exc: BaseException) -> DataLoadError:
-    return DataLoadError(f"cannot reach {config.display_url}: {_failure_reason(exc)}")
+def _unreachable(config: SwiftAuthConfig, exc: BaseException) -> WmlTrainError:
+    """S302 for a network failure (retried); C103 for a certificate not trusted, which only the
+    connection's CA settings fix (never retried, like a refused password)."""
+    message = f"cannot reach {config.display_url}: {_failure_reason(exc)}"
+    return CredentialsError(message) if _certificate_failure(exc) else DataLoadError(message)
 
 
 class SwiftHook(BaseHook):

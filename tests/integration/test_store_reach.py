@@ -7,11 +7,16 @@ are Debian packages that ``scripts/services up`` installs; each test module star
 loopback ports.  The bucket is in ``us-east-1`` (s3api's ``location``), so a connection that says
 ``eu-west-3`` gets s3api's ``AuthorizationHeaderMalformed`` with ``<Region>us-east-1</Region>``: the
 answer AWS gives too.
+
+Swift behind the terminator is a second Swift proxy on the services' rings whose tempauth hands out
+``https`` storage URLs (``storage_url_scheme``), with ``stunnel4`` in front of it: the auth request and
+every GET/PUT of the store then go through TLS, as behind a real load balancer.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -23,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from airflow_wmltrain.manifest import ConnectionId, S3Connection, StoreReference
+from airflow_wmltrain.errors import CredentialsError
+from airflow_wmltrain.manifest import ConnectionId, S3Connection, StoreReference, SwiftConnection
 from airflow_wmltrain.storage import open_store
 from airflow_wmltrain.storage.transfer import RetryPolicy, TransferError
 from tests.integration.service_helpers import free_port, stop_process
@@ -61,27 +67,73 @@ def private_ca(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"ca": where / "ca.pem", "cert": where / "server.pem", "key": where / "server.key"}
 
 
+def _stunnel(
+    backend: str, private_ca: dict[str, Path], where: Path
+) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """``stunnel4`` terminating TLS on a free loopback port in front of ``backend`` (``host:port``)."""
+    if shutil.which("stunnel4") is None:
+        pytest.fail("stunnel4 is not installed: run scripts/services up", pytrace=False)
+    port = free_port()
+    log = where / "stunnel.log"
+    config = where / "stunnel.conf"
+    config.write_text(
+        f"foreground = yes\npid =\ndebug = 6\noutput = {log}\n"
+        f"[store]\naccept = 127.0.0.1:{port}\nconnect = {backend}\n"
+        f"cert = {private_ca['cert']}\nkey = {private_ca['key']}\n"
+    )
+    process = subprocess.Popen(["stunnel4", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    _wait_for_port(port, process, log)
+    return process, port, log
+
+
 @pytest.fixture(scope="module")
 def tls_endpoint(
     store_credentials: dict[str, str], private_ca: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
     """``stunnel4`` in front of the S3 API: ``{"url": https://127.0.0.1:<port>, "log": path}``."""
-    if shutil.which("stunnel4") is None:
-        pytest.fail("stunnel4 is not installed: run scripts/services up", pytrace=False)
-    where = tmp_path_factory.mktemp("stunnel")
-    port = free_port()
     backend = store_credentials["s3_endpoint"].split("://", 1)[1].rstrip("/")
-    log = where / "stunnel.log"
-    config = where / "stunnel.conf"
-    config.write_text(
-        f"foreground = yes\npid =\ndebug = 6\noutput = {log}\n"
-        f"[s3]\naccept = 127.0.0.1:{port}\nconnect = {backend}\n"
-        f"cert = {private_ca['cert']}\nkey = {private_ca['key']}\n"
-    )
-    process = subprocess.Popen(["stunnel4", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    _wait_for_port(port, process, log)
+    process, port, log = _stunnel(backend, private_ca, tmp_path_factory.mktemp("stunnel"))
     yield {"url": f"https://127.0.0.1:{port}", "log": log}
     stop_process(process)
+
+
+@pytest.fixture(scope="module")
+def swift_tls_endpoint(
+    services: dict[str, str], private_ca: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """Swift (v1 auth) behind ``stunnel4``: ``{"auth_url": https://127.0.0.1:<port>/auth/v1.0, "log": path}``.
+
+    A second proxy of the services' Swift (same rings, account and memcache) whose tempauth builds
+    ``https`` storage URLs from the Host the client sent, so the storage URL names the terminator too.
+    """
+    where = tmp_path_factory.mktemp("swift-tls")
+    swift_etc = Path(services["WMLTRAIN_SERVICES_DIR"]) / "swift" / "etc"
+    base = (swift_etc / "proxy-server.conf").read_text()
+    proxy_port = free_port()
+    conf, replaced = re.subn(r"(?m)^bind_port = .*$", f"bind_port = {proxy_port}", base)
+    assert replaced == 1, "the services' proxy-server.conf has no bind_port line"
+    conf = re.sub(r"(?m)^workers = .*$", "workers = 0", conf)
+    conf = re.sub(r"(?m)^log_name = .*$", "log_name = proxy-tls", conf)
+    conf, replaced = re.subn(
+        r"(?m)^\[filter:tempauth\]$", "[filter:tempauth]\nstorage_url_scheme = https", conf
+    )
+    assert replaced == 1, "the services' proxy-server.conf has no tempauth"
+    (where / "proxy-server.conf").write_text(conf)
+    plog = where / "proxy.log"
+    proxy = subprocess.Popen(
+        ["/usr/bin/python3", shutil.which("swift-proxy-server") or "swift-proxy-server",
+         str(where / "proxy-server.conf")],
+        stdout=plog.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        _wait_for_port(proxy_port, proxy, plog)
+        tunnel, port, log = _stunnel(f"127.0.0.1:{proxy_port}", private_ca, where)
+        try:
+            yield {"auth_url": f"https://127.0.0.1:{port}/auth/v1.0", "log": log}
+        finally:
+            stop_process(tunnel)
+    finally:
+        stop_process(proxy)
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +300,65 @@ def test_a_bucket_in_another_region_than_the_connection_says_is_followed_there(
         assert store.region == "us-east-1"  # type: ignore[attr-defined]
         store.put_bytes("where.txt", b"here")
         assert store.get_bytes("where.txt") == b"here"
+
+
+def _swift_connection(
+    monkeypatch: pytest.MonkeyPatch, creds: dict[str, str], auth_url: str, **extra: Any
+) -> ConnectionId:
+    conn_id = f"reach_{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv(
+        f"AIRFLOW_CONN_{conn_id.upper()}",
+        json.dumps({"conn_type": "swift", "host": auth_url, "login": creds["user"], "password": creds["key"],
+                    "extra": extra}),
+    )  # fmt: skip
+    return ConnectionId(conn_id=conn_id)
+
+
+def test_swift_behind_a_private_ca_authenticates_and_transfers_with_the_connections_cacert(
+    swift_tls_endpoint: dict[str, Any], private_ca: dict[str, Path], store_credentials: dict[str, str],
+    tls_bucket: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The issue's case: the auth path honoured ``cacert`` but every GET/PUT of the storage URL failed."""
+    connection = _swift_connection(
+        monkeypatch, store_credentials, swift_tls_endpoint["auth_url"], cacert=str(private_ca["ca"])
+    )
+    reference = StoreReference(type="swift", bucket=tls_bucket, connection=connection)
+    before = _accepted(swift_tls_endpoint["log"])
+    _round_trip(reference)
+    with open_store(reference) as store:
+        assert store.endpoint.startswith(swift_tls_endpoint["auth_url"].split("/auth/", 1)[0])
+    # the auth request and the storage requests all came through the terminator
+    assert _accepted(swift_tls_endpoint["log"]) - before >= 2
+
+
+def test_swift_inline_credentials_give_the_ca_as_pem_text(
+    swift_tls_endpoint: dict[str, Any], private_ca: dict[str, Path], store_credentials: dict[str, str],
+    tls_bucket: str,
+) -> None:  # fmt: skip
+    inline = SwiftConnection(
+        auth_url=swift_tls_endpoint["auth_url"],
+        user_name=store_credentials["user"],
+        password=store_credentials["key"],
+        ca_certificate=private_ca["ca"].read_text(),
+    )
+    _round_trip(StoreReference(type="swift", bucket=tls_bucket, connection=inline))
+
+
+def test_swift_without_the_ca_fails_at_once_naming_where_to_give_it(
+    swift_tls_endpoint: dict[str, Any], store_credentials: dict[str, str], tls_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    connection = _swift_connection(monkeypatch, store_credentials, swift_tls_endpoint["auth_url"])
+    before = _accepted(swift_tls_endpoint["log"])
+    reference = StoreReference(type="swift", bucket=tls_bucket, connection=connection)
+    with (
+        pytest.raises(CredentialsError) as caught,  # C103: only the connection's CA settings fix it
+        open_store(reference, retry=RetryPolicy(attempts=5)) as store,
+    ):
+        store.check_bucket()
+    message = str(caught.value)
+    assert f"cannot reach {swift_tls_endpoint['auth_url']}: TLS certificate verification failed" in message
+    assert "cacert" in message
+    assert "ca_certificate" in message
+    time.sleep(0.5)  # stunnel writes its log line after the handshake failed
+    assert _accepted(swift_tls_endpoint["log"]) - before == 1, "a certificate failure must not be retried"
