@@ -1219,9 +1219,15 @@ class Bench:
         errors = [r["error"] for r in reports if "error" in r]
         good = [r for r in reports if "error" not in r]
         seconds = (max(r["wall_end"] for r in good) - min(r["wall_start"] for r in good)) if good else 0.0
+        origin = min((r["wall_start"] for r in good), default=0.0)
         extra = {
             "per_process_seconds": [r.get("seconds") for r in reports],
             "per_process_result": [r.get("result", {}) for r in reports],
+            # each process's start and end, in seconds after the first start (the leader fetches; the
+            # others wait for it and link: their ends show what linking adds after the leader's)
+            "per_process_span": [
+                [round(r["wall_start"] - origin, 3), round(r["wall_end"] - origin, 3)] for r in good
+            ],
         }
         self.finish_concurrent(
             tool=OURS_S3,

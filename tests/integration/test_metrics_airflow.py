@@ -39,15 +39,16 @@ pytestmark = pytest.mark.integration
 
 PARSE_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 420
-STEPS = 14
-# A point every 5 s for 70 s: with [wmltrain] metrics_interval (30 s by default) the triggerer publishes
-# at least once while the run trains.
+STEPS = 10
+METRICS_INTERVAL_S = 3
+# A point every 2 s for 20 s: the run defers at once, the trigger looks every 2 s and publishes every 3 s
+# ([wmltrain] metrics_interval, set for this DAG's task below): several times while the run trains.
 TRAIN_SH = f"""\
 i=1
 while [ $i -le {STEPS} ]; do
   echo "{{\\"step\\": $i, \\"loss\\": $((100 - i))}}" >> "$RESULT_DIR/metrics.jsonl"
   echo "step $i acc=$i"
-  sleep 5
+  sleep 2
   i=$((i + 1))
 done
 """
@@ -58,6 +59,11 @@ from datetime import datetime
 from airflow.sdk import DAG
 from airflow_wmltrain.operators.training_run import TrainingRunOperator
 
+# The task runs in a process that parses this file: its [wmltrain] settings come from here, for this DAG
+# only (defaults: it would watch the run 30 s before deferring, and publish every 30 s).
+os.environ["AIRFLOW__WMLTRAIN__DEFER_AFTER"] = "0"
+os.environ["AIRFLOW__WMLTRAIN__METRICS_INTERVAL"] = "{interval}"
+
 with DAG(dag_id={dag_id!r}, schedule=None, start_date=datetime(2026, 1, 1), catchup=False):
     TrainingRunOperator(
         task_id="train",
@@ -66,6 +72,7 @@ with DAG(dag_id={dag_id!r}, schedule=None, start_date=datetime(2026, 1, 1), catc
         docker_url=os.environ["WMLTRAIN_DOCKER_URL"],
         network_mode="none",
         deferrable=True,
+        poll_interval=2,
         metrics_pattern=r"step (?P<step>\\d+) acc=(?P<accuracy>[0-9]+)",
     )
 """
@@ -93,6 +100,7 @@ def metrics_dag(services: dict[str, str], api: httpx.Client, buckets: list[str])
         archive.writestr("train.sh", TRAIN_SH)
     source = DAG.format(
         dag_id=dag_id,
+        interval=METRICS_INTERVAL_S,
         manifest=manifest(
             command="sh train.sh",
             data_bucket=data,
@@ -132,7 +140,7 @@ def test_a_deferred_runs_points_reach_the_xcom_while_it_trains(
             document = json.loads(value) if isinstance(value, str) else value
             if isinstance(document, dict) and document.get("state") == "PROCESSING" and document.get("steps"):
                 live.append(document)
-        time.sleep(2)
+        time.sleep(1)
     wait_for_dag_run(api, dag_id, run_id, RUN_TIMEOUT_S)
     assert live, "no point reached the status XCom while the deferred run was PROCESSING"
     assert 1 <= len(live[0]["steps"]) < STEPS
