@@ -47,6 +47,11 @@ DEFAULT_RANGE_SIZE = 64 * 1024 * 1024
 # A run that waited for another staging the same data reuses that one's listing if it was made at most
 # this long before the wait began (the grid's runs start together); otherwise it lists again.
 LISTING_REUSE_SECONDS = 10.0
+# A run following another's staging of the same data looks for newly cached objects this often, and each
+# look stops after this many objects in a row not there yet (the other fetches in listing order, a few
+# dozen at once): a look costs what arrived since the last one, not the whole listing.
+FOLLOW_INTERVAL = 0.2
+FOLLOW_LOOKAHEAD = 64
 ETAG_XATTR = "user.wmltrain.etag"
 PARTIAL_DIR = ".wmltrain-partial"
 
@@ -162,7 +167,13 @@ def _cache_for(
         log.warning("%s: no principal known for this kind of store: staging without the cache", store.kind)
         cache = None
     principal = principal or ""
-    return cache, principal, f"{principal}\0{store.endpoint}\0{store.bucket}\0{prefix}"
+    return cache, principal, staging_identity(principal, store, prefix)
+
+
+def staging_identity(principal: str, store: ObjectStore, prefix: str) -> str:
+    """The identity of one staging's data (``prefix``, ending in ``/`` unless empty) for ``principal``:
+    the key of its listing and of its lock in the cache."""
+    return f"{principal}\0{store.endpoint}\0{store.bucket}\0{prefix}"
 
 
 @dataclass(eq=False)
@@ -369,6 +380,48 @@ class _Stager:
             self.fetched_bytes += info.size
 
 
+def _leader_gone(cache: ObjectCache, identity: str) -> bool:
+    """Whether no run holds the staging lock of ``identity`` any more (it ended, or died)."""
+    with cache.staging_lock(identity, blocking=False) as free:
+        return free
+
+
+def _leaders_listing(cache: ObjectCache, identity: str, *, written_after: float) -> list[ObjectInfo] | None:
+    """The listing the leader writes before it fetches; ``None`` if it ends without one this recent."""
+    while True:
+        objects = cache.read_listing(identity, written_after=written_after)
+        if objects is not None:
+            return objects
+        if _leader_gone(cache, identity):
+            return cache.read_listing(identity, written_after=written_after)
+        time.sleep(FOLLOW_INTERVAL)
+
+
+def _follow(
+    stager: _Stager, progress: Progress, cache: ObjectCache, identity: str, pending: list[PlannedObject]
+) -> list[PlannedObject]:
+    """Link the objects the leader fetches as they reach the cache, until it ends; returns those still
+    missing then (the leader died or was stopped: the caller fetches them)."""
+    while pending:
+        leader_gone = _leader_gone(cache, identity)  # before the look: then the look sees all it fetched
+        rest: list[PlannedObject] = []
+        misses = 0
+        for index, item in enumerate(pending):
+            if stager.link_cached(item):
+                progress.add(item.info.size, cached=True)
+                continue
+            rest.append(item)
+            misses += 1
+            if misses >= FOLLOW_LOOKAHEAD and not leader_gone:
+                rest.extend(pending[index + 1 :])
+                break
+        pending = rest
+        if leader_gone:
+            break
+        time.sleep(FOLLOW_INTERVAL)
+    return pending
+
+
 def _fetch_all(
     stager: _Stager, progress: Progress, todo: list[PlannedObject], workers: int, log: logging.Logger
 ) -> None:
@@ -433,17 +486,19 @@ def stage(
         cache, principal, identity = _cache_for(store, cache, prefix, log)
         with contextlib.ExitStack() as single_flight:
             objects = None
-            if cache is not None and not single_flight.enter_context(
+            # Runs staging the same data on this host at once (a grid): the first (the leader) lists and
+            # fetches; the others follow it: they reuse its listing and link each object as it reaches the
+            # cache (a few system calls per file), fetching nothing.  If the leader dies, its lock goes with
+            # it and a follower fetches what is still missing itself.
+            following = cache is not None and not single_flight.enter_context(
                 cache.staging_lock(identity, blocking=False)
-            ):
-                # Runs staging the same data on this host at once (a grid): the first lists and fetches, the
-                # others wait for it, reuse its listing and only link (a few system calls per file).  If the
-                # first one dies, its lock goes with it and a waiter goes on by itself.
-                log.info("Another run on this host is staging %s: waiting for it", store.describe(prefix))
-                waiting_since = time.time()
-                with cache.staging_lock(identity, blocking=True):
-                    pass
-                objects = cache.read_listing(identity, written_after=waiting_since - LISTING_REUSE_SECONDS)
+            )
+            if cache is not None and following:
+                log.info(
+                    "Another run on this host is staging %s: linking its objects as they arrive",
+                    store.describe(prefix),
+                )
+                objects = _leaders_listing(cache, identity, written_after=time.time() - LISTING_REUSE_SECONDS)
             if objects is None:
                 objects = list(store.list_objects(prefix))
                 if cache is not None:
@@ -486,6 +541,8 @@ def stage(
                     progress.add(item.info.size, cached=True)
                 else:
                     todo.append(item)
+            if cache is not None and following:
+                todo = _follow(stager, progress, cache, identity, todo)
             _fetch_all(stager, progress, todo, workers, log)
 
         with contextlib.suppress(OSError):

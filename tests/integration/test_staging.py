@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import subprocess
+import threading
 import time
 import traceback
 import uuid
@@ -28,7 +29,13 @@ import pytest
 from airflow_wmltrain.errors import BucketNotFoundError, CredentialsError, DataLoadError
 from airflow_wmltrain.storage import ObjectInfo, open_store
 from airflow_wmltrain.storage.cache import ObjectCache
-from airflow_wmltrain.storage.staging import cache_principal, plan_objects, stage
+from airflow_wmltrain.storage.staging import (
+    FOLLOW_INTERVAL,
+    cache_principal,
+    plan_objects,
+    stage,
+    staging_identity,
+)
 from airflow_wmltrain.storage.swift import SwiftStore
 from airflow_wmltrain.storage.transfer import RetryPolicy
 from tests.integration.storage_helpers import (
@@ -437,6 +444,56 @@ def test_concurrent_stagings_share_the_cache(
         assert first.st_ino == second.st_ino
         assert first.st_ino in entries
         assert first.st_nlink == 3  # the cache entry and the two data directories
+
+
+def test_a_follower_links_what_the_leader_fetches_while_it_runs_and_fetches_what_a_dead_leader_left(
+    bucket: str, s3_client: Any, creds: dict[str, str], proxy_log: ProxyLog, tmp_path: Path
+) -> None:
+    """The leader (this test) holds the staging lock and has written its listing. It fetches a/ before the
+    follower starts and b/ while the follower runs: the follower links both while the lock is held and
+    fetches nothing. Then the leader dies (its lock goes): the follower fetches c/ itself."""
+    groups = {name: objects_of(8, 4 * KiB, prefix=f"{name}/") for name in ("a", "b", "c")}
+    everything = {key: data for group in groups.values() for key, data in group.items()}
+    put_objects(s3_client, bucket, everything)
+    store = open_data_store("s3", bucket, creds)
+    cache = ObjectCache(tmp_path / "cache", max_bytes=BIG_CACHE)
+    identity = staging_identity(cache_principal(store) or "", store, "")
+    dest = tmp_path / "dest"
+    results: list[Any] = []
+
+    def linked(name: str) -> int:
+        return len(list((dest / name).glob("*.bin")))
+
+    def wait_until_linked(name: str) -> None:
+        deadline = time.monotonic() + 30
+        while linked(name) < len(groups[name]):
+            assert time.monotonic() < deadline, f"the follower did not link {name}/ while the leader ran"
+            time.sleep(0.05)
+
+    with cache.staging_lock(identity, blocking=True):
+        cache.write_listing(identity, list(store.list_objects("")))
+        # cache entries are keyed by object, not by the staging's prefix: the leader's fetches, by group
+        stage(store, tmp_path / "leader-a", prefix="a/", cache=cache)
+        proxy_log.mark()
+        follower = threading.Thread(
+            target=lambda: results.append(stage(store, dest, prefix="", cache=cache)), daemon=True
+        )
+        follower.start()
+        wait_until_linked("a")
+        assert proxy_log.object_gets(bucket) == []
+        stage(store, tmp_path / "leader-b", prefix="b/", cache=cache)
+        wait_until_linked("b")
+        time.sleep(4 * FOLLOW_INTERVAL)
+        assert follower.is_alive(), "the follower ended while the leader still held the lock"
+        assert linked("c") == 0
+        assert sorted(proxy_log.object_gets(bucket)) == sorted(groups["b"]), "only the leader fetched"
+        proxy_log.mark()
+    follower.join(timeout=120)
+    assert not follower.is_alive()
+    (result,) = results
+    assert tree(dest) == expected_tree(everything)
+    assert (result.from_cache, result.fetched_files) == (16, 8)
+    assert sorted(proxy_log.object_gets(bucket)) == sorted(groups["c"])
 
 
 # --- 6. and 7. a changed object is fetched again; a warm cache fetches nothing --------------------------
