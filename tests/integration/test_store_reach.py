@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -208,18 +208,24 @@ def test_aws_ca_bundle_names_the_ca_when_the_connection_does_not(
     _round_trip(StoreReference(type="s3", bucket=tls_bucket, connection=connection))
 
 
+@pytest.mark.parametrize("kind", ["s3", "swift"])
 def test_inline_credentials_give_the_ca_as_pem_text(
-    tls_endpoint: dict[str, Any], private_ca: dict[str, Path], store_credentials: dict[str, str],
+    kind: Literal["s3", "swift"], request: pytest.FixtureRequest, private_ca: dict[str, Path], store_credentials: dict[str, str],
     tls_bucket: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
-    inline = S3Connection(
-        endpoint_url=tls_endpoint["url"],
-        aws_access_key_id=store_credentials["user"],
-        aws_secret_access_key=store_credentials["key"],
-        ca_certificate=private_ca["ca"].read_text(),
-    )
-    _round_trip(StoreReference(type="s3", bucket=tls_bucket, connection=inline))
+    pem = private_ca["ca"].read_text()
+    user, key = store_credentials["user"], store_credentials["key"]
+    inline: S3Connection | SwiftConnection
+    if kind == "s3":
+        url = request.getfixturevalue("tls_endpoint")["url"]
+        inline = S3Connection(
+            endpoint_url=url, aws_access_key_id=user, aws_secret_access_key=key, ca_certificate=pem
+        )
+    else:
+        url = request.getfixturevalue("swift_tls_endpoint")["auth_url"]
+        inline = SwiftConnection(auth_url=url, user_name=user, password=key, ca_certificate=pem)
+    _round_trip(StoreReference(type=kind, bucket=tls_bucket, connection=inline))
 
 
 def test_without_the_ca_the_store_fails_at_once_naming_the_endpoint_and_where_to_give_the_ca(
@@ -329,19 +335,6 @@ def test_swift_behind_a_private_ca_authenticates_and_transfers_with_the_connecti
         assert store.endpoint.startswith(swift_tls_endpoint["auth_url"].split("/auth/", 1)[0])
     # the auth request and the storage requests all came through the terminator
     assert _accepted(swift_tls_endpoint["log"]) - before >= 2
-
-
-def test_swift_inline_credentials_give_the_ca_as_pem_text(
-    swift_tls_endpoint: dict[str, Any], private_ca: dict[str, Path], store_credentials: dict[str, str],
-    tls_bucket: str,
-) -> None:  # fmt: skip
-    inline = SwiftConnection(
-        auth_url=swift_tls_endpoint["auth_url"],
-        user_name=store_credentials["user"],
-        password=store_credentials["key"],
-        ca_certificate=private_ca["ca"].read_text(),
-    )
-    _round_trip(StoreReference(type="swift", bucket=tls_bucket, connection=inline))
 
 
 def test_swift_without_the_ca_fails_at_once_naming_where_to_give_it(
