@@ -210,8 +210,8 @@ def test_aws_ca_bundle_names_the_ca_when_the_connection_does_not(
 
 @pytest.mark.parametrize("kind", ["s3", "swift"])
 def test_inline_credentials_give_the_ca_as_pem_text(
-    kind: Literal["s3", "swift"], request: pytest.FixtureRequest, private_ca: dict[str, Path], store_credentials: dict[str, str],
-    tls_bucket: str, monkeypatch: pytest.MonkeyPatch,
+    kind: Literal["s3", "swift"], request: pytest.FixtureRequest, private_ca: dict[str, Path],
+    store_credentials: dict[str, str], tls_bucket: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
     pem = private_ca["ca"].read_text()
