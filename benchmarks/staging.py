@@ -1224,7 +1224,7 @@ class Bench:
             "per_process_seconds": [r.get("seconds") for r in reports],
             "per_process_result": [r.get("result", {}) for r in reports],
             # each process's start and end, in seconds after the first start (the leader fetches; the
-            # others wait for it and link: their ends show what linking adds after the leader's)
+            # others follow it, linking as objects arrive: their ends show what that adds after the leader)
             "per_process_span": [
                 [round(r["wall_start"] - origin, 3), round(r["wall_end"] - origin, 3)] for r in good
             ],

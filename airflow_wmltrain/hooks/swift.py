@@ -237,19 +237,23 @@ class SwiftAuthConfig:
 def _failure_reason(exc: BaseException) -> str:
     """A short reason for a network failure: ``[Errno 111] Connection refused``, ``timed out``..."""
     text = str(exc)
+    if _certificate_failure(exc):
+        return f"TLS certificate verification failed ({CA_HINT})"
     match = re.search(r"\[Errno -?\d+\][^'\"()]*", text)
     if match:
         return match.group(0).strip().rstrip(",")
     if isinstance(exc, TimeoutError) or "timed out" in text.lower():
         return "timed out"
-    if _certificate_failure(exc):
-        return f"TLS certificate verification failed ({CA_HINT})"
     return type(exc).__name__
 
 
+_CERTIFICATE_FAILED = re.compile(r"CERTIFICATE_VERIFY_FAILED|certificate verify failed", re.IGNORECASE)
+
+
 def _certificate_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` is a TLS certificate that is not trusted (requests and keystoneauth wrap ssl's)."""
-    return isinstance(exc, ssl.SSLError) or "certificate" in str(exc).lower()
+    """Whether ``exc`` is a TLS certificate that is not trusted: ssl's error, or requests' and keystoneauth's
+    wrapping of it, which keep its text (``[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed``)."""
+    return isinstance(exc, ssl.SSLCertVerificationError) or bool(_CERTIFICATE_FAILED.search(str(exc)))
 
 
 def keystone_session(config: SwiftAuthConfig, *, timeout: float, verify: bool | str) -> Any:
@@ -378,11 +382,14 @@ def _refusal(config: SwiftAuthConfig, status: int, reason: str) -> WmlTrainError
     )
 
 
-def _unreachable(config: SwiftAuthConfig, exc: BaseException) -> WmlTrainError:
-    """S302 for a network failure (retried); C103 for a certificate not trusted, which only the
-    connection's CA settings fix (never retried, like a refused password)."""
+class _UntrustedCertificate(DataLoadError):
+    """S302, as any endpoint out of reach, but not authenticated again at once: only the connection's CA
+    settings fix it (as a store's untrusted certificate is not retried by the transfer engine)."""
+
+
+def _unreachable(config: SwiftAuthConfig, exc: BaseException) -> DataLoadError:
     message = f"cannot reach {config.display_url}: {_failure_reason(exc)}"
-    return CredentialsError(message) if _certificate_failure(exc) else DataLoadError(message)
+    return _UntrustedCertificate(message) if _certificate_failure(exc) else DataLoadError(message)
 
 
 class SwiftHook(BaseHook):
@@ -632,7 +639,7 @@ class SwiftHook(BaseHook):
             try:
                 url, token = self._authenticate_once()
             except DataLoadError as exc:
-                if attempt >= retries:
+                if attempt >= retries or isinstance(exc, _UntrustedCertificate):
                     raise
                 delay = min(0.5 * 2**attempt, _MAX_BACKOFF_S)
                 attempt += 1

@@ -12,7 +12,8 @@ credentials; runs of different principals on the same data each fetch it once.
 Entries are read-only, written under a temporary name and renamed into place, so a reader never sees a
 partial entry.  Fetches of the same entry by several runs at once (a grid starting on one host) are
 serialised by ``flock`` on one of 4,096 lock files, so each object is fetched once (and runs staging the
-same data at once let the first one fetch it all, then only link), and at most ``fetch_slots`` objects
+same data at once follow the first one: they reuse its listing and link each object as it arrives, see
+:meth:`ObjectCache.staging_lock`), and at most ``fetch_slots`` objects
 are fetched at once on the host, however many runs stage together.  The cache's size is capped: least
 recently used entries (by modification time, which every use refreshes) are evicted after a staging; a
 run that linked an evicted entry keeps its data (a hard link is a name of the same file).
@@ -110,30 +111,43 @@ class ObjectCache:
         return self.listings / f"{digest[:32]}.json"
 
     def write_listing(self, identity: str, objects: list[ObjectInfo]) -> None:
-        """Keep a staging's listing for the runs waiting for it (see :meth:`staging_lock`)."""
+        """Keep the listing of the staging that holds the lock of ``identity`` (after :meth:`lead`), for the
+        runs following it."""
         temp = self.temp_file()
         temp.write_text(json.dumps([[o.key, o.size, o.etag, o.md5] for o in objects]))
         os.replace(temp, self._listing_path(identity))
 
-    def read_listing(self, identity: str, *, written_after: float) -> list[ObjectInfo] | None:
-        """The listing another run wrote for the same data, if written after ``written_after``."""
-        path = self._listing_path(identity)
+    def read_listing(self, identity: str) -> list[ObjectInfo] | None:
+        """The listing written by the staging that took the lock of ``identity`` last, once it has written
+        it; ``None`` before (or when it died first).  An older listing is never taken, however recent."""
         try:
-            if path.stat().st_mtime < written_after:
+            taken = self._staging_lock_path(identity).stat().st_mtime_ns
+            path = self._listing_path(identity)
+            if path.stat().st_mtime_ns < taken:
                 return None
             return [ObjectInfo(key, size, etag, md5) for key, size, etag, md5 in json.loads(path.read_text())]
         except (OSError, ValueError, TypeError):
             return None
 
+    def _staging_lock_path(self, identity: str) -> Path:
+        digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()
+        return self.locks / f"staging-{digest[:32]}.lock"
+
     @contextlib.contextmanager
     def staging_lock(self, identity: str, *, blocking: bool) -> Iterator[bool]:
         """Hold the lock of one staging's data (endpoint, bucket, prefix) on this host.
 
-        Yields ``False`` at once when not ``blocking`` and another run holds it.
+        Yields ``False`` at once when not ``blocking`` and another run holds it.  The run that stages under
+        it (the leader) calls :meth:`lead` first, then :meth:`write_listing`; a run that finds it taken
+        follows: it reads that listing (:meth:`read_listing`) and links the objects as they arrive.
         """
-        digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()
-        with _flock(self.locks / f"staging-{digest[:32]}.lock", blocking=blocking) as held:
+        with _flock(self._staging_lock_path(identity), blocking=blocking) as held:
             yield held
+
+    def lead(self, identity: str) -> None:
+        """Mark the staging lock of ``identity`` as just taken by a leader (held by the caller): listings
+        written before now are no longer read."""
+        os.utime(self._staging_lock_path(identity))
 
     @contextlib.contextmanager
     def fetch_slot(self) -> Iterator[None]:

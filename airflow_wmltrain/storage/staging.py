@@ -44,14 +44,14 @@ from airflow_wmltrain.storage.transfer import TransferError, download_to_fd, dow
 DEFAULT_WORKERS = 16
 RANGE_WORKERS = 4  # concurrent ranges of one large object
 DEFAULT_RANGE_SIZE = 64 * 1024 * 1024
-# A run that waited for another staging the same data reuses that one's listing if it was made at most
-# this long before the wait began (the grid's runs start together); otherwise it lists again.
-LISTING_REUSE_SECONDS = 10.0
-# A run following another's staging of the same data looks for newly cached objects this often, and each
-# look stops after this many objects in a row not there yet (the other fetches in listing order, a few
-# dozen at once): a look costs what arrived since the last one, not the whole listing.
+# A run following another's staging of the same data looks for newly cached objects this often; a look
+# goes on until this many objects in a row are not there yet (the leader fetches in listing order, a few
+# dozen at once).  Every FOLLOW_FULL_LOOK_S seconds at least (and never more than 5 % of the time), a look
+# checks every object still missing: the leader may leave more than the lookahead for its end.
 FOLLOW_INTERVAL = 0.2
 FOLLOW_LOOKAHEAD = 64
+FOLLOW_FULL_LOOK_S = 2.0
+FOLLOW_FULL_LOOK_TIMES = 20  # the time between two full looks is at least this many times the last one's
 ETAG_XATTR = "user.wmltrain.etag"
 PARTIAL_DIR = ".wmltrain-partial"
 
@@ -386,40 +386,74 @@ def _leader_gone(cache: ObjectCache, identity: str) -> bool:
         return free
 
 
-def _leaders_listing(cache: ObjectCache, identity: str, *, written_after: float) -> list[ObjectInfo] | None:
-    """The listing the leader writes before it fetches; ``None`` if it ends without one this recent."""
+def _leaders_listing(
+    cache: ObjectCache, identity: str, log: logging.Logger, interval: float
+) -> list[ObjectInfo] | None:
+    """The listing the leader writes before it fetches; ``None`` if it ends (or dies) without one."""
+    next_note = time.monotonic() + interval
     while True:
-        objects = cache.read_listing(identity, written_after=written_after)
+        objects = cache.read_listing(identity)
         if objects is not None:
             return objects
         if _leader_gone(cache, identity):
-            return cache.read_listing(identity, written_after=written_after)
+            return cache.read_listing(identity)
+        if time.monotonic() >= next_note:
+            log.info("Still waiting for the other run's listing")
+            next_note = time.monotonic() + interval
         time.sleep(FOLLOW_INTERVAL)
+
+
+def _linked(stager: _Stager, progress: Progress, item: PlannedObject) -> bool:
+    """Link the object from the cache if it is there (and count it)."""
+    if stager.link_cached(item):
+        progress.add(item.info.size, cached=True)
+        return True
+    return False
 
 
 def _follow(
-    stager: _Stager, progress: Progress, cache: ObjectCache, identity: str, pending: list[PlannedObject]
+    stager: _Stager, progress: Progress, cache: ObjectCache, identity: str, todo: list[PlannedObject]
 ) -> list[PlannedObject]:
     """Link the objects the leader fetches as they reach the cache, until it ends; returns those still
-    missing then (the leader died or was stopped: the caller fetches them)."""
-    while pending:
-        leader_gone = _leader_gone(cache, identity)  # before the look: then the look sees all it fetched
-        rest: list[PlannedObject] = []
-        misses = 0
-        for index, item in enumerate(pending):
-            if stager.link_cached(item):
-                progress.add(item.info.size, cached=True)
-                continue
-            rest.append(item)
-            misses += 1
-            if misses >= FOLLOW_LOOKAHEAD and not leader_gone:
-                rest.extend(pending[index + 1 :])
+    missing then (the leader died or was stopped: the caller fetches them).
+
+    Each look checks the gaps again (objects the leader has not fetched although it fetched later ones),
+    then goes on from where the last look stopped until ``FOLLOW_LOOKAHEAD`` objects in a row are missing:
+    it costs the gaps, what arrived since the last look and the lookahead, not the whole listing.  A full
+    look, now and then, goes past any run of missing objects.
+    """
+    gaps: list[PlannedObject] = []
+    cursor = 0
+    next_report = time.monotonic() + progress.interval
+    next_full = 0.0
+    while True:
+        leader_gone = _leader_gone(cache, identity)  # before the look: it then sees all the leader fetched
+        started = time.monotonic()
+        full = leader_gone or started >= next_full
+        gaps = [item for item in gaps if not _linked(stager, progress, item)]
+        misses_from: int | None = None  # where the current run of missing objects began
+        index = cursor
+        while index < len(todo):
+            if _linked(stager, progress, todo[index]):
+                if misses_from is not None:
+                    gaps.extend(todo[misses_from:index])
+                    misses_from = None
+            elif misses_from is None:
+                misses_from = index
+            elif index - misses_from + 1 >= FOLLOW_LOOKAHEAD and not full:
                 break
-        pending = rest
+            index += 1
+        cursor = index if misses_from is None else misses_from  # the last run of misses: looked at again
         if leader_gone:
-            break
+            return gaps + todo[cursor:]
+        if full:
+            next_full = time.monotonic() + max(
+                FOLLOW_FULL_LOOK_S, FOLLOW_FULL_LOOK_TIMES * (time.monotonic() - started)
+            )
+        if time.monotonic() >= next_report:
+            progress.report()
+            next_report = time.monotonic() + progress.interval
         time.sleep(FOLLOW_INTERVAL)
-    return pending
 
 
 def _fetch_all(
@@ -495,10 +529,13 @@ def stage(
             )
             if cache is not None and following:
                 log.info(
-                    "Another run on this host is staging %s: linking its objects as they arrive",
+                    "Another run on this host is staging %s: following it (its listing, then its objects as "
+                    "they arrive)",
                     store.describe(prefix),
                 )
-                objects = _leaders_listing(cache, identity, written_after=time.time() - LISTING_REUSE_SECONDS)
+                objects = _leaders_listing(cache, identity, log, progress_interval)
+            elif cache is not None:
+                cache.lead(identity)
             if objects is None:
                 objects = list(store.list_objects(prefix))
                 if cache is not None:
@@ -537,9 +574,7 @@ def stage(
                 if stager.already_staged(item):
                     already += 1
                     progress.add(item.info.size, cached=True)
-                elif stager.link_cached(item):
-                    progress.add(item.info.size, cached=True)
-                else:
+                elif not _linked(stager, progress, item):
                     todo.append(item)
             if cache is not None and following:
                 todo = _follow(stager, progress, cache, identity, todo)

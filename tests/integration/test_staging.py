@@ -470,14 +470,19 @@ def test_a_follower_links_what_the_leader_fetches_while_it_runs_and_fetches_what
             assert time.monotonic() < deadline, f"the follower did not link {name}/ while the leader ran"
             time.sleep(0.05)
 
+    def follow() -> None:
+        try:
+            results.append(stage(store, dest, prefix="", cache=cache))
+        except BaseException as err:  # shown by the assertion below, not lost in the thread
+            results.append(err)
+
     with cache.staging_lock(identity, blocking=True):
+        cache.lead(identity)
         cache.write_listing(identity, list(store.list_objects("")))
         # cache entries are keyed by object, not by the staging's prefix: the leader's fetches, by group
         stage(store, tmp_path / "leader-a", prefix="a/", cache=cache)
         proxy_log.mark()
-        follower = threading.Thread(
-            target=lambda: results.append(stage(store, dest, prefix="", cache=cache)), daemon=True
-        )
+        follower = threading.Thread(target=follow, daemon=True)
         follower.start()
         wait_until_linked("a")
         assert proxy_log.object_gets(bucket) == []
@@ -491,6 +496,7 @@ def test_a_follower_links_what_the_leader_fetches_while_it_runs_and_fetches_what
     follower.join(timeout=120)
     assert not follower.is_alive()
     (result,) = results
+    assert not isinstance(result, BaseException), "".join(traceback.format_exception(result))
     assert tree(dest) == expected_tree(everything)
     assert (result.from_cache, result.fetched_files) == (16, 8)
     assert sorted(proxy_log.object_gets(bucket)) == sorted(groups["c"])

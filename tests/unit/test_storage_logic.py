@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -369,3 +371,79 @@ def test_permanent_errors_are_not_retried() -> None:
 def test_default_ports_are_not_signed(endpoint: str, url: str) -> None:
     """http.client leaves a default port out of the Host header; the signature must match what is sent."""
     assert _store(endpoint, bucket="b").sign("GET", "k").url == url
+
+
+class _LeaderScript:
+    """A leader seen by a follower (``staging._follow``): each look at the staging lock is the next phase;
+    ``arrivals[phase]`` are the objects in the cache from that phase on; the leader is gone at the last."""
+
+    def __init__(self, arrivals: list[set[int]]) -> None:
+        self.arrivals = arrivals
+        self.phase = -1
+        self.linked_in: dict[int, int] = {}
+
+    @contextlib.contextmanager
+    def staging_lock(self, identity: str, *, blocking: bool) -> Iterator[bool]:
+        self.phase += 1
+        yield self.phase >= len(self.arrivals) - 1
+
+    def link_cached(self, item: Any) -> bool:
+        arrived = set().union(*self.arrivals[: self.phase + 1])
+        if item.info.key in arrived and item.info.key not in self.linked_in:
+            self.linked_in[item.info.key] = self.phase
+            return True
+        return False
+
+
+def test_a_follower_links_past_more_gaps_than_its_lookahead_and_returns_the_gaps_at_the_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The leader leaves the first 100 objects (more than FOLLOW_LOOKAHEAD) for its end (deferred, or
+    already in its own directory): the follower's full looks still link the later ones while it runs."""
+    from airflow_wmltrain.storage import staging
+
+    monkeypatch.setattr(staging, "FOLLOW_INTERVAL", 0.0)
+    monkeypatch.setattr(staging, "FOLLOW_FULL_LOOK_S", 0.0)
+    monkeypatch.setattr(staging, "FOLLOW_FULL_LOOK_TIMES", 0)
+    assert staging.FOLLOW_LOOKAHEAD < 100
+    todo = [SimpleNamespace(info=SimpleNamespace(key=i, size=1)) for i in range(300)]
+    script = _LeaderScript([set(), set(range(100, 150)), set(range(150, 300)), set()])
+    progress = Progress("staged", len(todo), len(todo), logging.getLogger("test"), interval=3600)
+    missing = staging._follow(script, progress, script, "id", todo)  # type: ignore[arg-type]
+    assert [item.info.key for item in missing] == list(range(100))
+    assert all(script.linked_in[key] < 3 for key in range(100, 300)), "linked only once the leader was gone"
+    assert progress.cached_files == 200
+
+
+def test_between_full_looks_a_look_stops_after_the_lookahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A look costs what arrived and the lookahead, not the whole listing (one full look at the start)."""
+    from airflow_wmltrain.storage import staging
+
+    monkeypatch.setattr(staging, "FOLLOW_INTERVAL", 0.0)
+    monkeypatch.setattr(staging, "FOLLOW_FULL_LOOK_S", 3600.0)
+    todo = [SimpleNamespace(info=SimpleNamespace(key=i, size=1)) for i in range(10_000)]
+    looks: list[int] = []
+
+    class Counting(_LeaderScript):
+        def link_cached(self, item: Any) -> bool:
+            while len(looks) <= self.phase:
+                looks.append(0)
+            looks[self.phase] += 1
+            return super().link_cached(item)
+
+    script = Counting([set(range(10)), set(range(10, 20)), set(range(20, 10_000))])
+    progress = Progress("staged", len(todo), len(todo), logging.getLogger("test"), interval=3600)
+    assert staging._follow(script, progress, script, "id", todo) == []  # type: ignore[arg-type]
+    assert looks[0] == len(todo)  # the first look is a full one
+    assert looks[1] == 10 + staging.FOLLOW_LOOKAHEAD
+
+
+def test_a_follower_sees_every_object_the_leader_fetched_before_it_ended() -> None:
+    """What arrives between two looks, and after the last look before the leader's end, is linked."""
+    from airflow_wmltrain.storage import staging
+
+    todo = [SimpleNamespace(info=SimpleNamespace(key=i, size=1)) for i in range(10)]
+    script = _LeaderScript([{0, 5}, {1, 2, 3, 4, 9}, {6, 7}, {8}])
+    progress = Progress("staged", len(todo), len(todo), logging.getLogger("test"), interval=3600)
+    assert staging._follow(script, progress, script, "id", todo) == []  # type: ignore[arg-type]
+    assert sorted(script.linked_in) == list(range(10))
