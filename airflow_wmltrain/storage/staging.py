@@ -444,7 +444,7 @@ def _follow(
                 break
             index += 1
         cursor = index if misses_from is None else misses_from  # the last run of misses: looked at again
-        if leader_gone:
+        if leader_gone or (not gaps and cursor == len(todo)):  # all linked: no need to wait for the leader
             return gaps + todo[cursor:]
         if full:
             next_full = time.monotonic() + max(

@@ -447,3 +447,16 @@ def test_a_follower_sees_every_object_the_leader_fetched_before_it_ended() -> No
     progress = Progress("staged", len(todo), len(todo), logging.getLogger("test"), interval=3600)
     assert staging._follow(script, progress, script, "id", todo) == []  # type: ignore[arg-type]
     assert sorted(script.linked_in) == list(range(10))
+
+
+def test_a_follower_with_everything_linked_does_not_wait_for_the_leader(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from airflow_wmltrain.storage import staging
+
+    monkeypatch.setattr(staging, "FOLLOW_INTERVAL", 0.0)
+    todo = [SimpleNamespace(info=SimpleNamespace(key=i, size=1)) for i in range(5)]
+    script = _LeaderScript([set(), set(range(5)), set(), set(), set()])
+    progress = Progress("staged", len(todo), len(todo), logging.getLogger("test"), interval=3600)
+    assert staging._follow(script, progress, script, "id", todo) == []  # type: ignore[arg-type]
+    assert script.phase == 1, "the follower went on looking after it had linked everything"
