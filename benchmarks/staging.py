@@ -1218,8 +1218,8 @@ class Bench:
         reports = run_ours(specs, self.args.timeout)
         errors = [r["error"] for r in reports if "error" in r]
         good = [r for r in reports if "error" not in r]
-        seconds = (max(r["wall_end"] for r in good) - min(r["wall_start"] for r in good)) if good else 0.0
         origin = min((r["wall_start"] for r in good), default=0.0)
+        seconds = max(r["wall_end"] for r in good) - origin if good else 0.0
         extra = {
             "per_process_seconds": [r.get("seconds") for r in reports],
             "per_process_result": [r.get("result", {}) for r in reports],

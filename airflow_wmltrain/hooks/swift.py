@@ -237,8 +237,6 @@ class SwiftAuthConfig:
 def _failure_reason(exc: BaseException) -> str:
     """A short reason for a network failure: ``[Errno 111] Connection refused``, ``timed out``..."""
     text = str(exc)
-    if _certificate_failure(exc):
-        return f"TLS certificate verification failed ({CA_HINT})"
     match = re.search(r"\[Errno -?\d+\][^'\"()]*", text)
     if match:
         return match.group(0).strip().rstrip(",")
@@ -388,8 +386,10 @@ class _UntrustedCertificate(DataLoadError):
 
 
 def _unreachable(config: SwiftAuthConfig, exc: BaseException) -> DataLoadError:
-    message = f"cannot reach {config.display_url}: {_failure_reason(exc)}"
-    return _UntrustedCertificate(message) if _certificate_failure(exc) else DataLoadError(message)
+    where = f"cannot reach {config.display_url}"
+    if _certificate_failure(exc):
+        return _UntrustedCertificate(f"{where}: TLS certificate verification failed ({CA_HINT})")
+    return DataLoadError(f"{where}: {_failure_reason(exc)}")
 
 
 class SwiftHook(BaseHook):

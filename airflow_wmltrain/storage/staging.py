@@ -574,7 +574,7 @@ def stage(
                 if stager.already_staged(item):
                     already += 1
                     progress.add(item.info.size, cached=True)
-                elif not _linked(stager, progress, item):
+                elif following or not _linked(stager, progress, item):  # a follower's first look links
                     todo.append(item)
             if cache is not None and following:
                 todo = _follow(stager, progress, cache, identity, todo)
