@@ -838,6 +838,7 @@ def worker_main() -> int:
         return 4
     wall_start = time.time()
     started = time.perf_counter()
+    cpu_start = resource.getrusage(resource.RUSAGE_SELF)
     try:
         store = api["open_store"](reference)
         try:
@@ -863,6 +864,7 @@ def worker_main() -> int:
         print(json.dumps({"error": f"{type(err).__name__}: {err}"[:600]}), flush=True)
         return 5
     seconds = time.perf_counter() - started
+    cpu_end = resource.getrusage(resource.RUSAGE_SELF)
     reported = {
         name: getattr(result, name)
         for name in ("files", "bytes", "seconds", "from_cache", "fetched_bytes")
@@ -873,6 +875,9 @@ def worker_main() -> int:
         "wall_start": wall_start,
         "wall_end": time.time(),
         "first_open_s": round(first_open, 3),
+        # the timed part's own CPU (the window's client CPU also counts the worker's start and imports)
+        "cpu_user_s": round(cpu_end.ru_utime - cpu_start.ru_utime, 3),
+        "cpu_sys_s": round(cpu_end.ru_stime - cpu_start.ru_stime, 3),
         "result": reported,
     }
     print(json.dumps(report), flush=True)
@@ -883,6 +888,12 @@ def _close(store: Any) -> None:
     close = getattr(store, "close", None)
     if callable(close):
         close()
+
+
+def worker_extra(report: dict[str, Any]) -> dict[str, Any]:
+    """What a worker's report adds to its measurement: its result, its store's first open, its own CPU."""
+    own = {k: report.get(k) for k in ("first_open_s", "cpu_user_s", "cpu_sys_s")}
+    return {**report.get("result", {}), **own}
 
 
 def run_ours(specs: list[dict[str, Any]], timeout: float) -> list[dict[str, Any]]:
@@ -1077,7 +1088,7 @@ class Bench:
             )
             report = run_ours([spec], self.args.timeout)[0]
             m = Measurement(shape, tool, kind, repeat, report.get("seconds"), error=report.get("error", ""))
-            m.extra = {**report.get("result", {}), "first_open_s": report.get("first_open_s")}
+            m.extra = worker_extra(report)
             m.traffic = self.end(mark, [dataset.bucket])
             self.verify_download(m, dest, dataset)
             shutil.rmtree(dest, ignore_errors=True)
@@ -1139,7 +1150,7 @@ class Bench:
                 m = Measurement(
                     "c", tool, "upload", repeat, report.get("seconds"), error=report.get("error", "")
                 )
-                m.extra = {**report.get("result", {}), "first_open_s": report.get("first_open_s")}
+                m.extra = worker_extra(report)
                 m.traffic = self.end(mark, [UPLOAD_BUCKET])
                 self.upload_done(m, prefix, layout)
 

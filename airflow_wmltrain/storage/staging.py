@@ -39,7 +39,7 @@ from airflow_wmltrain.storage.cache import ObjectCache
 from airflow_wmltrain.storage.progress import DEFAULT_INTERVAL, Progress, TransferResult, megabytes
 from airflow_wmltrain.storage.s3 import S3Store
 from airflow_wmltrain.storage.swift import SwiftStore
-from airflow_wmltrain.storage.transfer import TransferError, download_to_fd, download_to_memory, with_retries
+from airflow_wmltrain.storage.transfer import TransferError, download_to_fd, with_retries
 
 DEFAULT_WORKERS = 16
 RANGE_WORKERS = 4  # concurrent ranges of one large object
@@ -294,45 +294,49 @@ class _Stager:
     def fetch_ranges(
         self, info: ObjectInfo, fd: int, size: int, on_retry: Callable[[TransferError], None]
     ) -> None:
-        """GET a large object as concurrent byte ranges (each retried) straight into the memory-mapped file,
-        and verify its MD5 (when it has one) as the ranges arrive, in order."""
+        """GET a large object as concurrent byte ranges (each retried) into the file, and verify its MD5
+        (when it has one) as the ranges arrive, in order."""
         ranges = [(offset, min(size, info.size - offset)) for offset in range(0, info.size, size)]
-        # Reserve the blocks first: a full disk is then ENOSPC here, not SIGBUS while writing the mapping.
-        os.posix_fallocate(fd, 0, info.size)
+        os.posix_fallocate(fd, 0, info.size)  # a full disk is ENOSPC here, before any GET
         digest = hashlib.md5(usedforsecurity=False) if info.md5 and self.verify_md5 else None
         md5_etag = [True]
-        with mmap.mmap(fd, info.size) as mapped, memoryview(mapped) as whole:
 
-            def one(offset: int, length: int) -> None:
-                def attempt() -> None:
-                    with whole[offset : offset + length] as view:
-                        if not download_to_memory(
-                            self.store.http,
-                            self.store,
-                            info.key,
-                            view,
-                            size=info.size,
-                            offset=offset,
-                            etag=info.etag,
-                        ):
-                            md5_etag[0] = False
+        def one(offset: int, length: int) -> None:
+            def attempt() -> None:
+                if not download_to_fd(
+                    self.store.http,
+                    self.store,
+                    info.key,
+                    fd,
+                    size=info.size,
+                    md5=None,
+                    offset=offset,
+                    length=length,
+                    etag=info.etag,
+                ):
+                    md5_etag[0] = False
 
-                with_retries(self.store, self.store.retry, attempt, on_retry=on_retry)
+            with_retries(self.store, self.store.retry, attempt, on_retry=on_retry)
 
-            # Ranges complete roughly in order: this thread hashes each one as soon as it and those
-            # before it are in, so hashing overlaps the transfer.
-            with ThreadPoolExecutor(max_workers=min(len(ranges), RANGE_WORKERS)) as pool:
-                futures = [pool.submit(one, offset, length) for offset, length in ranges]
-                try:
-                    for future, (offset, length) in zip(futures, ranges, strict=True):
-                        future.result()
-                        if digest is not None:
-                            with whole[offset : offset + length] as part:
-                                digest.update(part)
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
+        # Ranges complete roughly in order: this thread hashes each one as soon as it and those before it
+        # are in, so hashing overlaps the transfer. It reads them through a read-only mapping of the file:
+        # the pages are in the page cache, mapped without a copy.
+        with (
+            ThreadPoolExecutor(max_workers=min(len(ranges), RANGE_WORKERS)) as pool,
+            mmap.mmap(fd, info.size, access=mmap.ACCESS_READ) as mapped,
+            memoryview(mapped) as whole,
+        ):
+            futures = [pool.submit(one, offset, length) for offset, length in ranges]
+            try:
+                for future, (offset, length) in zip(futures, ranges, strict=True):
+                    future.result()
+                    if digest is not None:
+                        with whole[offset : offset + length] as part:
+                            digest.update(part)
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
         # md5_etag: transfer.etag_is_md5 of every range's answer (not for SSE-KMS or customer keys)
         if digest is not None and md5_etag[0] and digest.hexdigest() != info.md5:
             message = f"GET {self.store.describe(info.key)}: content MD5 does not match the ETag {info.md5}"

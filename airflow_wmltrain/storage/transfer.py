@@ -496,12 +496,18 @@ def download_to_fd(
     offset: int = 0,
     length: int | None = None,
     etag: str | None = None,
-) -> None:
+) -> bool:
     """GET an object (or the byte range ``offset``..``offset+length``) into an open file, verified.
 
+    The body is read into the thread's reused buffer and written with ``pwrite``, byte ranges of large
+    objects too: receiving straight into a memory-mapped file saved the second copy but paid a page
+    fault per page, 0.5-3.7 CPU-s per GB against 0.5-0.8 (docs/benchmarks.md).
+
     :param size: the object's size from the listing; a whole-object body must have exactly this size.
-    :param md5: the expected MD5 of the whole object, or ``None`` when the ETag is not one.
+    :param md5: the expected MD5 of the whole object, or ``None`` when the ETag is not one (or the
+        caller hashes the object itself, as for ranges).
     :param etag: the listed ETag, sent as ``If-Match``.
+    :returns: whether the object's ETag can be its MD5 (not for SSE-KMS or customer-key encryption).
     :raises TransferError: on any failure; ``transient`` when another try may succeed.
     """
     length = size - offset if length is None else length
@@ -526,44 +532,6 @@ def download_to_fd(
             position += written
             chunk = chunk[written:]
     get.check(received, digest, md5)
-
-
-def download_to_memory(
-    client: HttpClient,
-    store: ObjectStore,
-    key: str,
-    view: memoryview,
-    *,
-    size: int,
-    offset: int,
-    etag: str | None = None,
-) -> bool:
-    """GET the byte range ``offset``..``offset+len(view)`` of an object straight into ``view``.
-
-    With ``view`` a slice of a memory-mapped file this is the cheapest download there is: the kernel
-    copies the socket's bytes into the file's pages once, with no write call (how large objects are
-    fetched in ranges).  No MD5 here: the caller hashes the whole object, in order.
-
-    :param etag: the listed ETag, sent as ``If-Match``.
-    :returns: whether the object's ETag can be its MD5 (not for SSE-KMS or customer-key encryption).
-    :raises TransferError: on any failure; ``transient`` when another try may succeed.
-    """
-    get = _Get(client, store, key, size=size, offset=offset, length=len(view), etag=etag)
-    received = 0
-    while received < get.length:
-        with view[received:] as rest:  # released at once: a live slice would pin the mapped file
-            n = get.read_into(rest)
-        if not n:
-            break
-        received += n
-    if received == get.length:
-        try:
-            extra = get.response.read(1)
-        except (OSError, http.client.HTTPException):
-            extra = b""
-            get.client.discard(get.request.url)
-        received += len(extra)  # the store sent more than asked for
-    get.check(received)
     return get.md5_etag
 
 
