@@ -4,8 +4,9 @@ Measured on this project's 2-core machines against Swift's S3 API, per-request c
 decides small-object throughput (the server's CPU is the other half of the same two cores), and a
 plain streamed GET into a file is the fastest way to move a large object.  So the engine is lean:
 one persistent ``http.client`` connection per thread and host, requests signed by the store
-(:meth:`ObjectStore.sign`), bodies read with ``readinto`` into a reused buffer and written with
-``os.write`` while their MD5 is computed, uploads sent with ``socket.sendfile`` (no copy in Python).
+(:meth:`ObjectStore.sign`), bodies moved from the socket to the file with ``splice`` (in the kernel)
+or, when their MD5 is computed on the way or TLS is in between, read with ``readinto`` into a reused
+buffer and written with ``pwrite``; uploads sent with ``socket.sendfile`` (no copy in Python).
 
 Every transfer is retried with exponential backoff on transient failures (connection errors, 5xx,
 short reads, 429, a failed verification); a 401 makes the store refresh its credentials once.
@@ -19,11 +20,15 @@ trusted fails at once, naming the endpoint and where to give the CA: trying agai
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import http.client
 import os
 import random
 import re
+import select
 import ssl
 import threading
 import time
@@ -466,10 +471,70 @@ class _Get:
         try:
             return self.response.readinto(view)
         except (OSError, http.client.HTTPException) as err:
-            self.client.discard(self.request.url)
-            raise TransferError(
-                f"GET {self.store.describe(self.key)}: {_reason(err)}", transient=True
-            ) from None
+            raise self.broken(_reason(err)) from None
+
+    def broken(self, reason: str) -> TransferError:
+        """The error of a body that could not be read: the connection is dropped, another try may work."""
+        self.client.discard(self.request.url)
+        return TransferError(f"GET {self.store.describe(self.key)}: {reason}", transient=True)
+
+    def splice_into(self, fd: int, position: int) -> int:
+        """Move the body into ``fd`` at ``position`` with ``splice``: socket to pipe to file, one copy in
+        the kernel, none in Python.  Returns how many bytes were moved: the whole body, or fewer when this
+        answer cannot be spliced (TLS, chunked) or the kernel refuses; the caller reads the rest.
+
+        A local write error (disk full...) is raised as is, like ``pwrite``'s.
+        """
+        response = self.response
+        sock = self.client.connection(self.request.url)[0].sock
+        if (
+            sock is None
+            or isinstance(sock, ssl.SSLSocket)
+            or response.chunked
+            or not response.length
+            or response.length > self.length  # more than asked for: read (and refused) by the caller
+        ):
+            return 0
+        try:
+            # the bytes that came with the headers (or one read, if none did) are written first
+            head = memoryview(response.read1(BUFFER_SIZE))
+        except (OSError, http.client.HTTPException) as err:
+            raise self.broken(_reason(err)) from None
+        moved = 0
+        while moved < len(head):
+            moved += os.pwrite(fd, head[moved:], position + moved)
+        if not response.length:
+            return moved
+        readable = select.poll()
+        readable.register(sock, select.POLLIN)
+        timeout = sock.gettimeout()
+        timeout_ms = None if timeout is None else int(timeout * 1000)
+        read_end, write_end = os.pipe()
+        try:
+            with contextlib.suppress(OSError):  # a larger pipe: fewer calls (the default is 64 KiB)
+                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, BUFFER_SIZE)
+            while response.length:
+                try:
+                    n = os.splice(sock.fileno(), write_end, min(response.length, BUFFER_SIZE))
+                except BlockingIOError:  # a socket with a timeout is non-blocking underneath
+                    if not readable.poll(timeout_ms):
+                        raise self.broken("timed out") from None
+                    continue
+                except OSError as err:
+                    if moved == len(head) and err.errno in (errno.EINVAL, errno.ENOSYS):
+                        return moved  # this kernel or socket cannot splice: read the rest
+                    raise self.broken(_reason(err)) from None
+                if not n:  # the store closed the connection early: check() reports the short body
+                    self.client.discard(self.request.url)
+                    return moved
+                response.length -= n  # the response now knows these bytes were read
+                if not _pipe_to_file(read_end, fd, n, position + moved):
+                    return moved + n  # this file system cannot splice: read the rest
+                moved += n
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+        return moved
 
     def check(self, received: int, digest: Any = None, md5: str | None = None) -> None:
         """Refuse a body of the wrong length, or whose MD5 is not the expected one."""
@@ -483,6 +548,25 @@ class _Get:
             raise TransferError(
                 f"GET {where}: content MD5 {digest.hexdigest()} does not match the ETag {md5}", transient=True
             )
+
+
+def _pipe_to_file(pipe: int, fd: int, count: int, position: int) -> bool:
+    """Write ``count`` bytes from ``pipe`` into ``fd`` at ``position``; ``False`` when the file system
+    could not take them by ``splice`` (they were then written with ``pwrite``)."""
+    done = 0
+    while done < count:
+        try:
+            done += os.splice(pipe, fd, count - done, offset_dst=position + done)
+        except OSError as err:
+            if err.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise
+            while done < count:
+                data = memoryview(os.read(pipe, count - done))
+                while data:
+                    written = os.pwrite(fd, data, position + done)
+                    data, done = data[written:], done + written
+            return False
+    return True
 
 
 def download_to_fd(
@@ -499,9 +583,10 @@ def download_to_fd(
 ) -> bool:
     """GET an object (or the byte range ``offset``..``offset+length``) into an open file, verified.
 
-    The body is read into the thread's reused buffer and written with ``pwrite``, byte ranges of large
-    objects too: receiving straight into a memory-mapped file saved the second copy but paid a page
-    fault per page, 0.5-3.7 CPU-s per GB against 0.5-0.8 (docs/benchmarks.md).
+    Without an MD5 to compute (byte ranges, whose MD5 the caller computes; ``verify = size``) a plain
+    HTTP body goes from the socket to the file with ``splice``; otherwise it is read into the thread's
+    reused buffer and written with ``pwrite``.  Both measured against receiving into a memory-mapped
+    file, which paid a page fault per page (``benchmarks/write_path.py``, docs/benchmarks.md).
 
     :param size: the object's size from the listing; a whole-object body must have exactly this size.
     :param md5: the expected MD5 of the whole object, or ``None`` when the ETag is not one (or the
@@ -513,9 +598,11 @@ def download_to_fd(
     length = size - offset if length is None else length
     get = _Get(client, store, key, size=size, offset=offset, length=length, etag=etag)
     digest = hashlib.md5(usedforsecurity=False) if md5 and get.whole and get.md5_etag else None
+    # With no MD5 to compute here, the body goes from the socket to the file inside the kernel (plain
+    # HTTP); whatever is left (TLS, a chunked answer, a kernel without splice) is read below.
+    received = get.splice_into(fd, offset) if digest is None else 0
+    position = offset + received
     buffer = client.buffer()
-    received = 0
-    position = offset
     while received <= get.length:
         n = get.read_into(buffer)
         if not n:
