@@ -1161,21 +1161,23 @@ class Bench:
         for repeat in range(1, self.args.d_repeat + 1):
             log(f"shape d, repeat {repeat}/{self.args.d_repeat}")
             # Each 8-way run right after one single cold staging: the baseline sees the same conditions.
-            if not self.args.skip_ours:
-                self.ours_single(repeat, dataset)
-                self.ours_concurrent(repeat, dataset)
+            for tool in [tool for tool, api in self.ours_apis if api == "s3"]:  # verified, then size only
+                self.ours_single(repeat, dataset, tool)
+                self.ours_concurrent(repeat, dataset, tool)
             if self.peers is not None and "s5cmd" in self.args.tools:
                 self.peer_download("d", "s5cmd", "single", repeat, dataset)
                 self.peers_concurrent(repeat, dataset)
 
-    def ours_single(self, repeat: int, dataset: Dataset) -> None:
+    def ours_single(self, repeat: int, dataset: Dataset, tool: str) -> None:
         cache = self.fresh_dir("cache-d1")
         dest = self.runs / f"d-ours-single-{uuid.uuid4().hex[:8]}"
         mark = self.begin()
+        verify = self.verify_of.get(tool, "md5")
         report = run_ours(
-            [self.spec("s3", "stage", dataset.bucket, dest=str(dest), cache=str(cache))], self.args.timeout
+            [self.spec("s3", "stage", dataset.bucket, dest=str(dest), cache=str(cache), verify=verify)],
+            self.args.timeout,
         )[0]
-        m = Measurement("d", OURS_S3, "single", repeat, report.get("seconds"), error=report.get("error", ""))
+        m = Measurement("d", tool, "single", repeat, report.get("seconds"), error=report.get("error", ""))
         m.traffic = self.end(mark, [dataset.bucket])
         self.verify_download(m, dest, dataset)
         shutil.rmtree(dest, ignore_errors=True)
@@ -1221,10 +1223,14 @@ class Bench:
             extra={},
         )
 
-    def ours_concurrent(self, repeat: int, dataset: Dataset) -> None:
+    def ours_concurrent(self, repeat: int, dataset: Dataset, tool: str) -> None:
         cache = self.fresh_dir("cache-d")
         dests = [self.runs / f"d-ours-{i}-{uuid.uuid4().hex[:8]}" for i in range(CONCURRENT)]
-        specs = [self.spec("s3", "stage", dataset.bucket, dest=str(d), cache=str(cache)) for d in dests]
+        verify = self.verify_of.get(tool, "md5")
+        specs = [
+            self.spec("s3", "stage", dataset.bucket, dest=str(d), cache=str(cache), verify=verify)
+            for d in dests
+        ]
         mark = self.begin()
         reports = run_ours(specs, self.args.timeout)
         errors = [r["error"] for r in reports if "error" in r]
@@ -1241,7 +1247,7 @@ class Bench:
             ],
         }
         self.finish_concurrent(
-            tool=OURS_S3,
+            tool=tool,
             repeat=repeat,
             seconds=seconds,
             errors=errors,
