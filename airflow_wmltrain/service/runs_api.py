@@ -7,18 +7,17 @@ own API server under ``/wmltrain``, answers ``GET /wmltrain/runs`` with one quer
 instance's state, try number, note and end — only of the DAGs whose XComs the caller may read, as
 Airflow's auth manager says, with the caller authenticated like any API call (the bearer token of
 ``POST /auth/token``).  ``wmltrain`` falls back to the public API when a server has no such plugin.
+:class:`~airflow_wmltrain.service.plugin.WmlTrainPlugin` serves it, importing this module only there.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials
 
 from airflow_wmltrain.lifecycle import RUN_XCOM_PREFIX, STATUS_XCOM_KEY
-from airflow_wmltrain.service.api import PLUGIN_API
 
 app = FastAPI(title="airflow-wmltrain", description="Training runs in one call", docs_url=None)
 
@@ -114,10 +113,3 @@ def runs(
         if row.dag_id in readable
     ]
     return {"runs": found, "total_entries": len(found)}
-
-
-class WmlTrainPlugin(AirflowPlugin):
-    """Serves :data:`app` on the API server under :data:`~airflow_wmltrain.service.api.PLUGIN_API`."""
-
-    name = "wmltrain"
-    fastapi_apps = [{"app": app, "url_prefix": PLUGIN_API, "name": "wmltrain runs"}]  # noqa: RUF012

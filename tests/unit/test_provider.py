@@ -75,3 +75,31 @@ def test_provider_info_declares_every_setting_with_a_description() -> None:
         "training_shm_size",
     }
     assert all(spec["description"].strip() and "default" in spec for spec in options.values())
+
+
+def test_the_plugin_loads_without_fastapi_and_serves_the_runs_endpoint(tmp_path: Path) -> None:
+    """Every task process loads the plugins (``integrate_macros_plugins``): loading ours must not import
+    FastAPI (0.2-0.5 s at each task's start); the API server, which reads ``fastapi_apps``, gets the app."""
+    code = (
+        "import sys\n"
+        "from airflow import plugins_manager\n"
+        "plugins_manager.integrate_macros_plugins()\n"
+        "plugins = [p for p in plugins_manager._get_plugins()[0] if p.name == 'wmltrain']\n"
+        "print(len(plugins), 'fastapi' in sys.modules)\n"
+        "apps = plugins[0].fastapi_apps\n"
+        "print(apps[0]['url_prefix'], sorted(r.path for r in apps[0]['app'].routes if r.path == '/runs'))\n"
+    )
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "false"}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        check=False,
+        cwd=tmp_path,  # not the repository root, whose egg-info would register the plugin twice
+    )
+    assert result.returncode == 0, result.stderr
+    loaded, served = result.stdout.strip().splitlines()
+    assert loaded == "1 False"
+    assert served == "/wmltrain ['/runs']"
