@@ -371,10 +371,12 @@ class _Stager:
 
         try:
             with_retries(self.store, self.store.retry, attempt, on_retry=on_retry)
-        except TransferError as err:
+        except (TransferError, OSError) as err:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
-            raise DataLoadError(f"cannot stage {info.key!r}: {err}") from None
+            if isinstance(err, TransferError):
+                raise DataLoadError(f"cannot stage {info.key!r}: {err}") from None
+            raise
         if final:
             with contextlib.suppress(OSError):  # without xattrs, a resumed staging fetches the file again
                 os.setxattr(temp, ETAG_XATTR, info.etag.encode())

@@ -25,6 +25,7 @@ import errno
 import fcntl
 import hashlib
 import http.client
+import math
 import os
 import random
 import re
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from airflow_wmltrain.storage.base import ObjectStore
 
 BUFFER_SIZE = 1024 * 1024
+#: How a kernel, a sandbox (seccomp) or a file system says it will not ``splice``: the bytes are read instead.
+SPLICE_REFUSED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP})
 #: Seconds a socket waits for the store (each read, each write).
 DEFAULT_TIMEOUT = 60.0
 T = TypeVar("T")
@@ -464,7 +467,18 @@ class _Get:
             )
         if self.response.status not in (200, 206):
             raise _status_error(store, key, self.response, "GET")
+        content_range = self.response.getheader("content-range")
+        if self.response.status == 206 and content_range != f"bytes {offset}-{offset + length - 1}/{size}":
+            # with verify = size (or no MD5 ETag) nothing else would notice bytes from elsewhere
+            client.discard(self.request.url)
+            raise TransferError(
+                f"GET {store.describe(key)}: asked for bytes {offset}-{offset + length - 1} of {size}, the "
+                f"store answered with {content_range or 'no Content-Range'}",
+                transient=True,
+            )
         self.md5_etag = etag_is_md5(self.response.getheader)
+        # the socket the body comes from (this thread's connection to the store), for splice_into
+        self.sock = client.connection(self.request.url)[0].sock
 
     def read_into(self, view: memoryview) -> int:
         """Read body bytes into ``view``; returns how many (0 at the end)."""
@@ -485,8 +499,7 @@ class _Get:
 
         A local write error (disk full...) is raised as is, like ``pwrite``'s.
         """
-        response = self.response
-        sock = self.client.connection(self.request.url)[0].sock
+        response, sock = self.response, self.sock
         if (
             sock is None
             or isinstance(sock, ssl.SSLSocket)
@@ -503,12 +516,12 @@ class _Get:
         moved = 0
         while moved < len(head):
             moved += os.pwrite(fd, head[moved:], position + moved)
-        if not response.length:
+        if not response.length or len(head) == BUFFER_SIZE:  # done, or more may wait in the response's buffer
             return moved
         readable = select.poll()
         readable.register(sock, select.POLLIN)
         timeout = sock.gettimeout()
-        timeout_ms = None if timeout is None else int(timeout * 1000)
+        timeout_ms = None if timeout is None else math.ceil(timeout * 1000)
         read_end, write_end = os.pipe()
         try:
             with contextlib.suppress(OSError):  # a larger pipe: fewer calls (the default is 64 KiB)
@@ -521,8 +534,8 @@ class _Get:
                         raise self.broken("timed out") from None
                     continue
                 except OSError as err:
-                    if moved == len(head) and err.errno in (errno.EINVAL, errno.ENOSYS):
-                        return moved  # this kernel or socket cannot splice: read the rest
+                    if moved == len(head) and err.errno in SPLICE_REFUSED:
+                        return moved  # this kernel, sandbox or socket refuses splice: read the rest
                     raise self.broken(_reason(err)) from None
                 if not n:  # the store closed the connection early: check() reports the short body
                     self.client.discard(self.request.url)
@@ -558,7 +571,7 @@ def _pipe_to_file(pipe: int, fd: int, count: int, position: int) -> bool:
         try:
             done += os.splice(pipe, fd, count - done, offset_dst=position + done)
         except OSError as err:
-            if err.errno not in (errno.EINVAL, errno.ENOSYS):
+            if err.errno not in SPLICE_REFUSED:
                 raise
             while done < count:
                 data = memoryview(os.read(pipe, count - done))
@@ -598,26 +611,31 @@ def download_to_fd(
     length = size - offset if length is None else length
     get = _Get(client, store, key, size=size, offset=offset, length=length, etag=etag)
     digest = hashlib.md5(usedforsecurity=False) if md5 and get.whole and get.md5_etag else None
-    # With no MD5 to compute here, the body goes from the socket to the file inside the kernel (plain
-    # HTTP); whatever is left (TLS, a chunked answer, a kernel without splice) is read below.
-    received = get.splice_into(fd, offset) if digest is None else 0
-    position = offset + received
-    buffer = client.buffer()
-    while received <= get.length:
-        n = get.read_into(buffer)
-        if not n:
-            break
-        received += n
-        if received > get.length:
-            break
-        chunk = buffer[:n]
-        if digest is not None:
-            digest.update(chunk)
-        # A local write error (disk full...) is raised as is: not the store's fault, not retried.
-        while chunk:
-            written = os.pwrite(fd, chunk, position)
-            position += written
-            chunk = chunk[written:]
+    try:
+        # With no MD5 to compute here, the body goes from the socket to the file inside the kernel (plain
+        # HTTP); whatever is left (TLS, a chunked answer, a kernel without splice) is read below.
+        received = get.splice_into(fd, offset) if digest is None else 0
+        position = offset + received
+        buffer = client.buffer()
+        while received <= get.length:
+            n = get.read_into(buffer)
+            if not n:
+                break
+            received += n
+            if received > get.length:
+                break
+            chunk = buffer[:n]
+            if digest is not None:
+                digest.update(chunk)
+            while chunk:
+                written = os.pwrite(fd, chunk, position)
+                position += written
+                chunk = chunk[written:]
+    except OSError:
+        # A local error (disk full...) is raised as is: not the store's fault, not retried. The body
+        # was not read to its end: the connection cannot carry another request.
+        client.discard(get.request.url)
+        raise
     get.check(received, digest, md5)
     return get.md5_etag
 
