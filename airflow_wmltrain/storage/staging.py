@@ -192,10 +192,21 @@ class _Stager:
     fetched_bytes: int = field(default=0, init=False)
     lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     copy_warned: bool = field(default=False, init=False)
+    entries: dict[str, Path] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.endpoint = self.store.endpoint
         self.partial = self.dest / PARTIAL_DIR
+
+    def entry(self, info: ObjectInfo) -> Path:
+        """The object's cache entry, computed once per object: a follower asks at every look."""
+        entry = self.entries.get(info.key)
+        if entry is None:
+            assert self.cache is not None
+            entry = self.entries[info.key] = self.cache.entry(
+                self.endpoint, self.store.bucket, info, principal=self.principal
+            )
+        return entry
 
     # --- resuming -------------------------------------------------------------------------------
 
@@ -208,7 +219,7 @@ class _Stager:
         if st.st_size != item.info.size:
             return False
         if self.cache is not None:
-            entry = self.cache.entry(self.endpoint, self.store.bucket, item.info, principal=self.principal)
+            entry = self.entry(item.info)
             with contextlib.suppress(FileNotFoundError):
                 if os.path.samestat(st, entry.stat()):
                     return True
@@ -223,7 +234,7 @@ class _Stager:
         if self.cache is None:
             self.fetch(item, self.dest / item.path, final=True)
             return Outcome.FETCHED
-        entry = self.cache.entry(self.endpoint, self.store.bucket, item.info, principal=self.principal)
+        entry = self.entry(item.info)
         for _ in range(3):  # an entry evicted between the check and the link is fetched again
             if self.cache.has(entry, item.info.size):
                 if self.link(entry, item):
@@ -252,7 +263,7 @@ class _Stager:
         """Link the object from the cache when it is there; ``False`` when it must be fetched."""
         if self.cache is None:
             return False
-        entry = self.cache.entry(self.endpoint, self.store.bucket, item.info, principal=self.principal)
+        entry = self.entry(item.info)
         return self.cache.has(entry, item.info.size) and self.link(entry, item)
 
     def link(self, entry: Path, item: PlannedObject) -> bool:

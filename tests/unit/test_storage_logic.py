@@ -460,3 +460,35 @@ def test_a_follower_with_everything_linked_does_not_wait_for_the_leader(
     progress = Progress("staged", len(todo), len(todo), logging.getLogger("test"), interval=3600)
     assert staging._follow(script, progress, script, "id", todo) == []  # type: ignore[arg-type]
     assert script.phase == 1, "the follower went on looking after it had linked everything"
+
+
+def test_a_follower_computes_each_cache_entry_once_however_often_it_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower asks for an object at every look until the leader has fetched it: the entry's path (a
+    SHA-256 of the identity, then pathlib) was computed each time, a third of a follower's CPU."""
+    cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20)
+    computed: list[str] = []
+    original = ObjectCache.entry
+
+    def counting(self: ObjectCache, endpoint: str, bucket: str, info: ObjectInfo, *, principal: str) -> Path:
+        computed.append(info.key)
+        return original(self, endpoint, bucket, info, principal=principal)
+
+    monkeypatch.setattr(ObjectCache, "entry", counting)
+    dest = tmp_path / "data"
+    dest.mkdir()
+    from airflow_wmltrain.storage import staging
+
+    log = logging.getLogger("test")
+    stager = staging._Stager(MemoryStore("b"), dest, cache, Progress("staged", 2, 10, log), log)
+    items = [staging.PlannedObject(ObjectInfo(k, 5, "e"), k) for k in ("x", "y")]
+    for _ in range(3):  # the leader has fetched nothing yet
+        assert not any(stager.link_cached(item) for item in items)
+    entry = original(cache, stager.store.endpoint, "b", items[0].info, principal="")
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    entry.write_bytes(b"12345")
+    assert stager.link_cached(items[0])
+    assert not stager.link_cached(items[1])
+    assert (dest / "x").read_bytes() == b"12345"
+    assert sorted(computed) == ["x", "y"]
