@@ -29,7 +29,6 @@ import concurrent.futures
 import contextlib
 import glob
 import importlib
-import itertools
 import json
 import os
 import platform
@@ -471,9 +470,8 @@ class CpuSnapshot:
     def take(cls, pids: Sequence[int]) -> CpuSnapshot:
         tick = float(os.sysconf("SC_CLK_TCK"))
         try:
-            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-            user, nice, system = (int(x) for x in fields[:3])
-            busy = (user + nice + system) / tick  # not irq/softirq (loopback networking): no process owns it
+            user, nice, system = machine_cpu_seconds()[:3]
+            busy = user + nice + system  # not irq/softirq (loopback networking): no process owns it
         except (OSError, ValueError):
             busy = 0.0
         server = 0.0
@@ -517,11 +515,17 @@ def settle() -> None:
         log(f"  settled in {took:.1f} s (busy: {', '.join(f'{b:.0%}' for b in samples)})")
 
 
+def machine_cpu_seconds() -> list[float]:
+    """The machine's CPU seconds since boot, all cores, from ``/proc/stat``: user, nice, system, idle,
+    iowait, irq, softirq, ..."""
+    tick = float(os.sysconf("SC_CLK_TCK"))
+    return [int(x) / tick for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
 def _busy_seconds() -> float:
     """CPU seconds the whole machine has spent on anything but idling and waiting for I/O."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-    user, nice, system, _idle, _iowait, irq, softirq = fields
-    return (user + nice + system + irq + softirq) / float(os.sysconf("SC_CLK_TCK"))
+    user, nice, system, _idle, _iowait, irq, softirq = machine_cpu_seconds()[:7]
+    return user + nice + system + irq + softirq
 
 
 # --- measurements -----------------------------------------------------------------------------------
@@ -1053,13 +1057,13 @@ class Bench:
             list(pool.map(read, [key for key, _ in dataset.objects]))
         log(f"data {dataset.bucket}: warm-up read in {time.perf_counter() - started:.1f} s (untimed)")
 
-    def discard(self, tree: Path) -> None:
-        """Remove a run's tree.  One of many files is only moved aside, and removed at the end: ext4 skips
-        the inodes freed in the last minute (five if their block is still dirty) when it creates a file,
-        and whichever tool ran next paid for scanning past thousands of them (``recently_deleted`` in
-        ``ext4_create``: 40 % of a staging's samples under ``perf``, its system CPU 1.4 s → 4.4 s)."""
-        many = sum(len(files) for _, _, files in itertools.islice(os.walk(tree), 64)) > DISCARD_AT_ONCE
-        if not many:
+    def discard(self, tree: Path, files: int) -> None:
+        """Remove a run's tree of ``files`` files.  One of many files is only moved aside, and removed at
+        the end: ext4 skips the inodes freed in the last minute (five if their block is still dirty) when
+        it creates a file, and whichever tool ran next paid for scanning past thousands of them
+        (``recently_deleted`` in ``ext4_create``: 40 % of a staging's samples under ``perf``, its system
+        CPU 1.4 s → 4.4 s)."""
+        if files <= DISCARD_AT_ONCE:
             shutil.rmtree(tree, ignore_errors=True)
             return
         self.trash.mkdir(parents=True, exist_ok=True)
@@ -1122,7 +1126,7 @@ class Bench:
         m = Measurement(shape, tool, kind, repeat, seconds, error=error)
         m.traffic = self.end(mark, [dataset.bucket])
         self.verify_download(m, dest, dataset)
-        self.discard(dest)
+        self.discard(dest, m.files)
         self.record(m)
 
     def ours_download(self, shape: str, tool: str, api: str, repeat: int, dataset: Dataset) -> None:
@@ -1144,9 +1148,9 @@ class Bench:
             m.extra = worker_extra(report)
             m.traffic = self.end(mark, [dataset.bucket])
             self.verify_download(m, dest, dataset)
-            self.discard(dest)
+            self.discard(dest, m.files)
             self.record(m)
-        self.discard(cache)
+        self.discard(cache, dataset.count)
 
     def shape_download(self, shape: str) -> None:
         dataset = DATASETS[shape]
@@ -1233,8 +1237,8 @@ class Bench:
         m = Measurement("d", tool, "single", repeat, report.get("seconds"), error=report.get("error", ""))
         m.traffic = self.end(mark, [dataset.bucket])
         self.verify_download(m, dest, dataset)
-        self.discard(dest)
-        self.discard(cache)
+        self.discard(dest, m.files)
+        self.discard(cache, dataset.count)
         self.record(m)
 
     def peers_concurrent(self, repeat: int, dataset: Dataset) -> None:
@@ -1315,7 +1319,7 @@ class Bench:
             dataset=dataset,
             extra=extra,
         )
-        self.discard(cache)
+        self.discard(cache, dataset.count)
 
     def finish_concurrent(
         self,
@@ -1335,7 +1339,7 @@ class Bench:
             files, size = tree_stats(d)
             m.files += files
             m.bytes += size
-            self.discard(d)
+            self.discard(d, files)
         want = (CONCURRENT * dataset.count, CONCURRENT * dataset.total_bytes)
         if m.ok and (m.files, m.bytes) != want:
             m.error = f"incomplete trees: {m.files} files, {m.bytes} bytes (want {want[0]}, {want[1]})"
@@ -1351,7 +1355,6 @@ class Bench:
         second page cache), made for this benchmark and removed at its end.  No run then creates files
         among inodes freed in the minutes before, by this benchmark or an earlier one (see ``discard``).
         Where that cannot be done (not root, no loop device), ``runs/`` stays a directory: logged."""
-        self.runs.mkdir(parents=True, exist_ok=True)
         image = self.work / "runs.img"
         try:
             with image.open("wb") as f:
